@@ -1,0 +1,480 @@
+// Checks the cuDNN attention path (attention_cudnn.cpp) against a double-precision CPU reference of
+// causal attention with GQA, sliding window and query scale, forward (out, log-sum-exp stats) and
+// backward (dq, dk, dv in the packed dqkv layout), on random bf16 inputs; then times forward and
+// backward at the Llama-3-8B attention shape.
+//
+// Build (from the repository root):
+//   nvcc -O3 -std=c++17 -arch=sm_90 -I. -isystem .deps/cudnn_frontend/include -Xcompiler -Wall
+//        -c attention_cudnn.cpp -o attention_cudnn.o
+//   nvcc -O3 -std=c++17 -arch=sm_90 --expt-relaxed-constexpr -I. -Xcompiler -Wall
+//        dev/test_attention.cu attention_cudnn.o -o test_attention -lcudnn -lcublasLt -lcublas
+// Run: ./test_attention [peak_tflops]   (for the "% of roofline" column; default 800)
+// Exit status: 0 all checks passed (without a GPU only the host-side checks run, and it says so),
+// 1 a check failed.
+//
+// Tolerances (on ||gpu - ref|| / ||ref||; the reference uses the same bf16 inputs, in double):
+// - out: flash attention rounds the probabilities P to bf16 before the P V product and rounds the
+//   output to bf16, each about 2^-9 / sqrt(3) = 1.1e-3 rms relative; an emulation of those roundings
+//   (numpy, on these cases) gives 2.2-2.3e-3, so 8e-3 leaves 3.5x. A mask one key too wide moves out
+//   by about 1/window per row (6% at window 16) and fails.
+// - stats (log-sum-exp, fp32): scores come from exact bf16 products accumulated in fp32, so the
+//   error is a few fp32 ulps; 1e-4 still catches a wrong base (log2 vs ln: 44%), a wrong scale or a
+//   mask one key too wide (about 1/window in every row).
+// - dq, dk, dv: on top of the P rounding, dS = P (dP - D) is rounded to bf16 before the dQ / dK
+//   products, and D = rowsum(dO * O) uses the bf16 O, with cancellation in dP - D; the emulation
+//   gives 2.3e-3 (dv) to 3.9e-3 (dq, dk on the most peaked case), so 1e-2.
+// Every output buffer is filled with NaN before the call, so an element cuDNN does not write fails.
+#include <math.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include "attention.h"
+
+#define TOL_OUT 8e-3
+#define TOL_STATS 1e-4
+#define TOL_GRAD 1e-2
+
+// ---- host random numbers (splitmix64), reproducible ----
+static uint64_t rng_state = 0x243F6A8885A308D3ull;
+
+static uint64_t rng_next(void) {
+    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static double rng_uniform(void) { return (double)(rng_next() >> 11) * (1.0 / 9007199254740992.0); }
+
+// bf16 bits of a random value with magnitude in [max_mag / 8, max_mag) and a random sign: never zero.
+static uint16_t random_bf16_nonzero(double max_mag) {
+    double mag = max_mag * (0.125 + 0.875 * rng_uniform());
+    return float_to_bf16_bits((float)((rng_next() & 1) ? -mag : mag));
+}
+
+typedef struct {
+    int checked, failed;
+} Tally;
+
+static void tally(Tally *t, int ok) {
+    t->checked++;
+    if (!ok) t->failed++;
+}
+
+// One table row: max abs err, max abs err / max |ref|, ||err|| / ||ref||, the tolerance on the last.
+static void compare(Tally *t, const char *name, const double *got, const double *ref, size_t n, double tol) {
+    double max_abs = 0, max_ref = 0, err2 = 0, ref2 = 0;
+    int finite = 1;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs(got[i] - ref[i]);
+        if (!isfinite(got[i])) finite = 0;
+        if (e > max_abs) max_abs = e;
+        if (fabs(ref[i]) > max_ref) max_ref = fabs(ref[i]);
+        err2 += e * e;
+        ref2 += ref[i] * ref[i];
+    }
+    double rel = sqrt(err2 / (ref2 > 0 ? ref2 : 1.0));
+    int ok = finite && rel <= tol;
+    printf("  %-8s %10.3e %10.3e %10.3e %8.0e  %s%s\n", name, max_abs, max_abs / (max_ref > 0 ? max_ref : 1.0), rel,
+           tol, ok ? "ok" : "FAIL", finite ? "" : " (non-finite values: elements not written?)");
+    tally(t, ok);
+}
+
+// ---- host-side checks of attention_supported (no GPU needed) ----
+static AttentionShape make_shape(int B, int S, int Hq, int Hkv, int hd, float scale, int window, float softcap) {
+    AttentionShape s;
+    s.B = B;
+    s.S = S;
+    s.Hq = Hq;
+    s.Hkv = Hkv;
+    s.hd = hd;
+    s.scale = scale;
+    s.window = window;
+    s.softcap = softcap;
+    return s;
+}
+
+static void check_supported_case(Tally *t, const char *name, AttentionShape s, int expected) {
+    char why[160];
+    int got = attention_supported(&s, why, sizeof(why));
+    int ok = got == expected && (got == 1 || why[0] != '\0');
+    printf("  %-34s expect %d got %d  %-4s %s\n", name, expected, got, ok ? "ok" : "FAIL", why);
+    tally(t, ok);
+}
+
+static void check_supported(Tally *t) {
+    printf("attention_supported:\n");
+    float sc = 1.0f / sqrtf(128.0f);
+    check_supported_case(t, "Llama-3-8B (Hq 32, Hkv 8, hd 128)", make_shape(1, 8192, 32, 8, 128, sc, 0, 0), 1);
+    check_supported_case(t, "sliding window 4096", make_shape(1, 8192, 32, 8, 128, sc, 4096, 0), 1);
+    check_supported_case(t, "hd 256", make_shape(1, 64, 8, 4, 256, sc, 0, 0), 1);
+    check_supported_case(t, "Gemma-2 soft-cap 50", make_shape(1, 64, 8, 4, 256, sc, 0, 50.0f), 0);
+    check_supported_case(t, "hd 264 (> 256)", make_shape(1, 64, 8, 4, 264, sc, 0, 0), 0);
+    check_supported_case(t, "hd 100 (not a multiple of 8)", make_shape(1, 64, 8, 4, 100, sc, 0, 0), 0);
+    check_supported_case(t, "Hkv 3 does not divide Hq 8", make_shape(1, 64, 8, 3, 128, sc, 0, 0), 0);
+    check_supported_case(t, "S = 1", make_shape(1, 1, 8, 8, 128, sc, 0, 0), 0);
+    check_supported_case(t, "negative window", make_shape(1, 64, 8, 8, 128, sc, -1, 0), 0);
+    check_supported_case(t, "zero scale", make_shape(1, 64, 8, 8, 128, 0.0f, 0, 0), 0);
+    check_supported_case(t, "B = 0", make_shape(0, 64, 8, 8, 128, sc, 0, 0), 0);
+    char why[64];
+    int got = attention_supported(NULL, why, sizeof(why));
+    printf("  %-34s expect 0 got %d  %-4s %s\n", "NULL shape", got, got == 0 ? "ok" : "FAIL", why);
+    tally(t, got == 0);
+}
+
+// ---- bad input: each must die with status 1 and a message naming the problem ----
+// Runs fn in a forked child with stderr captured; passes when the child exits 1 and its stderr
+// contains `expect`.
+static void expect_death(Tally *t, const char *name, void (*fn)(void), const char *expect) {
+    int fds[2];
+    if (pipe(fds) != 0) die("pipe failed");
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0) die("fork failed");
+    if (pid == 0) {
+        close(fds[0]);
+        dup2(fds[1], 2);
+        fn();
+        exit(0);
+    }
+    close(fds[1]);
+    char msg[512];
+    size_t len = 0;
+    ssize_t got;
+    while ((got = read(fds[0], msg + len, sizeof(msg) - 1 - len)) > 0) len += (size_t)got;
+    msg[len] = '\0';
+    close(fds[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    int ok = WIFEXITED(status) && WEXITSTATUS(status) == 1 && strstr(msg, expect) != NULL;
+    char *nl = strchr(msg, '\n');
+    if (nl != NULL) *nl = '\0';
+    printf("  %-34s %-4s %s\n", name, ok ? "ok" : "FAIL", msg);
+    tally(t, ok);
+}
+
+// Fake device addresses: the checks run before any CUDA or cuDNN call, so nothing is dereferenced.
+#define FAKE_PTR(addr) ((bf16 *)(uintptr_t)(addr))
+
+static void forward_softcap(void) {
+    AttentionShape s = make_shape(1, 64, 8, 4, 256, 0.0625f, 0, 50.0f);
+    attention_forward(FAKE_PTR(0x1000), (float *)FAKE_PTR(0x2000), FAKE_PTR(0x3000), &s, NULL, 0);
+}
+static void backward_bad_head_dim(void) {
+    AttentionShape s = make_shape(1, 64, 8, 8, 100, 0.1f, 0, 0);
+    attention_backward(FAKE_PTR(0x1000), FAKE_PTR(0x2000), FAKE_PTR(0x3000), (float *)FAKE_PTR(0x4000),
+                       FAKE_PTR(0x5000), &s, NULL, 0);
+}
+static void workspace_no_init(void) {
+    AttentionShape s = make_shape(1, 64, 8, 8, 128, 0.1f, 0, 0);
+    attention_workspace_bytes(&s);
+}
+
+static void check_bad_input(Tally *t) {
+    printf("bad input (before attention_init, no GPU needed):\n");
+    expect_death(t, "forward with soft-cap", forward_softcap, "cannot soft-cap");
+    expect_death(t, "backward with hd 100", backward_bad_head_dim, "multiple of 8");
+    expect_death(t, "workspace before attention_init", workspace_no_init, "attention_init was not called");
+}
+
+// ---- CPU reference in double ----
+// qkv (B*S, C) bf16 bits, C = (Hq + 2 Hkv) hd. Outputs: out (B*S, Hq hd), lse (B, Hq, S); with
+// dout (B*S, Hq hd) given, dqkv (B*S, C). Query head h uses kv head h / (Hq / Hkv).
+static int key_visible(int i, int j, int window) { return j <= i && (window == 0 || j > i - window); }
+
+static void reference_attention(const AttentionShape *s, const uint16_t *qkv_bits, const uint16_t *dout_bits,
+                                double *out, double *lse, double *dqkv) {
+    int B = s->B, S = s->S, Hq = s->Hq, Hkv = s->Hkv, hd = s->hd, rep = Hq / Hkv;
+    size_t C = (size_t)(Hq + 2 * Hkv) * hd, O = (size_t)Hq * hd;
+    double *qkv = (double *)mallocCheck((size_t)B * S * C * sizeof(double));
+    double *dout = (double *)mallocCheck((size_t)B * S * O * sizeof(double));
+    for (size_t i = 0; i < (size_t)B * S * C; i++) qkv[i] = bf16_bits_to_float(qkv_bits[i]);
+    for (size_t i = 0; i < (size_t)B * S * O; i++) dout[i] = bf16_bits_to_float(dout_bits[i]);
+    double *p = (double *)mallocCheck((size_t)S * sizeof(double));  // scores, then probabilities of row i
+    memset(dqkv, 0, (size_t)B * S * C * sizeof(double));
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < Hq; h++) {
+            int g = h / rep;
+            size_t qo = (size_t)h * hd, ko = (size_t)(Hq + g) * hd, vo = (size_t)(Hq + Hkv + g) * hd;
+            for (int i = 0; i < S; i++) {
+                const double *q = qkv + (size_t)(b * S + i) * C + qo;
+                double m = -INFINITY;
+                for (int j = 0; j <= i; j++) {
+                    if (!key_visible(i, j, s->window)) continue;
+                    const double *k = qkv + (size_t)(b * S + j) * C + ko;
+                    double dot = 0;
+                    for (int d = 0; d < hd; d++) dot += q[d] * k[d];
+                    p[j] = s->scale * dot;
+                    if (p[j] > m) m = p[j];
+                }
+                double sum = 0;
+                for (int j = 0; j <= i; j++)
+                    if (key_visible(i, j, s->window)) sum += exp(p[j] - m);
+                double l = m + log(sum);
+                lse[((size_t)b * Hq + h) * S + i] = l;
+                double *o = out + (size_t)(b * S + i) * O + qo;
+                for (int d = 0; d < hd; d++) o[d] = 0;
+                for (int j = 0; j <= i; j++) {
+                    if (!key_visible(i, j, s->window)) continue;
+                    p[j] = exp(p[j] - l);
+                    const double *v = qkv + (size_t)(b * S + j) * C + vo;
+                    for (int d = 0; d < hd; d++) o[d] += p[j] * v[d];
+                }
+                // Backward of row i: dP_j = dO.v_j, D = dO.o, dS_j = P_j (dP_j - D).
+                const double *dO = dout + (size_t)(b * S + i) * O + qo;
+                double D = 0;
+                for (int d = 0; d < hd; d++) D += dO[d] * o[d];
+                double *dq = dqkv + (size_t)(b * S + i) * C + qo;
+                for (int j = 0; j <= i; j++) {
+                    if (!key_visible(i, j, s->window)) continue;
+                    const double *k = qkv + (size_t)(b * S + j) * C + ko;
+                    const double *v = qkv + (size_t)(b * S + j) * C + vo;
+                    double *dk = dqkv + (size_t)(b * S + j) * C + ko;
+                    double *dv = dqkv + (size_t)(b * S + j) * C + vo;
+                    double dpj = 0;
+                    for (int d = 0; d < hd; d++) dpj += dO[d] * v[d];
+                    double ds = p[j] * (dpj - D) * s->scale;  // includes the scale of the scores
+                    for (int d = 0; d < hd; d++) {
+                        dq[d] += ds * k[d];
+                        dk[d] += ds * q[d];
+                        dv[d] += p[j] * dO[d];
+                    }
+                }
+            }
+        }
+    }
+    free(qkv);
+    free(dout);
+    free(p);
+}
+
+// ---- device helpers ----
+static void *device_alloc_nan(size_t bytes) {
+    void *d;
+    cudaCheck(cudaMalloc(&d, bytes));
+    cudaCheck(cudaMemset(d, 0xFF, bytes));  // all-ones bits: NaN in bf16 and fp32
+    return d;
+}
+
+static void download_bf16(double *out, const void *d, size_t n) {
+    uint16_t *h = (uint16_t *)mallocCheck(n * sizeof(uint16_t));
+    cudaCheck(cudaMemcpy(h, d, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; i++) out[i] = bf16_bits_to_float(h[i]);
+    free(h);
+}
+
+// Gathers the q (part 0), k (1) or v (2) columns of a (B*S, C) array into a dense array.
+static size_t gather_part(double *dst, const double *src, const AttentionShape *s, int part) {
+    size_t C = (size_t)(s->Hq + 2 * s->Hkv) * s->hd;
+    size_t c0 = part == 0 ? 0 : part == 1 ? (size_t)s->Hq * s->hd : (size_t)(s->Hq + s->Hkv) * s->hd;
+    size_t width = part == 0 ? (size_t)s->Hq * s->hd : (size_t)s->Hkv * s->hd;
+    size_t n = 0;
+    for (size_t r = 0; r < (size_t)s->B * s->S; r++)
+        for (size_t c = 0; c < width; c++) dst[n++] = src[r * C + c0 + c];
+    return n;
+}
+
+// Forward + backward of one shape against the reference. check_determinism also reruns the backward
+// and reports whether dqkv is bitwise identical (informational: cuDNN's Hopper backward
+// accumulates dQ with atomics unless asked for its O(S^2)-workspace deterministic mode).
+static void check_case(Tally *t, const char *label, AttentionShape s, int check_determinism) {
+    char shape[160];
+    snprintf(shape, sizeof(shape), "B=%d S=%d Hq=%d Hkv=%d hd=%d scale=%.4f window=%d", s.B, s.S, s.Hq, s.Hkv, s.hd,
+             (double)s.scale, s.window);
+    printf("%s: %s\n", label, shape);
+    char why[160];
+    if (!attention_supported(&s, why, sizeof(why))) {
+        printf("  unexpectedly unsupported: %s  FAIL\n", why);
+        tally(t, 0);
+        return;
+    }
+    size_t C = (size_t)(s.Hq + 2 * s.Hkv) * s.hd, O = (size_t)s.Hq * s.hd, rows = (size_t)s.B * s.S;
+    size_t n_qkv = rows * C, n_out = rows * O, n_stats = (size_t)s.B * s.Hq * s.S;
+    uint16_t *h_qkv = (uint16_t *)mallocCheck(n_qkv * 2), *h_dout = (uint16_t *)mallocCheck(n_out * 2);
+    for (size_t r = 0; r < rows; r++)
+        for (size_t c = 0; c < C; c++)  // q, k larger than v so that the softmax is far from uniform
+            h_qkv[r * C + c] = random_bf16_nonzero(c < (size_t)(s.Hq + s.Hkv) * s.hd ? 2.0 : 1.0);
+    for (size_t i = 0; i < n_out; i++) h_dout[i] = random_bf16_nonzero(1.0);
+
+    void *d_qkv, *d_dout;
+    cudaCheck(cudaMalloc(&d_qkv, n_qkv * 2));
+    cudaCheck(cudaMalloc(&d_dout, n_out * 2));
+    cudaCheck(cudaMemcpy(d_qkv, h_qkv, n_qkv * 2, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_dout, h_dout, n_out * 2, cudaMemcpyHostToDevice));
+    void *d_out = device_alloc_nan(n_out * 2), *d_stats = device_alloc_nan(n_stats * 4);
+    void *d_dqkv = device_alloc_nan(n_qkv * 2);
+    size_t ws_bytes = attention_workspace_bytes(&s);
+    void *d_ws = NULL;
+    if (ws_bytes > 0) cudaCheck(cudaMalloc(&d_ws, ws_bytes));
+    printf("  workspace %zu bytes\n", ws_bytes);
+
+    attention_forward((bf16 *)d_out, (float *)d_stats, (const bf16 *)d_qkv, &s, d_ws, 0);
+    attention_backward((bf16 *)d_dqkv, (const bf16 *)d_dout, (const bf16 *)d_out, (const float *)d_stats,
+                       (const bf16 *)d_qkv, &s, d_ws, 0);
+    cudaCheck(cudaDeviceSynchronize());
+
+    double *out = (double *)mallocCheck(n_out * sizeof(double));
+    double *ref_out = (double *)mallocCheck(n_out * sizeof(double));
+    double *stats = (double *)mallocCheck(n_stats * sizeof(double));
+    double *ref_lse = (double *)mallocCheck(n_stats * sizeof(double));
+    double *dqkv = (double *)mallocCheck(n_qkv * sizeof(double));
+    double *ref_dqkv = (double *)mallocCheck(n_qkv * sizeof(double));
+    double *a = (double *)mallocCheck(n_qkv * sizeof(double)), *b = (double *)mallocCheck(n_qkv * sizeof(double));
+    download_bf16(out, d_out, n_out);
+    float *h_stats = (float *)mallocCheck(n_stats * sizeof(float));
+    cudaCheck(cudaMemcpy(h_stats, d_stats, n_stats * sizeof(float), cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n_stats; i++) stats[i] = h_stats[i];
+    download_bf16(dqkv, d_dqkv, n_qkv);
+    reference_attention(&s, h_qkv, h_dout, ref_out, ref_lse, ref_dqkv);
+
+    printf("  %-8s %10s %10s %10s %8s\n", "tensor", "max abs", "max/|ref|", "rel l2", "tol");
+    compare(t, "out", out, ref_out, n_out, TOL_OUT);
+    compare(t, "stats", stats, ref_lse, n_stats, TOL_STATS);
+    const char *names[3] = {"dq", "dk", "dv"};
+    for (int part = 0; part < 3; part++) {
+        size_t n = gather_part(a, dqkv, &s, part);
+        gather_part(b, ref_dqkv, &s, part);
+        compare(t, names[part], a, b, n, TOL_GRAD);
+    }
+
+    if (check_determinism) {
+        uint16_t *first = (uint16_t *)mallocCheck(n_qkv * 2), *second = (uint16_t *)mallocCheck(n_qkv * 2);
+        cudaCheck(cudaMemcpy(first, d_dqkv, n_qkv * 2, cudaMemcpyDeviceToHost));
+        attention_backward((bf16 *)d_dqkv, (const bf16 *)d_dout, (const bf16 *)d_out, (const float *)d_stats,
+                           (const bf16 *)d_qkv, &s, d_ws, 0);
+        cudaCheck(cudaMemcpy(second, d_dqkv, n_qkv * 2, cudaMemcpyDeviceToHost));
+        printf("  backward rerun bitwise identical: %s (informational)\n",
+               memcmp(first, second, n_qkv * 2) == 0 ? "yes" : "no");
+        free(first);
+        free(second);
+    }
+
+    cudaCheck(cudaFree(d_qkv));
+    cudaCheck(cudaFree(d_dout));
+    cudaCheck(cudaFree(d_out));
+    cudaCheck(cudaFree(d_stats));
+    cudaCheck(cudaFree(d_dqkv));
+    if (d_ws != NULL) cudaCheck(cudaFree(d_ws));
+    free(h_qkv);
+    free(h_dout);
+    free(h_stats);
+    free(out);
+    free(ref_out);
+    free(stats);
+    free(ref_lse);
+    free(dqkv);
+    free(ref_dqkv);
+    free(a);
+    free(b);
+}
+
+// ---- timing at the Llama-3-8B shape ----
+// x (n) = deterministic pseudo-random bf16 in [-1, 1) from a hash of the index.
+__global__ void fill_random_bf16_kernel(bf16 *x, size_t n, uint32_t seed) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    x[i] = __float2bfloat16((float)(h & 0xffffff) / 8388608.0f - 1.0f);
+}
+
+static void time_case(int S, double peak) {
+    AttentionShape s = make_shape(1, S, 32, 8, 128, 1.0f / sqrtf(128.0f), 0, 0);
+    size_t C = (size_t)(s.Hq + 2 * s.Hkv) * s.hd, rows = (size_t)s.B * s.S;
+    bf16 *qkv, *dqkv, *out, *dout;
+    float *stats;
+    cudaCheck(cudaMalloc(&qkv, rows * C * sizeof(bf16)));
+    cudaCheck(cudaMalloc(&dqkv, rows * C * sizeof(bf16)));
+    cudaCheck(cudaMalloc(&out, rows * s.Hq * s.hd * sizeof(bf16)));
+    cudaCheck(cudaMalloc(&dout, rows * s.Hq * s.hd * sizeof(bf16)));
+    cudaCheck(cudaMalloc(&stats, rows * s.Hq * sizeof(float)));
+    fill_random_bf16_kernel<<<(unsigned)ceil_div_size(rows * C, 256), 256>>>(qkv, rows * C, 7);
+    cudaCheckLaunch();
+    fill_random_bf16_kernel<<<(unsigned)ceil_div_size(rows * s.Hq * s.hd, 256), 256>>>(dout, rows * s.Hq * s.hd, 8);
+    cudaCheckLaunch();
+    size_t ws_bytes = attention_workspace_bytes(&s);
+    void *ws = NULL;
+    if (ws_bytes > 0) cudaCheck(cudaMalloc(&ws, ws_bytes));
+
+    const int warmup = 2, iters = 10;
+    cudaEvent_t e0, e1, e2;
+    cudaCheck(cudaEventCreate(&e0));
+    cudaCheck(cudaEventCreate(&e1));
+    cudaCheck(cudaEventCreate(&e2));
+    for (int i = 0; i < warmup; i++) {
+        attention_forward(out, stats, qkv, &s, ws, 0);
+        attention_backward(dqkv, dout, out, stats, qkv, &s, ws, 0);
+    }
+    float fwd_ms = 0, bwd_ms = 0;
+    for (int i = 0; i < iters; i++) {
+        float f, b;
+        cudaCheck(cudaEventRecord(e0, 0));
+        attention_forward(out, stats, qkv, &s, ws, 0);
+        cudaCheck(cudaEventRecord(e1, 0));
+        attention_backward(dqkv, dout, out, stats, qkv, &s, ws, 0);
+        cudaCheck(cudaEventRecord(e2, 0));
+        cudaCheck(cudaEventSynchronize(e2));
+        cudaCheck(cudaEventElapsedTime(&f, e0, e1));
+        cudaCheck(cudaEventElapsedTime(&b, e1, e2));
+        fwd_ms += f;
+        bwd_ms += b;
+    }
+    fwd_ms /= iters;
+    bwd_ms /= iters;
+    double fwd_flops = 4.0 * S * (double)S * s.hd * s.Hq / 2.0;  // causal: half of QK^T and PV
+    double bwd_flops = 2.5 * fwd_flops;
+    double fwd_tf = fwd_flops / (fwd_ms * 1e-3) / 1e12, bwd_tf = bwd_flops / (bwd_ms * 1e-3) / 1e12;
+    double all_tf = (fwd_flops + bwd_flops) / ((fwd_ms + bwd_ms) * 1e-3) / 1e12;
+    printf("%6d %9.3f %8.1f %9.3f %8.1f %9.3f %8.1f %7.1f%% %8.1f\n", S, fwd_ms, fwd_tf, bwd_ms, bwd_tf,
+           fwd_ms + bwd_ms, all_tf, 100.0 * all_tf / peak, ws_bytes / 1048576.0);
+    cudaCheck(cudaEventDestroy(e0));
+    cudaCheck(cudaEventDestroy(e1));
+    cudaCheck(cudaEventDestroy(e2));
+    cudaCheck(cudaFree(qkv));
+    cudaCheck(cudaFree(dqkv));
+    cudaCheck(cudaFree(out));
+    cudaCheck(cudaFree(dout));
+    cudaCheck(cudaFree(stats));
+    if (ws != NULL) cudaCheck(cudaFree(ws));
+}
+
+int main(int argc, char **argv) {
+    double peak = 800.0;
+    if (argc > 2) die("usage: %s [peak_tflops]", argv[0]);
+    if (argc == 2) {
+        char *end;
+        peak = strtod(argv[1], &end);
+        if (*end != '\0' || !(peak > 0)) die("peak_tflops must be a positive number, got '%s'", argv[1]);
+    }
+    Tally t = {0, 0};
+    check_supported(&t);
+    check_bad_input(&t);
+    if (cuda_device_count() == 0) {
+        printf("test_attention: no CUDA device: cuDNN checks SKIPPED; host checks: %d, %d failed\n", t.checked,
+               t.failed);
+        return t.failed ? 1 : 0;
+    }
+    attention_init();
+    check_case(&t, "small GQA", make_shape(2, 37, 4, 2, 64, 0.125f, 0, 0), 0);
+    check_case(&t, "long MHA", make_shape(1, 1000, 8, 8, 128, 1.0f / sqrtf(128.0f), 0, 0), 1);
+    check_case(&t, "window 64, Hkv 1", make_shape(2, 300, 4, 1, 128, 1.0f / sqrtf(128.0f), 64, 0), 0);
+    check_case(&t, "window 16, scale 0.2", make_shape(1, 100, 4, 2, 64, 0.2f, 16, 0), 0);
+    check_case(&t, "window = S (= causal)", make_shape(1, 50, 2, 2, 64, 0.125f, 50, 0), 0);
+    check_case(&t, "hd 256", make_shape(1, 70, 2, 1, 256, 0.0625f, 0, 0), 0);
+    printf("%d checks, %d failed\n", t.checked, t.failed);
+    if (t.failed == 0) {
+        printf("\nLlama-3-8B attention (B=1, Hq=32, Hkv=8, hd=128, causal); %% of a %.0f TFLOP/s roofline\n", peak);
+        printf("%6s %9s %8s %9s %8s %9s %8s %8s %8s\n", "S", "fwd ms", "TFLOP/s", "bwd ms", "TFLOP/s", "total ms",
+               "TFLOP/s", "of peak", "ws MiB");
+        time_case(8192, peak);
+        time_case(16384, peak);
+    }
+    attention_free();
+    if (t.failed) {
+        printf("test_attention: FAILED\n");
+        return 1;
+    }
+    printf("test_attention: all checks passed\n");
+    return 0;
+}

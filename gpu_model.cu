@@ -1,0 +1,807 @@
+// The model on the GPU (see gpu_model.h): host orchestration of the kernels in mst_kernels.cu,
+// the GEMMs of matmul.cu and cuDNN attention, over the buffers of the memory plan (mst.h).
+//
+// One training micro step, N = B*S tokens, chunks of c rows, vocabulary tiles of vc columns:
+//   embedding -> x_0
+//   layer l: save x_l (device slot, or pinned host slot copied on the side stream)
+//            attention part: ln1 = norm(x_l), qkv = ln1 [Wq|Wk|Wv]^T + b, RoPE, cuDNN SDPA -> att,
+//            h1 = x_l + att Wo^T (Gemma-2: x_l + post_norm(att Wo^T))
+//            MLP in M chunks: out_c = h1_c + mlp(norm(h1_c)) (only one chunk's (c, 2F), (c, F) live)
+//   LM head per token chunk: xf = norm(x_L chunk); pass 1 over vocabulary tiles: logits tile
+//            (c, vc) fp32, online max / sum-exp / target logit; finalize; pass 2 recomputes each
+//            tile (one pass when one tile holds V): dlogits = (softmax - onehot) / (n_valid * accum),
+//            dxf += dlogits W_tile, dW_tile += dlogits^T xf; final-norm backward -> dresid chunk
+//   layers in reverse: fetch x_l (prefetch x_{l-1} from the host on the side stream), recompute the
+//            attention part, MLP backward per chunk (recomputing the chunk), attention backward,
+//            RoPE inverse, QKV backward, norm backward; residual gradient accumulated in dresid
+//   embedding backward (positions grouped by token on the host: deterministic)
+// Optimizer-in-backward (grad_accum_steps == 1): each layer's AdamW runs right after its backward
+// on the one-layer fp32 gradient buffer; an untied LM head is updated right after the LM-head pass
+// (it is touched once), the embedding (with the tied head's gradient) and the final norm last.
+#include <math.h>
+#include <unistd.h>
+#include "attention.h"
+#include "gpu_model.h"
+#include "matmul.h"
+#include "mst_kernels.h"
+
+#define GPU_MEM_MARGIN ((size_t)1 << 30)  // left free for the CUDA context, cuBLAS/cuDNN handles and graphs
+
+// ---- small accessors ----
+
+static bf16 *W(const GpuModel *m, int l, int t) { return m->params + param_offset(&m->layout, l, t); }
+
+// Gradient of tensor t of layer l: the full-model buffer, or the one-layer buffer.
+static float *G(const GpuModel *m, int l, int t) {
+    if (m->grads) return m->grads + param_offset(&m->layout, l, t);
+    return m->layer_grads + m->layout.layer.offset[t];
+}
+static float *grad_embed(const GpuModel *m) { return m->grads ? m->grads + m->layout.embed : m->embed_head_grads; }
+static float *grad_head(const GpuModel *m) { return m->grads ? m->grads + m->layout.lm_head : m->embed_head_grads; }
+static float *grad_final_norm(const GpuModel *m) { return m->grads ? m->grads + m->layout.final_norm : m->final_norm_grads; }
+
+static int is_host_layer(const GpuModel *m, int l) { return l < m->plan.host_layers; }
+static size_t nd_elems(const GpuModel *m) { return (size_t)m->plan.n_tokens * m->config.d_model; }
+
+// Device buffer holding layer l's input: its device slot, or offload staging buffer X[l % 2].
+static bf16 *layer_input(const GpuModel *m, int l) {
+    if (is_host_layer(m, l)) return m->x_offload + (size_t)(l % 2) * (mst_plan_find(&m->plan, "x_offload")->slice_bytes / sizeof(bf16));
+    const PlanEntry *e = mst_plan_find(&m->plan, "layer_inputs");
+    return m->layer_inputs + (size_t)(l - m->plan.host_layers) * (e->slice_bytes / sizeof(bf16));
+}
+static bf16 *host_slot(const GpuModel *m, int l) {
+    const PlanEntry *e = mst_plan_find(&m->plan, "layer_inputs_host");
+    return m->layer_inputs_host + (size_t)l * (e->slice_bytes / sizeof(bf16));
+}
+
+static float norm_w_offset(const GpuModel *m) { return m->config.norm_offset ? 1.0f : 0.0f; }
+static int qkv_features(const ModelConfig *c) { return (c->n_heads + 2 * c->n_kv_heads) * c->head_dim; }
+
+static AttentionShape attention_shape(const ModelConfig *c, int layer, int B, int S) {
+    AttentionShape sh;
+    sh.B = B;
+    sh.S = S;
+    sh.Hq = c->n_heads;
+    sh.Hkv = c->n_kv_heads;
+    sh.hd = c->head_dim;
+    sh.scale = c->query_scale;
+    sh.window = config_layer_is_sliding(c, layer) ? c->sliding_window : 0;
+    sh.softcap = c->attn_softcap;
+    return sh;
+}
+
+// Pointer to slice `slice` of a plan entry (entries with one slice serve every slice), or NULL
+// when the plan has no such entry (e.g. post-norm buffers of a family without post-norms).
+static void *plan_ptr(const GpuModel *m, const char *name, int slice) {
+    const PlanEntry *e = mst_plan_find(&m->plan, name);
+    if (e == NULL) return NULL;
+    char *base = e->category == MEM_HOST ? m->host_block : m->arena;
+    return base + e->offset + (size_t)(e->count > 1 ? slice : 0) * e->slice_bytes;
+}
+static void *plan_req(const GpuModel *m, const char *name, int slice) {
+    void *p = plan_ptr(m, name, slice);
+    if (p == NULL) die("gpu model: the memory plan has no buffer '%s'", name);
+    return p;
+}
+
+// ---- layer forward ----
+
+// The attention part of layer l on `in` (N, d) for Bn sequences of Sn tokens: fills a->ln1, qkv
+// (after RoPE), att, att_stats, [ao, ao_rstd] and h1 = in + attention output.
+static void attention_block_forward(GpuModel *m, int l, const LayerActs *a, const bf16 *in, int Bn, int Sn) {
+    const ModelConfig *c = &m->config;
+    int N = Bn * Sn, d = c->d_model, q = c->n_heads * c->head_dim;
+    cudaStream_t st = m->stream;
+    rmsnorm_forward(a->ln1, a->ln1_rstd, in, W(m, l, LT_ATTN_NORM), N, d, c->norm_eps, norm_w_offset(m), st);
+    linear_forward(a->qkv, DT_BF16, a->ln1, W(m, l, LT_WQ), c->qkv_bias ? W(m, l, LT_BQ) : NULL, N, d, qkv_features(c), 0, st);
+    rope_apply(a->qkv, m->rope, N, Sn, 0, c->n_heads, c->n_kv_heads, c->head_dim, 0, st);
+    AttentionShape sh = attention_shape(c, l, Bn, Sn);
+    attention_forward(a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
+    cudaCheck(cudaMemcpyAsync(a->h1, in, (size_t)N * d * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
+    if (c->post_norms) {
+        linear_forward(a->ao, DT_BF16, a->att, W(m, l, LT_WO), NULL, N, q, d, 0, st);
+        rmsnorm_forward(m->attn_tmp, a->ao_rstd, a->ao, W(m, l, LT_POST_ATTN_NORM), N, d, c->norm_eps, norm_w_offset(m), st);
+        residual_add(a->h1, m->attn_tmp, (size_t)N * d, st);
+    } else {
+        linear_forward(a->h1, DT_BF16, a->att, W(m, l, LT_WO), NULL, N, q, d, 1, st);
+    }
+}
+
+// One MLP chunk's buffers: rows [r0, r0 + n) of the per-layer buffers when they are kept (M = 1,
+// no recompute, so r0 = 0), else the chunk buffers.
+typedef struct { bf16 *ln2; float *ln2_rstd; bf16 *gate_up, *glu, *dn; float *dn_rstd; bf16 *tmp; } MlpChunk;
+
+static MlpChunk mlp_chunk(const GpuModel *m, const LayerActs *a, int r0) {
+    size_t d = (size_t)m->config.d_model, f = (size_t)m->config.d_ff;
+    size_t r = m->plan.mlp_saved ? (size_t)r0 : 0;
+    MlpChunk b;
+    b.ln2 = a->ln2 + r * d;
+    b.ln2_rstd = a->ln2_rstd + r;
+    b.gate_up = a->gate_up + r * 2 * f;
+    b.glu = a->glu + r * f;
+    b.dn = a->dn ? a->dn + r * d : NULL;
+    b.dn_rstd = a->dn_rstd ? a->dn_rstd + r : NULL;
+    b.tmp = m->mlp_tmp ? m->mlp_tmp + r * d : NULL;
+    return b;
+}
+
+// The chunk's forward up to the activation: ln2 = norm(x), gate_up = ln2 [Wg|Wu]^T, glu = act(gate) * up,
+// and with post-norms dn = glu Wd^T. x: (n, d) rows of h1.
+static void mlp_chunk_forward(GpuModel *m, int l, const MlpChunk *b, const bf16 *x, int n) {
+    const ModelConfig *c = &m->config;
+    int d = c->d_model, F = c->d_ff;
+    cudaStream_t st = m->stream;
+    rmsnorm_forward(b->ln2, b->ln2_rstd, x, W(m, l, LT_MLP_NORM), n, d, c->norm_eps, norm_w_offset(m), st);
+    linear_forward(b->gate_up, DT_BF16, b->ln2, W(m, l, LT_W_GATE), NULL, n, d, 2 * F, 0, st);
+    glu_forward(b->glu, b->gate_up, n, F, c->activation, st);
+    if (c->post_norms) linear_forward(b->dn, DT_BF16, b->glu, W(m, l, LT_W_DOWN), NULL, n, F, d, 0, st);
+}
+
+// Mini-sequence MLP: out (N, d) (holding h1) += mlp(h1), one chunk of c rows at a time.
+static void mlp_forward(GpuModel *m, int l, const LayerActs *a, bf16 *out, int N) {
+    const ModelConfig *c = &m->config;
+    int d = c->d_model, F = c->d_ff, rows = m->plan.chunk_rows;
+    cudaStream_t st = m->stream;
+    for (int r0 = 0; r0 < N; r0 += rows) {
+        int n = N - r0 < rows ? N - r0 : rows;
+        MlpChunk b = mlp_chunk(m, a, r0);
+        bf16 *o = out + (size_t)r0 * d;
+        mlp_chunk_forward(m, l, &b, a->h1 + (size_t)r0 * d, n);
+        if (c->post_norms) {
+            rmsnorm_forward(b.tmp, b.dn_rstd, b.dn, W(m, l, LT_POST_MLP_NORM), n, d, c->norm_eps, norm_w_offset(m), st);
+            residual_add(o, b.tmp, (size_t)n * d, st);
+        } else {
+            linear_forward(o, DT_BF16, b.glu, W(m, l, LT_W_DOWN), NULL, n, F, d, 1, st);
+        }
+    }
+}
+
+// Copies offloaded layer l's input (in X[l % 2]) to its pinned host slot on the side stream.
+static void save_to_host(GpuModel *m, int l) {
+    int b = l % 2;
+    cudaCheck(cudaEventRecord(m->ev_written[b], m->stream));
+    cudaCheck(cudaStreamWaitEvent(m->copy_stream, m->ev_written[b], 0));
+    cudaCheck(cudaMemcpyAsync(host_slot(m, l), layer_input(m, l), nd_elems(m) * sizeof(bf16), cudaMemcpyDeviceToHost, m->copy_stream));
+    cudaCheck(cudaEventRecord(m->ev_saved[b], m->copy_stream));
+}
+
+// Fetches offloaded layer l's input into X[l % 2] on the side stream, once the compute stream is
+// done with that buffer; the compute stream waits on ev_fetched before using it.
+static void fetch_from_host(GpuModel *m, int l) {
+    int b = l % 2;
+    cudaCheck(cudaStreamWaitEvent(m->copy_stream, m->ev_free[b], 0));
+    cudaCheck(cudaMemcpyAsync(layer_input(m, l), host_slot(m, l), nd_elems(m) * sizeof(bf16), cudaMemcpyHostToDevice, m->copy_stream));
+    cudaCheck(cudaEventRecord(m->ev_fetched[b], m->copy_stream));
+}
+
+// Embedding and every layer for Bn sequences of Sn tokens (tokens already on the device).
+// x_final (Bn*Sn, d) receives the last layer's output. save = 1 copies offloaded inputs to the host.
+static void forward_layers(GpuModel *m, int Bn, int Sn, int save) {
+    const ModelConfig *c = &m->config;
+    int N = Bn * Sn, L = c->n_layers;
+    cudaStream_t st = m->stream;
+    if (is_host_layer(m, 0)) cudaCheck(cudaStreamWaitEvent(st, m->ev_saved[0], 0));
+    embedding_forward(layer_input(m, 0), m->tokens, m->params + m->layout.embed, N, c->d_model, c->embed_scale, st);
+    for (int l = 0; l < L; l++) {
+        if (save && is_host_layer(m, l)) save_to_host(m, l);
+        bf16 *out = l + 1 < L ? layer_input(m, l + 1) : m->x_final;
+        // X[(l+1) % 2] last held layer l-1's input: its copy to the host must be done first.
+        if (l + 1 < L && is_host_layer(m, l + 1)) cudaCheck(cudaStreamWaitEvent(st, m->ev_saved[(l + 1) % 2], 0));
+        const LayerActs *a = &m->acts[l];
+        attention_block_forward(m, l, a, layer_input(m, l), Bn, Sn);
+        cudaCheck(cudaMemcpyAsync(out, a->h1, (size_t)N * c->d_model * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
+        mlp_forward(m, l, a, out, N);
+    }
+    for (int b = 0; b < 2; b++) cudaCheck(cudaEventRecord(m->ev_free[b], st));
+}
+
+// ---- LM head + cross-entropy (mini-sequence, vocabulary tiles) ----
+
+// logits (n, vt) fp32 = xf (n, d) W_head[v0 : v0 + vt]^T.
+static void logits_tile(GpuModel *m, int n, int v0, int vt) {
+    const bf16 *Wh = m->params + m->layout.lm_head + (size_t)v0 * m->config.d_model;
+    linear_forward(m->logits, DT_FP32, m->xf, Wh, NULL, n, m->config.d_model, vt, 0, m->stream);
+}
+
+// Final norm, LM head and cross-entropy over the first N rows of x_final, token chunk by token
+// chunk. losses[n] per token and scalars[0] = their sum. With backward: dresid = d(loss)/d(x_final)
+// with dlogits scaled by grad_scale, and the head / final-norm weight gradients accumulated.
+static void lm_head_pass(GpuModel *m, int N, float grad_scale, int backward) {
+    const ModelConfig *c = &m->config;
+    int d = c->d_model, V = c->vocab_size, vc = m->plan.settings.vocab_chunk, tiles = m->plan.vocab_tiles;
+    int rows = m->plan.chunk_rows;
+    cudaStream_t st = m->stream;
+    const bf16 *Wfinal = m->params + m->layout.final_norm;
+    const bf16 *Wh = m->params + m->layout.lm_head;
+    float *dWh = backward ? grad_head(m) : NULL;
+    for (int r0 = 0; r0 < N; r0 += rows) {
+        int n = N - r0 < rows ? N - r0 : rows;
+        const int32_t *tg = m->targets + r0;
+        const bf16 *x = m->x_final + (size_t)r0 * d;
+        rmsnorm_forward(m->xf, m->xf_rstd, x, Wfinal, n, d, c->norm_eps, norm_w_offset(m), st);
+        ce_state_init(m->ce_max, m->ce_sum, m->ce_target, n, st);
+        for (int t = 0; t < tiles; t++) {
+            int v0 = t * vc, vt = V - v0 < vc ? V - v0 : vc;
+            logits_tile(m, n, v0, vt);
+            ce_online_update(m->ce_max, m->ce_sum, m->ce_target, m->logits, n, vt, v0, tg, c->final_softcap, st);
+        }
+        ce_finalize(m->ce_lse, m->losses + r0, m->ce_max, m->ce_sum, m->ce_target, tg, n, st);
+        if (!backward) continue;
+        for (int t = 0; t < tiles; t++) {
+            int v0 = t * vc, vt = V - v0 < vc ? V - v0 : vc;
+            const bf16 *Wt = Wh + (size_t)v0 * d;
+            if (tiles > 1) logits_tile(m, n, v0, vt);  // pass 2 recomputes the tile
+            ce_backward_tile(m->dlogits, m->logits, m->ce_lse, n, vt, v0, tg, c->final_softcap, grad_scale, st);
+            if (tiles == 1) {
+                linear_backward_input(m->dxf, m->dlogits, Wt, n, d, vt, 0, st);
+            } else {  // dxf accumulates over tiles in fp32: dxf_acc (n, d) (+)= dlogits (n, vt) W_tile (vt, d)
+                gemm(m->dxf_acc, DT_FP32, m->dlogits, 0, Wt, 0, n, d, vt, 1.0f, t > 0 ? 1.0f : 0.0f, NULL, st);
+            }
+            linear_backward_weight(dWh + (size_t)v0 * d, DT_FP32, m->dlogits, m->xf, n, d, vt, st);
+        }
+        if (tiles > 1) cast_fp32_to_bf16(m->dxf, m->dxf_acc, (size_t)n * d, st);
+        rmsnorm_backward(m->dresid + (size_t)r0 * d, grad_final_norm(m), m->reduce_scratch, m->dxf, x, Wfinal, m->xf_rstd,
+                         n, d, norm_w_offset(m), 0, st);
+    }
+    sum_reduce(m->scalars, m->losses, N, st);
+}
+
+// ---- layer backward ----
+
+// MLP backward, chunk by chunk (recomputing the chunk's intermediates unless kept):
+// dresid (N, d) += d mlp(h1) / d h1 . dresid; weight gradients accumulate (beta = 1).
+static void mlp_backward(GpuModel *m, int l, const LayerActs *a) {
+    const ModelConfig *c = &m->config;
+    int N = m->plan.n_tokens, d = c->d_model, F = c->d_ff, rows = m->plan.chunk_rows;
+    cudaStream_t st = m->stream;
+    for (int r0 = 0; r0 < N; r0 += rows) {
+        int n = N - r0 < rows ? N - r0 : rows;
+        MlpChunk b = mlp_chunk(m, a, r0);
+        const bf16 *x = a->h1 + (size_t)r0 * d;
+        bf16 *dres = m->dresid + (size_t)r0 * d;
+        if (!m->plan.mlp_saved) {
+            mlp_chunk_forward(m, l, &b, x, n);
+            if (c->post_norms)  // recompute dn_rstd (the output itself is not needed)
+                rmsnorm_forward(b.tmp, b.dn_rstd, b.dn, W(m, l, LT_POST_MLP_NORM), n, d, c->norm_eps, norm_w_offset(m), st);
+        }
+        const bf16 *dy = dres;  // gradient of the down projection's output
+        if (c->post_norms) {
+            rmsnorm_backward(b.tmp, G(m, l, LT_POST_MLP_NORM), m->reduce_scratch, dres, b.dn, W(m, l, LT_POST_MLP_NORM),
+                             b.dn_rstd, n, d, norm_w_offset(m), 0, st);
+            dy = b.tmp;
+        }
+        linear_backward_weight(G(m, l, LT_W_DOWN), DT_FP32, dy, b.glu, n, F, d, st);
+        linear_backward_input(b.glu, dy, W(m, l, LT_W_DOWN), n, F, d, 0, st);       // glu := d glu
+        glu_backward(b.gate_up, b.glu, b.gate_up, n, F, c->activation, st);          // gate_up := d gate_up
+        linear_backward_weight(G(m, l, LT_W_GATE), DT_FP32, b.gate_up, b.ln2, n, d, 2 * F, st);
+        linear_backward_input(b.ln2, b.gate_up, W(m, l, LT_W_GATE), n, d, 2 * F, 0, st);  // ln2 := d ln2
+        rmsnorm_backward(dres, G(m, l, LT_MLP_NORM), m->reduce_scratch, b.ln2, x, W(m, l, LT_MLP_NORM), b.ln2_rstd,
+                         n, d, norm_w_offset(m), 1, st);
+    }
+}
+
+// Attention-part backward: dresid (N, d) holds d h1 on entry and d in on exit.
+static void attention_block_backward(GpuModel *m, int l, const LayerActs *a, const bf16 *in) {
+    const ModelConfig *c = &m->config;
+    int N = m->plan.n_tokens, d = c->d_model, q = c->n_heads * c->head_dim, qkv = qkv_features(c);
+    cudaStream_t st = m->stream;
+    const bf16 *dao = m->dresid;  // gradient of the o-projection output
+    if (c->post_norms) {
+        rmsnorm_backward(m->attn_tmp, G(m, l, LT_POST_ATTN_NORM), m->reduce_scratch, m->dresid, a->ao,
+                         W(m, l, LT_POST_ATTN_NORM), a->ao_rstd, N, d, norm_w_offset(m), 0, st);
+        dao = m->attn_tmp;
+    }
+    linear_backward_weight(G(m, l, LT_WO), DT_FP32, dao, a->att, N, q, d, st);
+    linear_backward_input(m->datt, dao, W(m, l, LT_WO), N, q, d, 0, st);
+    AttentionShape sh = attention_shape(c, l, m->settings.B, m->settings.S);
+    attention_backward(m->dqkv, m->datt, a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
+    rope_apply(m->dqkv, m->rope, N, m->settings.S, 0, c->n_heads, c->n_kv_heads, c->head_dim, 1, st);
+    linear_backward_weight(G(m, l, LT_WQ), DT_FP32, m->dqkv, a->ln1, N, d, qkv, st);
+    if (c->qkv_bias) bias_backward(G(m, l, LT_BQ), m->reduce_scratch, m->dqkv, N, qkv, st);
+    linear_backward_input(a->ln1, m->dqkv, W(m, l, LT_WQ), N, d, qkv, 0, st);  // ln1 := d ln1
+    rmsnorm_backward(m->dresid, G(m, l, LT_ATTN_NORM), m->reduce_scratch, a->ln1, in, W(m, l, LT_ATTN_NORM), a->ln1_rstd,
+                     N, d, norm_w_offset(m), 1, st);
+}
+
+// ---- optimizer ----
+
+// Stochastic-rounding seed of one tensor at one step (splitmix-style mixing).
+static uint32_t tensor_seed(uint32_t seed, int tensor_id, int step) {
+    uint64_t z = ((uint64_t)seed << 32) ^ ((uint64_t)(uint32_t)tensor_id * 0x9E3779B97F4A7C15ull) ^ (uint64_t)(uint32_t)step;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (uint32_t)(z ^ (z >> 31));
+}
+
+// Ids of the tensors in file order (embed 0, layer tensors, final norm, LM head), for the seeds.
+static int layer_tensor_id(int l, int t) { return 1 + l * LT_COUNT + t; }
+static int final_norm_id(const ModelConfig *c) { return 1 + c->n_layers * LT_COUNT; }
+static int lm_head_id(const ModelConfig *c) { return 2 + c->n_layers * LT_COUNT; }
+
+// AdamW on one tensor (offset, rows x cols elements of the flat layout) with gradient `grad`.
+// Weight decay only on matrices (rows > 1): not on norms and biases.
+static void adamw_tensor(GpuModel *m, size_t offset, size_t rows, size_t cols, const float *grad, int tensor_id,
+                         const OptimizerStep *opt, float clip_scale) {
+    AdamWParams p;
+    p.lr = opt->lr;
+    p.beta1 = opt->beta1;
+    p.beta2 = opt->beta2;
+    p.eps = opt->eps;
+    p.weight_decay = rows > 1 ? opt->weight_decay : 0.0f;
+    p.grad_scale = clip_scale;
+    p.step = opt->step;
+    p.seed = tensor_seed(opt->seed, tensor_id, opt->step);
+    size_t mb = dtype_bytes(m->settings.moment_type);
+    adamw_update(m->params + offset, m->master ? m->master + offset : NULL, grad, DT_FP32, (char *)m->adam_m + offset * mb,
+                 (char *)m->adam_v + offset * mb, m->settings.moment_type, rows * cols, &p, m->stream);
+}
+
+static void adamw_layer(GpuModel *m, int l, const OptimizerStep *opt, float clip_scale) {
+    const ParamLayout *p = &m->layout;
+    for (int t = 0; t < LT_COUNT; t++) {
+        if (p->layer.offset[t] == SIZE_MAX) continue;
+        adamw_tensor(m, param_offset(p, l, t), p->layer.rows[t], p->layer.cols[t], G(m, l, t), layer_tensor_id(l, t), opt, clip_scale);
+    }
+}
+
+static float clip_scale_for(float norm, float clip) {
+    return (clip > 0.0f && norm > clip) ? clip / (norm + 1e-6f) : 1.0f;
+}
+
+// Gradient accumulation: after the last micro step, the global norm over the full gradient buffer,
+// AdamW on every tensor with the clip scale, and the gradients zeroed. Returns the norm.
+static float optimizer_step_full(GpuModel *m, const OptimizerStep *opt) {
+    const ModelConfig *c = &m->config;
+    const ParamLayout *p = &m->layout;
+    cudaStream_t st = m->stream;
+    cudaCheck(cudaMemsetAsync(m->grad_norm_partials, 0, (size_t)m->plan.figures.grad_norm_partials * sizeof(float), st));
+    grad_norm_accumulate(m->grad_norm_partials, m->grads, DT_FP32, p->total, st);
+    grad_norm_finish(m->scalars + 1, m->grad_norm_partials, st);
+    float sumsq;
+    cudaCheck(cudaMemcpyAsync(&sumsq, m->scalars + 1, sizeof(float), cudaMemcpyDeviceToHost, st));
+    cudaCheck(cudaStreamSynchronize(st));
+    float norm = sqrtf(sumsq);
+    float scale = clip_scale_for(norm, opt->clip);
+    adamw_tensor(m, p->embed, (size_t)c->vocab_size, (size_t)c->d_model, m->grads + p->embed, 0, opt, scale);
+    for (int l = 0; l < c->n_layers; l++) adamw_layer(m, l, opt, scale);
+    adamw_tensor(m, p->final_norm, 1, (size_t)c->d_model, m->grads + p->final_norm, final_norm_id(c), opt, scale);
+    if (!c->tied_embeddings)
+        adamw_tensor(m, p->lm_head, (size_t)c->vocab_size, (size_t)c->d_model, m->grads + p->lm_head, lm_head_id(c), opt, scale);
+    cudaCheck(cudaMemsetAsync(m->grads, 0, p->total * sizeof(float), st));
+    return norm;
+}
+
+// ---- batch upload ----
+
+// Uploads tokens and targets (checking their range), groups positions by token for the
+// deterministic embedding backward (counting sort: unique tokens ascending, positions ascending
+// within a token) and returns the number of valid targets.
+static int upload_batch(GpuModel *m, const int32_t *tokens, const int32_t *targets, int N) {
+    const ModelConfig *c = &m->config;
+    int V = c->vocab_size, n_valid = 0;
+    for (int i = 0; i < N; i++) {
+        if (tokens[i] < 0 || tokens[i] >= V) die("token %d at position %d is outside the vocabulary [0, %d)", tokens[i], i, V);
+        if (targets != NULL) {
+            if (targets[i] >= V || targets[i] < -1) die("target %d at position %d is outside [-1, %d)", targets[i], i, V);
+            n_valid += targets[i] >= 0;
+        }
+    }
+    cudaStream_t st = m->stream;
+    cudaCheck(cudaMemcpyAsync(m->tokens, tokens, (size_t)N * sizeof(int32_t), cudaMemcpyHostToDevice, st));
+    if (targets != NULL) cudaCheck(cudaMemcpyAsync(m->targets, targets, (size_t)N * sizeof(int32_t), cudaMemcpyHostToDevice, st));
+    memset(m->h_counts, 0, (size_t)V * sizeof(int32_t));
+    for (int i = 0; i < N; i++) m->h_counts[tokens[i]]++;
+    int u = 0, at = 0;
+    for (int v = 0; v < V; v++) {
+        if (m->h_counts[v] == 0) continue;
+        m->h_unique[u] = v;
+        m->h_offsets[u] = at;
+        at += m->h_counts[v];
+        m->h_counts[v] = m->h_offsets[u];  // becomes the write cursor of token v
+        u++;
+    }
+    m->h_offsets[u] = at;
+    for (int i = 0; i < N; i++) m->h_positions[m->h_counts[tokens[i]]++] = i;
+    m->n_unique = u;
+    cudaCheck(cudaMemcpyAsync(m->embed_unique, m->h_unique, (size_t)u * sizeof(int32_t), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemcpyAsync(m->embed_offsets, m->h_offsets, (size_t)(u + 1) * sizeof(int32_t), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemcpyAsync(m->embed_positions, m->h_positions, (size_t)N * sizeof(int32_t), cudaMemcpyHostToDevice, st));
+    return n_valid;
+}
+
+// ---- training step ----
+
+// The backward pass through every layer (reverse order) and the embedding, with the offload
+// prefetch pipeline and, with optimizer-in-backward, each layer's AdamW right after its backward.
+static void backward_layers(GpuModel *m, const OptimizerStep *opt, float clip_scale, int opt_in_backward) {
+    const ModelConfig *c = &m->config;
+    int L = c->n_layers;
+    cudaStream_t st = m->stream;
+    size_t layer_bytes = m->layout.layer_size * sizeof(float);
+    for (int l = L - 1; l >= 0; l--) {
+        if (l > 0 && is_host_layer(m, l - 1)) fetch_from_host(m, l - 1);  // prefetch while layer l runs
+        if (is_host_layer(m, l)) cudaCheck(cudaStreamWaitEvent(st, m->ev_fetched[l % 2], 0));
+        if (opt_in_backward) cudaCheck(cudaMemsetAsync(m->layer_grads, 0, layer_bytes, st));
+        const LayerActs *a = &m->acts[l];
+        const bf16 *in = layer_input(m, l);
+        if (m->settings.recompute) attention_block_forward(m, l, a, in, m->settings.B, m->settings.S);
+        mlp_backward(m, l, a);
+        attention_block_backward(m, l, a, in);
+        if (is_host_layer(m, l)) cudaCheck(cudaEventRecord(m->ev_free[l % 2], st));
+        if (opt_in_backward) {
+            grad_norm_accumulate(m->grad_norm_partials, m->layer_grads, DT_FP32, m->layout.layer_size, st);
+            adamw_layer(m, l, opt, clip_scale);
+        }
+    }
+    embedding_backward(grad_embed(m), DT_FP32, m->dresid, m->embed_unique, m->embed_offsets, m->embed_positions,
+                       m->n_unique, c->d_model, c->embed_scale, st);
+}
+
+void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_t *targets, int micro_index,
+                                const OptimizerStep *opt, StepResult *out) {
+    const ModelConfig *c = &m->config;
+    const GpuSettings *s = &m->settings;
+    int accum = s->grad_accum_steps, N = m->plan.n_tokens, L = c->n_layers;
+    if (micro_index < 0 || micro_index >= accum) die("micro step %d outside [0, grad_accum_steps = %d)", micro_index, accum);
+    int opt_in_backward = accum == 1;
+    cudaStream_t st = m->stream;
+    size_t vd = (size_t)c->vocab_size * c->d_model;
+    int n_valid = upload_batch(m, tokens, targets, N);
+    float grad_scale = n_valid > 0 ? 1.0f / ((float)n_valid * (float)accum) : 0.0f;
+    // Optimizer-in-backward clips with the previous step's norm (this step's is known only at the end).
+    float clip_scale = (opt_in_backward && m->has_prev_norm) ? clip_scale_for(m->prev_grad_norm, opt->clip) : 1.0f;
+    if (opt_in_backward) {
+        cudaCheck(cudaMemsetAsync(m->embed_head_grads, 0, vd * sizeof(float), st));
+        cudaCheck(cudaMemsetAsync(m->final_norm_grads, 0, (size_t)c->d_model * sizeof(float), st));
+        cudaCheck(cudaMemsetAsync(m->grad_norm_partials, 0, m->plan.figures.grad_norm_partials * sizeof(float), st));
+    }
+    forward_layers(m, s->B, s->S, 1);
+    if (is_host_layer(m, L - 1)) fetch_from_host(m, L - 1);  // overlaps the LM head
+    lm_head_pass(m, N, grad_scale, 1);
+    if (opt_in_backward && !c->tied_embeddings) {  // the untied head is complete: update it, reuse its buffer
+        grad_norm_accumulate(m->grad_norm_partials, m->embed_head_grads, DT_FP32, vd, st);
+        adamw_tensor(m, m->layout.lm_head, (size_t)c->vocab_size, (size_t)c->d_model, m->embed_head_grads, lm_head_id(c), opt, clip_scale);
+        cudaCheck(cudaMemsetAsync(m->embed_head_grads, 0, vd * sizeof(float), st));
+    }
+    backward_layers(m, opt, clip_scale, opt_in_backward);
+    if (opt_in_backward) {
+        grad_norm_accumulate(m->grad_norm_partials, m->embed_head_grads, DT_FP32, vd, st);
+        grad_norm_accumulate(m->grad_norm_partials, m->final_norm_grads, DT_FP32, (size_t)c->d_model, st);
+        adamw_tensor(m, m->layout.embed, (size_t)c->vocab_size, (size_t)c->d_model, m->embed_head_grads, 0, opt, clip_scale);
+        adamw_tensor(m, m->layout.final_norm, 1, (size_t)c->d_model, m->final_norm_grads, final_norm_id(c), opt, clip_scale);
+        grad_norm_finish(m->scalars + 1, m->grad_norm_partials, st);
+    }
+    float sums[2];
+    cudaCheck(cudaMemcpyAsync(sums, m->scalars, 2 * sizeof(float), cudaMemcpyDeviceToHost, st));
+    cudaCheck(cudaStreamSynchronize(st));
+    out->n_valid = n_valid;
+    out->loss = n_valid > 0 ? sums[0] / (float)n_valid : 0.0f;
+    out->grad_norm = 0.0f;
+    if (opt_in_backward) {
+        out->grad_norm = sqrtf(sums[1]);
+        m->prev_grad_norm = out->grad_norm;
+        m->has_prev_norm = 1;
+    } else if (micro_index == accum - 1) {
+        out->grad_norm = optimizer_step_full(m, opt);
+        cudaCheck(cudaStreamSynchronize(st));
+    }
+}
+
+float gpu_model_eval_loss(GpuModel *m, const int32_t *tokens, const int32_t *targets) {
+    int N = m->plan.n_tokens;
+    int n_valid = upload_batch(m, tokens, targets, N);
+    forward_layers(m, m->settings.B, m->settings.S, 0);
+    lm_head_pass(m, N, 0.0f, 0);
+    float sum;
+    cudaCheck(cudaMemcpyAsync(&sum, m->scalars, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    return n_valid > 0 ? sum / (float)n_valid : 0.0f;
+}
+
+// One sequence padded to S with token 0 (causal attention: the padding never reaches position
+// n_tokens - 1), then the final norm and LM head on that one row, tile by tile.
+void gpu_model_next_token_logits(GpuModel *m, const int32_t *tokens, int n_tokens, float *logits_host) {
+    const ModelConfig *c = &m->config;
+    int S = m->settings.S, d = c->d_model, V = c->vocab_size, vc = m->plan.settings.vocab_chunk;
+    if (n_tokens < 1 || n_tokens > S) die("next-token logits: %d tokens, expected 1..%d (the planned sequence length)", n_tokens, S);
+    memset(m->h_tokens, 0, (size_t)S * sizeof(int32_t));
+    memcpy(m->h_tokens, tokens, (size_t)n_tokens * sizeof(int32_t));
+    upload_batch(m, m->h_tokens, NULL, S);
+    forward_layers(m, 1, S, 0);
+    cudaStream_t st = m->stream;
+    rmsnorm_forward(m->xf, m->xf_rstd, m->x_final + (size_t)(n_tokens - 1) * d, m->params + m->layout.final_norm, 1, d,
+                    c->norm_eps, norm_w_offset(m), st);
+    for (int v0 = 0; v0 < V; v0 += vc) {
+        int vt = V - v0 < vc ? V - v0 : vc;
+        logits_tile(m, 1, v0, vt);
+        cudaCheck(cudaMemcpyAsync(logits_host + v0, m->logits, (size_t)vt * sizeof(float), cudaMemcpyDeviceToHost, st));
+        cudaCheck(cudaStreamSynchronize(st));  // the next tile overwrites m->logits
+    }
+    if (c->final_softcap > 0.0f) {
+        for (int v = 0; v < V; v++) logits_host[v] = c->final_softcap * tanhf(logits_host[v] / c->final_softcap);
+    }
+}
+
+// ---- init / free ----
+
+// Device and host shape requirements of the kernels: 16-byte aligned rows for cuBLASLt.
+static void check_supported(const ModelConfig *c, const GpuSettings *s) {
+    if (c->d_model % 8 || c->d_ff % 8 || c->head_dim % 8)
+        die("%s config: d_model (%d), d_ff (%d) and head_dim (%d) must be multiples of 8 on the GPU path",
+            family_name(c->family), c->d_model, c->d_ff, c->head_dim);
+    for (int sliding = 0; sliding < 2; sliding++) {
+        int layer = -1;
+        for (int l = 0; l < c->n_layers; l++) if (config_layer_is_sliding(c, l) == sliding) { layer = l; break; }
+        if (layer < 0) continue;
+        char why[256];
+        AttentionShape sh = attention_shape(c, layer, s->B, s->S);
+        if (!attention_supported(&sh, why, sizeof(why)))
+            die("%s: attention of layer %d is not supported on this GPU path: %s", family_name(c->family), layer, why);
+    }
+}
+
+// The kernel modules' own figures for this shape: cuDNN workspace (largest over the layer kinds
+// and the (1, S) sampling shape), reduction scratch over N rows, grad-norm partials.
+static MstKernelFigures kernel_figures(const ModelConfig *c, const GpuSettings *s) {
+    MstKernelFigures f;
+    f.attn_workspace = 0;
+    for (int l = 0; l < c->n_layers && l < 2; l++) {
+        for (int b = 0; b < 2; b++) {
+            AttentionShape sh = attention_shape(c, l, b == 0 ? s->B : 1, s->S);
+            size_t w = attention_workspace_bytes(&sh);
+            if (w > f.attn_workspace) f.attn_workspace = w;
+        }
+    }
+    int N = s->B * s->S;
+    size_t norm_floats = (size_t)ceil_div(N, rmsnorm_rows_per_block()) * c->d_model;
+    size_t bias_floats = c->qkv_bias ? bias_grad_scratch_floats(N, qkv_features(c)) : 0;
+    f.reduce_scratch = (norm_floats > bias_floats ? norm_floats : bias_floats) * sizeof(float);
+    f.matmul_workspace = MST_MATMUL_WORKSPACE;
+    f.grad_norm_partials = (size_t)grad_norm_partials();
+    return f;
+}
+
+// Points every buffer of the model at its plan entry.
+static void bind_buffers(GpuModel *m) {
+    const ModelConfig *c = &m->config;
+    m->params = (bf16 *)plan_req(m, "params", 0);
+    m->rope = (float *)plan_req(m, "rope_cos_sin", 0);
+    m->adam_m = plan_req(m, "adam_m", 0);
+    m->adam_v = plan_req(m, "adam_v", 0);
+    m->master = (float *)plan_ptr(m, "master", 0);
+    m->grads = (float *)plan_ptr(m, "grads", 0);
+    m->layer_grads = (float *)plan_ptr(m, "layer_grads", 0);
+    m->embed_head_grads = (float *)plan_ptr(m, "embed_head_grads", 0);
+    m->final_norm_grads = (float *)plan_ptr(m, "final_norm_grads", 0);
+    m->grad_norm_partials = (float *)plan_req(m, "grad_norm_partials", 0);
+    m->tokens = (int32_t *)plan_req(m, "tokens", 0);
+    m->targets = (int32_t *)plan_req(m, "targets", 0);
+    m->embed_unique = (int32_t *)plan_req(m, "embed_unique", 0);
+    m->embed_offsets = (int32_t *)plan_req(m, "embed_offsets", 0);
+    m->embed_positions = (int32_t *)plan_req(m, "embed_positions", 0);
+    m->scalars = (float *)plan_req(m, "scalars", 0);
+    m->layer_inputs = (bf16 *)plan_ptr(m, "layer_inputs", 0);
+    m->layer_inputs_host = (bf16 *)plan_ptr(m, "layer_inputs_host", 0);
+    m->x_offload = (bf16 *)plan_ptr(m, "x_offload", 0);
+    m->x_final = (bf16 *)plan_req(m, "x_final", 0);
+    m->dresid = (bf16 *)plan_req(m, "dresid", 0);
+    m->datt = (bf16 *)plan_req(m, "datt", 0);
+    m->dqkv = (bf16 *)plan_req(m, "dqkv", 0);
+    m->attn_tmp = (bf16 *)plan_ptr(m, "attn_tmp", 0);
+    m->mlp_tmp = (bf16 *)plan_ptr(m, "mlp_tmp", 0);
+    m->xf = (bf16 *)plan_req(m, "xf", 0);
+    m->xf_rstd = (float *)plan_req(m, "xf_rstd", 0);
+    m->dxf = (bf16 *)plan_req(m, "dxf", 0);
+    m->dxf_acc = (float *)plan_ptr(m, "dxf_acc", 0);
+    m->logits = (float *)plan_req(m, "logits", 0);
+    m->dlogits = (bf16 *)plan_req(m, "dlogits", 0);
+    m->ce_max = (float *)plan_req(m, "ce_max", 0);
+    m->ce_sum = (float *)plan_req(m, "ce_sum", 0);
+    m->ce_target = (float *)plan_req(m, "ce_target", 0);
+    m->ce_lse = (float *)plan_req(m, "ce_lse", 0);
+    m->losses = (float *)plan_req(m, "losses", 0);
+    m->attn_workspace = plan_req(m, "attn_workspace", 0);
+    m->reduce_scratch = (float *)plan_req(m, "reduce_scratch", 0);
+    m->acts = (LayerActs *)callocCheck((size_t)c->n_layers, sizeof(LayerActs));
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerActs *a = &m->acts[l];
+        a->ln1 = (bf16 *)plan_req(m, "ln1", l);
+        a->ln1_rstd = (float *)plan_req(m, "ln1_rstd", l);
+        a->qkv = (bf16 *)plan_req(m, "qkv", l);
+        a->att = (bf16 *)plan_req(m, "att", l);
+        a->att_stats = (float *)plan_req(m, "att_stats", l);
+        a->h1 = (bf16 *)plan_req(m, "h1", l);
+        a->ao = (bf16 *)plan_ptr(m, "ao", l);
+        a->ao_rstd = (float *)plan_ptr(m, "ao_rstd", l);
+        a->ln2 = (bf16 *)plan_req(m, "ln2", l);
+        a->ln2_rstd = (float *)plan_req(m, "ln2_rstd", l);
+        a->gate_up = (bf16 *)plan_req(m, "gate_up", l);
+        a->glu = (bf16 *)plan_req(m, "glu", l);
+        a->dn = (bf16 *)plan_ptr(m, "dn", l);
+        a->dn_rstd = (float *)plan_ptr(m, "dn_rstd", l);
+    }
+}
+
+// cuBLASLt and cuDNN handles (with cuDNN's per-shape graph cache) live for the process, shared by
+// every model it creates, so that building models one after another (tests) builds graphs once.
+static int handles_ready = 0;
+
+static void ensure_handles(void) {
+    if (handles_ready) return;
+    attention_init();
+    matmul_init(MST_MATMUL_WORKSPACE);
+    handles_ready = 1;
+}
+
+void gpu_model_release_handles(void) {
+    if (!handles_ready) return;
+    matmul_free();
+    attention_free();
+    handles_ready = 0;
+}
+
+static size_t physical_memory_bytes(void) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    return (pages > 0 && page > 0) ? (size_t)pages * (size_t)page : 0;
+}
+
+void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf16, GpuSettings *s) {
+    memset(m, 0, sizeof(*m));
+    m->config = *c;
+    param_layout_init(&m->layout, c);
+    if (s->moment_type != DT_FP32 && s->moment_type != DT_BF16) die("moment type %d is not fp32 or bf16", (int)s->moment_type);
+    size_t free_b, total_b;
+    cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+    ensure_handles();
+    check_supported(c, s);  // dies naming the family and cuDNN's reason
+    MstKernelFigures fig = kernel_figures(c, s);
+
+    MstSettings ms;
+    memset(&ms, 0, sizeof(ms));
+    ms.B = s->B;
+    ms.S = s->S;
+    ms.mst_chunks = s->mst_chunks;
+    ms.vocab_chunk = s->vocab_chunk;
+    ms.recompute = s->recompute;
+    ms.offload = s->offload;
+    ms.host_layers = s->host_layers;
+    ms.grad_accum_steps = s->grad_accum_steps;
+    ms.moment_bytes = (int)dtype_bytes(s->moment_type);
+    ms.master_weights = s->master_weights;
+    if (s->gpu_mem_budget == 0) s->gpu_mem_budget = free_b > GPU_MEM_MARGIN ? free_b - GPU_MEM_MARGIN : 0;
+    if (s->host_mem_budget == 0) s->host_mem_budget = physical_memory_bytes() / 4 * 3;
+    char msg[4096];
+    if (!mst_plan_auto(&m->plan, c, &ms, &fig, s->gpu_mem_budget, s->host_mem_budget, msg, sizeof(msg)))
+        die("%s %dx%d: refusing to start: %s", family_name(c->family), s->B, s->S, msg);
+    s->mst_chunks = m->plan.settings.mst_chunks;
+    s->vocab_chunk = m->plan.settings.vocab_chunk;
+    s->host_layers = m->plan.host_layers;
+    m->settings = *s;
+
+    size_t free_before, free_after;
+    cudaCheck(cudaMemGetInfo(&free_before, &total_b));
+    cudaCheck(cudaMalloc((void **)&m->arena, m->plan.device_total));
+    cudaCheck(cudaMemGetInfo(&free_after, &total_b));
+    m->arena_drop = free_before - free_after;
+    if (m->plan.host_total > 0) cudaCheck(cudaHostAlloc((void **)&m->host_block, m->plan.host_total, cudaHostAllocDefault));
+    bind_buffers(m);
+
+    cudaCheck(cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking));
+    cudaCheck(cudaStreamCreateWithFlags(&m->copy_stream, cudaStreamNonBlocking));
+    for (int b = 0; b < 2; b++) {
+        cudaCheck(cudaEventCreateWithFlags(&m->ev_written[b], cudaEventDisableTiming));
+        cudaCheck(cudaEventCreateWithFlags(&m->ev_saved[b], cudaEventDisableTiming));
+        cudaCheck(cudaEventCreateWithFlags(&m->ev_free[b], cudaEventDisableTiming));
+        cudaCheck(cudaEventCreateWithFlags(&m->ev_fetched[b], cudaEventDisableTiming));
+    }
+
+    const ParamLayout *p = &m->layout;
+    cudaStream_t st = m->stream;
+    cudaCheck(cudaMemcpyAsync(m->params, params_bf16, p->total * sizeof(uint16_t), cudaMemcpyHostToDevice, st));
+    float *rope = (float *)mallocCheck((size_t)s->S * c->head_dim * sizeof(float));
+    rope_table_fill(rope, s->S, c->head_dim, c->rope_theta, c->rope_scaling, c->rope_factor, c->rope_low_freq_factor,
+                    c->rope_high_freq_factor, c->rope_orig_max_pos);
+    cudaCheck(cudaMemcpyAsync(m->rope, rope, (size_t)s->S * c->head_dim * sizeof(float), cudaMemcpyHostToDevice, st));
+    size_t mb = dtype_bytes(s->moment_type);
+    cudaCheck(cudaMemsetAsync(m->adam_m, 0, p->total * mb, st));
+    cudaCheck(cudaMemsetAsync(m->adam_v, 0, p->total * mb, st));
+    if (m->master) cast_bf16_to_fp32(m->master, m->params, p->total, st);
+    if (m->grads) cudaCheck(cudaMemsetAsync(m->grads, 0, p->total * sizeof(float), st));
+    cudaCheck(cudaStreamSynchronize(st));
+    free(rope);
+
+    int N = m->plan.n_tokens;
+    m->h_counts = (int32_t *)mallocCheck((size_t)c->vocab_size * sizeof(int32_t));
+    m->h_unique = (int32_t *)mallocCheck((size_t)N * sizeof(int32_t));
+    m->h_offsets = (int32_t *)mallocCheck((size_t)(N + 1) * sizeof(int32_t));
+    m->h_positions = (int32_t *)mallocCheck((size_t)N * sizeof(int32_t));
+    m->h_tokens = (int32_t *)mallocCheck((size_t)s->S * sizeof(int32_t));
+}
+
+void gpu_model_print_plan(const GpuModel *m, FILE *f) { mst_plan_print(&m->plan, f); }
+
+void gpu_model_get_params(GpuModel *m, uint16_t *params_bf16_host) {
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    cudaCheck(cudaMemcpy(params_bf16_host, m->params, m->layout.total * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+}
+
+#define OPT_STATE_TRAILER 16
+
+size_t gpu_model_optimizer_state_bytes(const GpuModel *m) {
+    size_t n = m->layout.total;
+    return 2 * n * dtype_bytes(m->settings.moment_type) + (m->master ? n * sizeof(float) : 0) + OPT_STATE_TRAILER;
+}
+
+void gpu_model_get_optimizer_state(GpuModel *m, void *host) {
+    size_t mom = m->layout.total * dtype_bytes(m->settings.moment_type);
+    char *h = (char *)host;
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    cudaCheck(cudaMemcpy(h, m->adam_m, mom, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(h + mom, m->adam_v, mom, cudaMemcpyDeviceToHost));
+    size_t at = 2 * mom;
+    if (m->master) {
+        cudaCheck(cudaMemcpy(h + at, m->master, m->layout.total * sizeof(float), cudaMemcpyDeviceToHost));
+        at += m->layout.total * sizeof(float);
+    }
+    int32_t trailer[4] = {0, m->has_prev_norm, 0, 0};
+    memcpy(&trailer[0], &m->prev_grad_norm, sizeof(float));
+    memcpy(h + at, trailer, sizeof(trailer));
+}
+
+void gpu_model_set_optimizer_state(GpuModel *m, const void *host) {
+    size_t mom = m->layout.total * dtype_bytes(m->settings.moment_type);
+    const char *h = (const char *)host;
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    cudaCheck(cudaMemcpy(m->adam_m, h, mom, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(m->adam_v, h + mom, mom, cudaMemcpyHostToDevice));
+    size_t at = 2 * mom;
+    if (m->master) {
+        cudaCheck(cudaMemcpy(m->master, h + at, m->layout.total * sizeof(float), cudaMemcpyHostToDevice));
+        at += m->layout.total * sizeof(float);
+    }
+    int32_t trailer[4];
+    memcpy(trailer, h + at, sizeof(trailer));
+    memcpy(&m->prev_grad_norm, &trailer[0], sizeof(float));
+    m->has_prev_norm = trailer[1] != 0;
+}
+
+void gpu_model_memory_report(GpuModel *m, MemoryReport *r) {
+    size_t free_b, total_b;
+    cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+    r->planned = m->plan.device_total;
+    r->arena = m->plan.device_total;
+    r->arena_drop = m->arena_drop;
+    r->device_used = total_b - free_b;
+    r->device_total = total_b;
+    r->host_pinned = m->plan.host_total;
+    if (r->device_used > m->peak_used) m->peak_used = r->device_used;
+    r->peak_used = m->peak_used;
+}
+
+void gpu_model_debug_grads(GpuModel *m, float *grads_host) {
+    if (m->grads == NULL) die("gradients are kept only with grad_accum_steps > 1 (optimizer-in-backward consumes them)");
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    cudaCheck(cudaMemcpy(grads_host, m->grads, m->layout.total * sizeof(float), cudaMemcpyDeviceToHost));
+}
+
+void gpu_model_free(GpuModel *m) {
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    cudaCheck(cudaStreamSynchronize(m->copy_stream));
+    for (int b = 0; b < 2; b++) {
+        cudaCheck(cudaEventDestroy(m->ev_written[b]));
+        cudaCheck(cudaEventDestroy(m->ev_saved[b]));
+        cudaCheck(cudaEventDestroy(m->ev_free[b]));
+        cudaCheck(cudaEventDestroy(m->ev_fetched[b]));
+    }
+    cudaCheck(cudaStreamDestroy(m->stream));
+    cudaCheck(cudaStreamDestroy(m->copy_stream));
+    cudaCheck(cudaFree(m->arena));
+    if (m->host_block) cudaCheck(cudaFreeHost(m->host_block));
+    free(m->acts);
+    free(m->h_counts);
+    free(m->h_unique);
+    free(m->h_offsets);
+    free(m->h_positions);
+    free(m->h_tokens);
+    memset(m, 0, sizeof(*m));
+}

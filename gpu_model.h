@@ -1,0 +1,117 @@
+// The model on the GPU: forward, the mini-sequence MLP and LM-head + cross-entropy passes,
+// backward with recomputation (and optional host offload of layer inputs), AdamW (optionally
+// inside the backward pass). bf16 weights and activations, fp32 accumulation, norms, softmax and
+// cross-entropy in fp32, fp32 weight gradients. Every device buffer is a slice of one arena whose
+// layout is the memory plan of mst.h. Deterministic: no float atomics, so runs repeat bit for bit.
+#ifndef GPU_MODEL_H
+#define GPU_MODEL_H
+
+#include "cuda_utils.h"
+#include "model_config.h"
+#include "mst.h"
+
+typedef struct {
+    int B, S;
+    int mst_chunks;         // M token chunks of the MLP and LM head; 1 = standard transformer, 0 = auto
+    int vocab_chunk;        // LM-head columns per tile; V = one tile (one pass), 0 = auto
+    int recompute;          // 1: keep only layer inputs, recompute each layer in backward
+    int offload;            // 1: layer inputs may live in pinned host memory (needs recompute)
+    int host_layers;        // with offload: layers whose inputs go to the host (the first ones); 0 = auto
+    int grad_accum_steps;   // 1 enables optimizer-in-backward
+    DType moment_type;      // AdamW moments: DT_FP32 or DT_BF16
+    int master_weights;     // 1: fp32 master weights (bf16 weights are round-to-nearest copies)
+    size_t gpu_mem_budget;  // bytes for arena + cuBLASLt workspace; 0: free memory minus a 1 GiB margin
+    size_t host_mem_budget; // pinned bytes for offloaded layer inputs; 0: 3/4 of physical memory
+} GpuSettings;
+
+typedef struct {
+    float lr, beta1, beta2, eps, weight_decay;
+    float clip;       // global gradient-norm clip; 0 = none
+    int step;         // 1-based
+    uint32_t seed;    // stochastic rounding seed (mixed per tensor and step)
+} OptimizerStep;
+
+typedef struct {
+    float loss;       // mean cross-entropy over the valid targets of this micro-batch
+    float grad_norm;  // global norm of the step's gradients (0 on micro steps that do not update)
+    int n_valid;      // targets >= 0 in this micro-batch
+} StepResult;
+
+typedef struct {
+    size_t planned;       // plan.device_total
+    size_t arena;         // bytes of the arena allocation
+    size_t arena_drop;    // the cudaMemGetInfo drop measured around the arena allocation
+    size_t device_used, device_total;  // cudaMemGetInfo now: total - free, total
+    size_t host_pinned;   // plan.host_total
+    size_t peak_used;     // the largest device_used seen by gpu_model_memory_report
+} MemoryReport;
+
+// Pointers of one layer's activations: per-layer slices when they are kept (no recompute), else
+// the shared working buffers. MLP buffers are one chunk's (c rows) unless kept per layer (M = 1,
+// no recompute). Post-norm buffers are NULL unless the family has post-norms.
+typedef struct {
+    bf16 *ln1; float *ln1_rstd; bf16 *qkv; bf16 *att; float *att_stats; bf16 *h1;
+    bf16 *ao; float *ao_rstd;
+    bf16 *ln2; float *ln2_rstd; bf16 *gate_up; bf16 *glu; bf16 *dn; float *dn_rstd;
+} LayerActs;
+
+typedef struct {
+    ModelConfig config;
+    ParamLayout layout;
+    GpuSettings settings;
+    MemoryPlan plan;
+    char *arena;
+    size_t arena_drop;
+    char *host_block;  // pinned, plan.host_total bytes
+    cudaStream_t stream, copy_stream;
+    // offload staging buffers X[2] (layer l uses X[l % 2]) and their events
+    cudaEvent_t ev_written[2], ev_saved[2], ev_free[2], ev_fetched[2];
+    // weights and optimizer state
+    bf16 *params; float *master; void *adam_m, *adam_v; float *rope;
+    // gradients: full model (gradient accumulation), or one layer + embedding/head + final norm
+    float *grads, *layer_grads, *embed_head_grads, *final_norm_grads, *grad_norm_partials;
+    // batch and residual stream
+    int32_t *tokens, *targets, *embed_unique, *embed_offsets, *embed_positions;
+    float *scalars;  // [0] loss sum, [1] sum of squared gradients
+    bf16 *layer_inputs, *x_offload, *x_final, *dresid;
+    bf16 *layer_inputs_host;
+    LayerActs *acts;  // one per layer
+    bf16 *datt, *dqkv, *attn_tmp, *mlp_tmp;
+    bf16 *xf, *dxf, *dlogits; float *xf_rstd, *dxf_acc, *logits, *ce_max, *ce_sum, *ce_target, *ce_lse, *losses;
+    void *attn_workspace; float *reduce_scratch;
+    // host-side batch index (embedding backward) and state
+    int32_t *h_counts, *h_unique, *h_offsets, *h_positions, *h_tokens;
+    int n_unique;
+    float prev_grad_norm;  // optimizer-in-backward clips with the previous step's norm
+    int has_prev_norm;
+    size_t peak_used;
+} GpuModel;
+
+// Resolves the auto settings in *s, plans, refuses (dies with the plan breakdown and what would
+// fit) before allocating if it cannot fit, allocates the arena, uploads the weights.
+void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf16, GpuSettings *s);
+void gpu_model_print_plan(const GpuModel *m, FILE *f);
+// tokens, targets: host arrays (B*S), targets < 0 ignored. Loss = mean CE over valid targets of this
+// micro-batch; gradients are of loss / grad_accum_steps. On micro_index == grad_accum_steps - 1
+// applies AdamW (global-norm clipping when opt->clip > 0) and zeroes the gradients.
+// With grad_accum_steps == 1 (optimizer-in-backward) the clip uses the previous step's norm
+// (no clipping on the first step after init or set_optimizer_state without a stored norm).
+void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_t *targets, int micro_index,
+                                const OptimizerStep *opt, StepResult *out);
+float gpu_model_eval_loss(GpuModel *m, const int32_t *tokens, const int32_t *targets);
+// Logits (V, fp32, soft-capped where the family does) at position n_tokens - 1 of one sequence.
+void gpu_model_next_token_logits(GpuModel *m, const int32_t *tokens, int n_tokens, float *logits_host);
+void gpu_model_get_params(GpuModel *m, uint16_t *params_bf16_host);
+// Optimizer state blob: m | v (moment_type) | [master fp32] | float prev_grad_norm | int32 has_prev | 8 zero bytes.
+size_t gpu_model_optimizer_state_bytes(const GpuModel *m);
+void gpu_model_get_optimizer_state(GpuModel *m, void *host);
+void gpu_model_set_optimizer_state(GpuModel *m, const void *host);
+void gpu_model_memory_report(GpuModel *m, MemoryReport *r);
+// The gradients accumulated so far (layout.total floats); needs grad_accum_steps > 1.
+void gpu_model_debug_grads(GpuModel *m, float *grads_host);
+void gpu_model_free(GpuModel *m);
+// The cuBLASLt / cuDNN handles are created by the first gpu_model_init and shared by later models;
+// this releases them (call once at exit, after the last gpu_model_free).
+void gpu_model_release_handles(void);
+
+#endif  // GPU_MODEL_H

@@ -1,0 +1,559 @@
+// The memory planner of the Mini-Sequence Transformer trainer: the bytes of every device and
+// pinned-host buffer the GPU model allocates, for a config, a batch shape and the run settings,
+// and the choice of chunk counts (and offloaded layers) that fits a budget.
+//
+// Plain host C (no CUDA): tests/test_planner.c builds it with gcc. gpu_model.cu takes every
+// device pointer from this plan (by entry name), so the plan is the layout, not an estimate of it:
+// one arena of exactly plan.device_total bytes, every entry 256-byte aligned inside it.
+// The mini-sequence passes themselves (MLP and LM head + cross-entropy over token chunks and
+// vocabulary tiles) run in gpu_model.cu on the buffers planned here.
+//
+// Buffers (N = B*S tokens, c = chunk rows = ceil(N / M), vc = vocabulary columns per tile):
+//   weights        params bf16, RoPE cos/sin table (S, hd) fp32
+//   optimizer      AdamW moments m, v (bf16 or fp32), optional fp32 master weights
+//   gradients      fp32: the full model with gradient accumulation; with optimizer-in-backward
+//                  (grad_accum_steps = 1) one layer's block + embedding/LM head + final norm;
+//                  grad-norm partial sums
+//   activations    saved layer inputs (N, d) bf16 per device-resident layer; without recompute
+//                  also each layer's attention activations (and with M = 1 its MLP ones)
+//   intermediates  residual stream ends (x_final, dresid), batch ids, offload staging buffers,
+//                  and one shared region holding either one layer's working buffers (attention
+//                  part over N rows + one MLP chunk over c rows) or the LM-head working buffers
+//                  (one token chunk: normed rows, logits tile (c, vc) fp32, dlogits, CE state):
+//                  the two never live at the same time, so they share the same bytes
+//   workspace      cuDNN attention workspace, fp32 scratch of the norm/bias gradient reductions
+//                  (the cuBLASLt workspace is allocated by matmul_init: device_external)
+//   host           pinned host slots of offloaded layer inputs (the first host_layers layers)
+#ifndef MST_H
+#define MST_H
+
+#include "model_config.h"
+
+#define MST_ALIGN 256
+#define MST_MAX_ENTRIES 64
+#define MST_MATMUL_WORKSPACE ((size_t)32 << 20)  // cuBLASLt workspace: 32 MiB (Hopper's recommendation)
+#define MST_MIN_TILE_ROWS 1024                   // auto keeps token chunks at least this tall when it can
+
+typedef enum {
+    MEM_WEIGHTS, MEM_OPTIMIZER, MEM_GRADIENTS, MEM_ACTIVATIONS, MEM_INTERMEDIATES, MEM_WORKSPACE, MEM_HOST,
+    MEM_CATEGORY_COUNT
+} MemCategory;
+
+// Which region an entry lives in: its own bytes, or one of the two alternatives of the shared
+// working region (same bytes, used at different times).
+enum { SHARE_NONE = 0, SHARE_LAYER = 1, SHARE_LMHEAD = 2 };
+
+typedef struct {
+    int B, S;
+    int mst_chunks;        // M: token chunks of the MLP and LM-head passes (1 = standard); 0 = auto
+    int vocab_chunk;       // LM-head columns per tile (V = one tile, one pass); 0 = auto
+    int recompute;         // 1: keep only layer inputs; backward recomputes each layer
+    int offload;           // 1: the first host_layers layers keep their inputs in pinned host memory
+    int host_layers;       // with offload: how many layers; 0 = auto (as few as fit)
+    int grad_accum_steps;  // 1: optimizer-in-backward (no full-model gradient buffer)
+    int moment_bytes;      // bytes per AdamW moment element: 2 (bf16) or 4 (fp32)
+    int master_weights;    // 1: fp32 master copy of the weights
+} MstSettings;
+
+// Figures that only the kernels' modules know. On the GPU the model fills them from cuDNN and
+// the launchers; without a GPU mst_kernel_figures_estimate() gives documented estimates.
+typedef struct {
+    size_t attn_workspace;      // cuDNN SDPA forward + backward workspace for (B, S), bytes
+    size_t matmul_workspace;    // cuBLASLt workspace (allocated by matmul_init, outside the arena)
+    size_t reduce_scratch;      // fp32 partial sums of the norm-weight / bias gradients over N rows, bytes
+    size_t grad_norm_partials;  // floats of the grad-norm partial sums
+} MstKernelFigures;
+
+typedef struct {
+    char name[32];
+    size_t slice_bytes;  // one slice (e.g. one layer), a multiple of MST_ALIGN
+    int count;           // slices (layers) in this entry
+    size_t bytes;        // count * slice_bytes
+    size_t offset;       // in the device arena, or in the pinned host block for MEM_HOST
+    int category;        // MemCategory
+    int share;           // SHARE_NONE / SHARE_LAYER / SHARE_LMHEAD
+} PlanEntry;
+
+typedef struct {
+    PlanEntry entries[MST_MAX_ENTRIES];
+    int n_entries;
+    size_t device_total;     // the arena: exactly what gpu_model cudaMallocs
+    size_t device_external;  // outside the arena: the cuBLASLt workspace
+    size_t host_total;       // pinned host bytes
+    size_t category_bytes[MEM_CATEGORY_COUNT];  // the shared region counts once, as intermediates
+    size_t shared_bytes;     // size of the shared working region
+    MstSettings settings;    // resolved: mst_chunks, vocab_chunk, host_layers all explicit
+    MstKernelFigures figures;
+    int n_tokens;            // N = B*S
+    int chunk_rows, n_chunks;     // token chunks: rows per chunk, number of chunks
+    int vocab_tiles;              // ceil(V / vocab_chunk)
+    int host_layers, device_layers;
+    int mlp_saved;           // 1: M = 1 without recompute, MLP intermediates kept per layer
+} MemoryPlan;
+
+static inline const char *mst_category_name(int c) {
+    static const char *names[MEM_CATEGORY_COUNT] = {"weights", "optimizer", "gradients", "activations",
+                                                    "intermediates", "workspace", "host"};
+    return (c >= 0 && c < MEM_CATEGORY_COUNT) ? names[c] : "?";
+}
+
+static inline size_t mst_align(size_t bytes) { return (bytes + MST_ALIGN - 1) / MST_ALIGN * MST_ALIGN; }
+static inline size_t mst_ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
+
+// Estimates for planning without a GPU. cuDNN's SDPA backward asks for about an fp32 dQ
+// accumulator (B, S, Hq, hd) plus two fp32 row statistics (B, Hq, S); the norm/bias gradient
+// reductions keep one fp32 row of partial sums per 32 rows for the widest reduced tensor (the
+// fused QKV bias); 1024 grad-norm partials; 32 MiB of cuBLASLt workspace.
+static inline void mst_kernel_figures_estimate(const ModelConfig *c, int B, int S, MstKernelFigures *f) {
+    size_t N = (size_t)B * S;
+    size_t qkv = (size_t)(c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
+    size_t widest = qkv > (size_t)c->d_model ? qkv : (size_t)c->d_model;
+    f->attn_workspace = N * c->n_heads * c->head_dim * 4 + 2 * N * c->n_heads * 4;
+    f->matmul_workspace = MST_MATMUL_WORKSPACE;
+    f->reduce_scratch = (N + 31) / 32 * widest * 4;
+    f->grad_norm_partials = 1024;
+}
+
+// Checks the settings against the config. Returns NULL when valid, else a message in buf.
+// mst_chunks, vocab_chunk and host_layers may be 0 (auto).
+static inline const char *mst_settings_check(const ModelConfig *c, const MstSettings *s, char *buf, size_t len) {
+    long N = (long)s->B * s->S;
+    if (s->B < 1 || s->S < 1) { snprintf(buf, len, "batch %d x sequence %d: both must be >= 1", s->B, s->S); return buf; }
+    if (N > (1L << 30)) { snprintf(buf, len, "B*S = %ld tokens is too many", N); return buf; }
+    if (s->mst_chunks < 0 || s->mst_chunks > N) { snprintf(buf, len, "mini-sequence chunks M = %d must be in [1, B*S = %ld] (0 = auto)", s->mst_chunks, N); return buf; }
+    if (s->vocab_chunk < 0 || s->vocab_chunk > c->vocab_size) { snprintf(buf, len, "vocab chunk %d must be in [1, V = %d] (0 = auto)", s->vocab_chunk, c->vocab_size); return buf; }
+    if (s->offload && !s->recompute) { snprintf(buf, len, "offload keeps only layer inputs on the host: it needs recompute on"); return buf; }
+    if (s->host_layers < 0 || s->host_layers > c->n_layers || (!s->offload && s->host_layers != 0)) {
+        snprintf(buf, len, "host layers %d must be in [0, %d] and needs offload", s->host_layers, c->n_layers); return buf;
+    }
+    if (s->grad_accum_steps < 1) { snprintf(buf, len, "grad_accum_steps %d must be >= 1", s->grad_accum_steps); return buf; }
+    if (s->moment_bytes != 2 && s->moment_bytes != 4) { snprintf(buf, len, "moment bytes %d must be 2 (bf16) or 4 (fp32)", s->moment_bytes); return buf; }
+    return NULL;
+}
+
+// ---- building a plan ----
+
+typedef struct {
+    MemoryPlan *p;
+    size_t device_cursor, host_cursor;
+    size_t shared_begin, shared_end;
+    int share;  // region new device entries go to
+} PlanBuilder;
+
+static inline void plan_add(PlanBuilder *b, const char *name, size_t raw_slice, int count, int category) {
+    if (b->p->n_entries >= MST_MAX_ENTRIES) die("memory plan: more than %d entries", MST_MAX_ENTRIES);
+    PlanEntry *e = &b->p->entries[b->p->n_entries++];
+    snprintf(e->name, sizeof(e->name), "%s", name);
+    e->slice_bytes = mst_align(raw_slice);
+    e->count = count;
+    e->bytes = e->slice_bytes * (size_t)count;
+    e->category = category;
+    e->share = category == MEM_HOST ? SHARE_NONE : b->share;
+    if (category == MEM_HOST) {
+        e->offset = b->host_cursor;
+        b->host_cursor += e->bytes;
+    } else {
+        e->offset = b->device_cursor;
+        b->device_cursor += e->bytes;
+        if (b->share != SHARE_NONE && b->device_cursor > b->shared_end) b->shared_end = b->device_cursor;
+    }
+}
+
+// Starts alternative `share` of the shared region (every alternative begins at the same offset).
+static inline void plan_share_begin(PlanBuilder *b, int share) {
+    if (b->share == SHARE_NONE) {
+        b->shared_begin = b->device_cursor;
+        b->shared_end = b->device_cursor;
+    }
+    b->share = share;
+    b->device_cursor = b->shared_begin;
+}
+
+static inline void plan_share_end(PlanBuilder *b) {
+    b->share = SHARE_NONE;
+    b->device_cursor = b->shared_end;
+    b->p->shared_bytes = b->shared_end - b->shared_begin;
+}
+
+// The attention part of one layer over n rows: norm, fused QKV, attention output and its
+// log-sum-exp statistics, the residual after attention (h1), and with post-norms the o-proj output.
+static inline void plan_attention_acts(PlanBuilder *b, const ModelConfig *c, size_t n, size_t B, size_t S,
+                                       int count, int category) {
+    size_t d = (size_t)c->d_model, q = (size_t)c->n_heads * c->head_dim;
+    size_t qkv = q + 2 * (size_t)c->n_kv_heads * c->head_dim;
+    plan_add(b, "ln1", n * d * 2, count, category);
+    plan_add(b, "ln1_rstd", n * 4, count, category);
+    plan_add(b, "qkv", n * qkv * 2, count, category);
+    plan_add(b, "att", n * q * 2, count, category);
+    plan_add(b, "att_stats", B * c->n_heads * S * 4, count, category);
+    plan_add(b, "h1", n * d * 2, count, category);
+    if (c->post_norms) {
+        plan_add(b, "ao", n * d * 2, count, category);
+        plan_add(b, "ao_rstd", n * 4, count, category);
+    }
+}
+
+// The MLP intermediates of rows rows: norm, gate|up, activation, and with post-norms the down output.
+static inline void plan_mlp_acts(PlanBuilder *b, const ModelConfig *c, size_t rows, int count, int category) {
+    size_t d = (size_t)c->d_model, f = (size_t)c->d_ff;
+    plan_add(b, "ln2", rows * d * 2, count, category);
+    plan_add(b, "ln2_rstd", rows * 4, count, category);
+    plan_add(b, "gate_up", rows * 2 * f * 2, count, category);
+    plan_add(b, "glu", rows * f * 2, count, category);
+    if (c->post_norms) {
+        plan_add(b, "dn", rows * d * 2, count, category);
+        plan_add(b, "dn_rstd", rows * 4, count, category);
+    }
+}
+
+// Builds the plan for fully resolved settings (mst_chunks >= 1, vocab_chunk >= 1, host_layers
+// explicit). Dies on invalid settings (callers validate user input with mst_settings_check first).
+static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig) {
+    char msg[256];
+    const char *err = mst_settings_check(c, s, msg, sizeof(msg));
+    if (err) die("memory plan: %s", err);
+    if (s->mst_chunks < 1 || s->vocab_chunk < 1) die("memory plan: chunk counts must be resolved before building");
+    memset(p, 0, sizeof(*p));
+    p->settings = *s;
+    p->figures = *fig;
+    ParamLayout lay;
+    param_layout_init(&lay, c);
+    size_t B = (size_t)s->B, S = (size_t)s->S, N = B * S;
+    size_t d = (size_t)c->d_model, q = (size_t)c->n_heads * c->head_dim, V = (size_t)c->vocab_size;
+    size_t qkv = q + 2 * (size_t)c->n_kv_heads * c->head_dim;
+    int L = c->n_layers;
+    p->n_tokens = (int)N;
+    p->chunk_rows = (int)mst_ceil_div(N, (size_t)s->mst_chunks);
+    p->n_chunks = (int)mst_ceil_div(N, (size_t)p->chunk_rows);
+    p->vocab_tiles = (int)mst_ceil_div(V, (size_t)s->vocab_chunk);
+    p->host_layers = s->offload ? s->host_layers : 0;
+    p->device_layers = L - p->host_layers;
+    p->mlp_saved = (s->mst_chunks == 1 && !s->recompute);
+    size_t rows = (size_t)p->chunk_rows, vc = (size_t)s->vocab_chunk;
+
+    PlanBuilder b;
+    memset(&b, 0, sizeof(b));
+    b.p = p;
+    plan_add(&b, "params", lay.total * 2, 1, MEM_WEIGHTS);
+    plan_add(&b, "rope_cos_sin", S * c->head_dim * 4, 1, MEM_WEIGHTS);
+    plan_add(&b, "adam_m", lay.total * s->moment_bytes, 1, MEM_OPTIMIZER);
+    plan_add(&b, "adam_v", lay.total * s->moment_bytes, 1, MEM_OPTIMIZER);
+    if (s->master_weights) plan_add(&b, "master", lay.total * 4, 1, MEM_OPTIMIZER);
+    if (s->grad_accum_steps > 1) {
+        plan_add(&b, "grads", lay.total * 4, 1, MEM_GRADIENTS);
+    } else {
+        plan_add(&b, "layer_grads", lay.layer_size * 4, 1, MEM_GRADIENTS);
+        plan_add(&b, "embed_head_grads", V * d * 4, 1, MEM_GRADIENTS);
+        plan_add(&b, "final_norm_grads", d * 4, 1, MEM_GRADIENTS);
+    }
+    plan_add(&b, "grad_norm_partials", fig->grad_norm_partials * 4, 1, MEM_GRADIENTS);
+    if (p->device_layers > 0) plan_add(&b, "layer_inputs", N * d * 2, p->device_layers, MEM_ACTIVATIONS);
+    if (p->host_layers > 0) plan_add(&b, "layer_inputs_host", N * d * 2, p->host_layers, MEM_HOST);
+    if (!s->recompute) {
+        plan_attention_acts(&b, c, N, B, S, L, MEM_ACTIVATIONS);
+        if (p->mlp_saved) plan_mlp_acts(&b, c, N, L, MEM_ACTIVATIONS);
+    }
+    plan_add(&b, "tokens", N * 4, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "targets", N * 4, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "embed_unique", N * 4, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "embed_offsets", (N + 1) * 4, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "embed_positions", N * 4, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "scalars", 4 * 4, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "x_final", N * d * 2, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "dresid", N * d * 2, 1, MEM_INTERMEDIATES);
+    if (p->host_layers > 0) plan_add(&b, "x_offload", N * d * 2, 2, MEM_INTERMEDIATES);
+
+    plan_share_begin(&b, SHARE_LAYER);
+    if (s->recompute) plan_attention_acts(&b, c, N, B, S, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "datt", N * q * 2, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "dqkv", N * qkv * 2, 1, MEM_INTERMEDIATES);
+    if (c->post_norms) plan_add(&b, "attn_tmp", N * d * 2, 1, MEM_INTERMEDIATES);
+    if (!p->mlp_saved) plan_mlp_acts(&b, c, rows, 1, MEM_INTERMEDIATES);
+    if (c->post_norms) plan_add(&b, "mlp_tmp", (p->mlp_saved ? N : rows) * d * 2, 1, MEM_INTERMEDIATES);
+    plan_share_begin(&b, SHARE_LMHEAD);
+    plan_add(&b, "xf", rows * d * 2, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "xf_rstd", rows * 4, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "dxf", rows * d * 2, 1, MEM_INTERMEDIATES);
+    if (p->vocab_tiles > 1) plan_add(&b, "dxf_acc", rows * d * 4, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "logits", rows * vc * 4, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "dlogits", rows * vc * 2, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "ce_max", rows * 4, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "ce_sum", rows * 4, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "ce_target", rows * 4, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "ce_lse", rows * 4, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "losses", N * 4, 1, MEM_INTERMEDIATES);
+    plan_share_end(&b);
+
+    plan_add(&b, "attn_workspace", fig->attn_workspace, 1, MEM_WORKSPACE);
+    plan_add(&b, "reduce_scratch", fig->reduce_scratch, 1, MEM_WORKSPACE);
+
+    p->device_total = b.device_cursor;
+    p->host_total = b.host_cursor;
+    p->device_external = fig->matmul_workspace;
+    for (int i = 0; i < p->n_entries; i++) {
+        if (p->entries[i].share == SHARE_NONE) p->category_bytes[p->entries[i].category] += p->entries[i].bytes;
+    }
+    p->category_bytes[MEM_INTERMEDIATES] += p->shared_bytes;
+}
+
+// The entry called `name`, or NULL.
+static inline const PlanEntry *mst_plan_find(const MemoryPlan *p, const char *name) {
+    for (int i = 0; i < p->n_entries; i++) {
+        if (strcmp(p->entries[i].name, name) == 0) return &p->entries[i];
+    }
+    return NULL;
+}
+
+static inline int mst_plan_fits(const MemoryPlan *p, size_t device_budget, size_t host_budget) {
+    return p->device_total + p->device_external <= device_budget && p->host_total <= host_budget;
+}
+
+// ---- choosing settings that fit ----
+
+// Kernel figures at another sequence length: the O(S) ones scale linearly (used for hints only).
+static inline MstKernelFigures mst_figures_rescale(const MstKernelFigures *f, int S_from, int S_to) {
+    MstKernelFigures g = *f;
+    g.attn_workspace = (size_t)((double)f->attn_workspace * S_to / S_from) + 1;
+    g.reduce_scratch = (size_t)((double)f->reduce_scratch * S_to / S_from) + 1;
+    return g;
+}
+
+// Candidate chunk counts, ascending: the given M, or 1, 2, 4, ... and N itself.
+static inline int plan_m_candidates(const MstSettings *s, int *out, int max_out) {
+    int N = s->B * s->S, n = 0;
+    if (s->mst_chunks > 0) { out[0] = s->mst_chunks; return 1; }
+    for (long m = 1; m < N && n < max_out - 1; m *= 2) out[n++] = (int)m;
+    out[n++] = N;
+    return n;
+}
+
+// Candidate vocabulary chunks, descending: the given one, or V, then about V/2, V/4, ... rounded up
+// to multiples of 128, down to 128.
+static inline int plan_vc_candidates(const ModelConfig *c, const MstSettings *s, int *out, int max_out) {
+    int V = c->vocab_size, n = 0;
+    if (s->vocab_chunk > 0) { out[0] = s->vocab_chunk; return 1; }
+    out[n++] = V;
+    for (long k = 2; k <= V && n < max_out; k *= 2) {
+        int vc = (int)mst_ceil_div(mst_ceil_div((size_t)V, (size_t)k), 128) * 128;
+        if (vc < out[n - 1]) out[n++] = vc;
+        if (vc <= 128) break;
+    }
+    return n;
+}
+
+// The most frugal settings (largest M, smallest vocab chunk, most host layers) for a hint.
+static inline MstSettings plan_frugal(const ModelConfig *c, const MstSettings *s) {
+    int ms[64], vcs[64];
+    MstSettings f = *s;
+    f.mst_chunks = ms[plan_m_candidates(s, ms, 64) - 1];
+    f.vocab_chunk = vcs[plan_vc_candidates(c, s, vcs, 64) - 1];
+    if (s->offload && s->host_layers == 0) f.host_layers = c->n_layers;
+    return f;
+}
+
+// Searches the settings in order of preference (fewest offloaded layers; then one vocabulary tile
+// with chunks of at least MST_MIN_TILE_ROWS rows; then fewest chunks M; then the largest vocabulary
+// chunk) and keeps the first plan that fits. Returns 1 on success.
+static inline int plan_search(MemoryPlan *p, const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig,
+                              size_t device_budget, size_t host_budget) {
+    int ms[64], vcs[64];
+    int n_m = plan_m_candidates(s, ms, 64), n_vc = plan_vc_candidates(c, s, vcs, 64);
+    int N = s->B * s->S;
+    int min_rows = N < MST_MIN_TILE_ROWS ? N : MST_MIN_TILE_ROWS;
+    int h_lo = 0, h_hi = 0;
+    if (s->offload) {
+        h_lo = s->host_layers;
+        h_hi = s->host_layers > 0 ? s->host_layers : c->n_layers;
+    }
+    MstSettings t = *s;
+    for (int h = h_lo; h <= h_hi; h++) {
+        t.host_layers = h;
+        for (int pass = 0; pass < 2; pass++) {
+            for (int i = 0; i < (pass == 0 ? 1 : n_vc); i++) {
+                t.vocab_chunk = vcs[i];
+                for (int j = 0; j < n_m; j++) {
+                    t.mst_chunks = ms[j];
+                    if (pass == 0 && (int)mst_ceil_div((size_t)N, (size_t)ms[j]) < min_rows) continue;
+                    mst_plan_build(p, c, &t, fig);
+                    if (mst_plan_fits(p, device_budget, host_budget)) return 1;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+static inline void plan_appendf(char *buf, size_t len, const char *fmt, ...) {
+    size_t used = strlen(buf);
+    if (used + 1 >= len) return;
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(buf + used, len - used, fmt, args);
+    va_end(args);
+}
+
+#define MST_GIB(x) ((double)(x) / (1024.0 * 1024.0 * 1024.0))
+
+// A byte count as (value, unit) for "%.2f %s": GiB, MiB, KiB or bytes, whichever reads best.
+static inline double mst_human_value(size_t b) {
+    return b >= ((size_t)1 << 30) ? MST_GIB(b) : b >= ((size_t)1 << 20) ? (double)b / 1048576.0 : b >= 1024 ? (double)b / 1024.0 : (double)b;
+}
+static inline const char *mst_human_unit(size_t b) {
+    return b >= ((size_t)1 << 30) ? "GiB" : b >= ((size_t)1 << 20) ? "MiB" : b >= 1024 ? "KiB" : "bytes";
+}
+#define MST_HUMAN(x) mst_human_value(x), mst_human_unit(x)
+
+// Resolves the auto settings (mst_chunks, vocab_chunk, host_layers = 0) to the highest-throughput
+// choice that fits device_budget (arena + cuBLASLt workspace) and host_budget (pinned memory).
+// Returns 1 with the plan, or 0 with a message in msg: the breakdown of the most frugal plan, the
+// longest sequence that fits with these settings, and the settings changes that would make it fit.
+static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig,
+                                size_t device_budget, size_t host_budget, char *msg, size_t msg_len) {
+    msg[0] = '\0';
+    const char *err = mst_settings_check(c, s, msg, msg_len);
+    if (err) return 0;
+    if (plan_search(p, c, s, fig, device_budget, host_budget)) return 1;
+
+    MstSettings f = plan_frugal(c, s);
+    mst_plan_build(p, c, &f, fig);
+    snprintf(msg, msg_len,
+             "does not fit: B=%d S=%d needs %.2f %s on the device (arena %.2f %s + cuBLASLt %.2f %s) and %.2f %s pinned host "
+             "even with M=%d, vocab chunk %d, %d offloaded layers; budget %.2f %s device, %.2f %s host.\n  breakdown:",
+             s->B, s->S, MST_HUMAN(p->device_total + p->device_external), MST_HUMAN(p->device_total),
+             MST_HUMAN(p->device_external), MST_HUMAN(p->host_total), f.mst_chunks, f.vocab_chunk, p->host_layers,
+             MST_HUMAN(device_budget), MST_HUMAN(host_budget));
+    for (int k = 0; k < MEM_CATEGORY_COUNT; k++) plan_appendf(msg, msg_len, " %s %.2f %s%s", mst_category_name(k), MST_HUMAN(p->category_bytes[k]), k + 1 < MEM_CATEGORY_COUNT ? "," : "\n");
+
+    // Longest sequence that fits with these settings (binary search on S with the frugal choices).
+    int lo = 0, hi = s->S;
+    while (hi - lo > 1) {
+        int mid = lo + (hi - lo) / 2;
+        MstSettings t = *s;
+        t.S = mid;
+        if (t.mst_chunks > t.B * mid) t.mst_chunks = t.B * mid;
+        MstKernelFigures g = mst_figures_rescale(fig, s->S, mid);
+        MstSettings tf = plan_frugal(c, &t);
+        MemoryPlan tmp;
+        mst_plan_build(&tmp, c, &tf, &g);
+        if (mst_plan_fits(&tmp, device_budget, host_budget)) lo = mid; else hi = mid;
+    }
+    if (lo > 0) plan_appendf(msg, msg_len, "  with these settings the longest sequence that fits is about S=%d (B=%d)\n", lo, s->B);
+    else plan_appendf(msg, msg_len, "  with these settings nothing fits, not even S=1 (the weights and optimizer state alone are too large)\n");
+
+    // Single settings changes that would make it fit.
+    struct { const char *what; MstSettings t; } alt[5];
+    int n_alt = 0;
+    if (!s->recompute) { alt[n_alt].what = "recompute on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; n_alt++; }
+    if (!s->offload) { alt[n_alt].what = "recompute + offload on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; alt[n_alt].t.offload = 1; alt[n_alt].t.host_layers = 0; n_alt++; }
+    if (s->moment_bytes == 4) { alt[n_alt].what = "bf16 optimizer moments"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 2; n_alt++; }
+    if (s->master_weights) { alt[n_alt].what = "no fp32 master weights"; alt[n_alt].t = *s; alt[n_alt].t.master_weights = 0; n_alt++; }
+    if (s->grad_accum_steps > 1) { alt[n_alt].what = "grad_accum_steps=1 (optimizer in backward)"; alt[n_alt].t = *s; alt[n_alt].t.grad_accum_steps = 1; n_alt++; }
+    int any = 0;
+    for (int i = 0; i < n_alt; i++) {
+        MemoryPlan tmp;
+        if (plan_search(&tmp, c, &alt[i].t, fig, device_budget, host_budget)) {
+            plan_appendf(msg, msg_len, "  it would fit with %s (M=%d, vocab chunk %d, %d offloaded layers)\n", alt[i].what, tmp.settings.mst_chunks, tmp.settings.vocab_chunk, tmp.host_layers);
+            any = 1;
+        }
+    }
+    if (!any) plan_appendf(msg, msg_len, "  no single change of recompute/offload/moments/master/accumulation makes it fit at this S\n");
+    return 0;
+}
+
+// Prints the plan: one row per entry (MiB, category, region), then totals per category.
+static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
+    const MstSettings *s = &p->settings;
+    fprintf(f, "memory plan: B=%d S=%d | M=%d (%d chunks of %d rows) | vocab chunk %d (%d tile%s, %s) | recompute %s | "
+               "offload %s (%d of %d layer inputs on the host) | %s | moments %s%s\n",
+            s->B, s->S, s->mst_chunks, p->n_chunks, p->chunk_rows, s->vocab_chunk, p->vocab_tiles,
+            p->vocab_tiles == 1 ? "" : "s", p->vocab_tiles == 1 ? "one pass" : "two passes", s->recompute ? "on" : "off",
+            s->offload ? "on" : "off", p->host_layers, p->host_layers + p->device_layers,
+            s->grad_accum_steps > 1 ? "gradient accumulation (fp32 full-model gradients)" : "optimizer in backward (fp32 gradients of one layer)",
+            s->moment_bytes == 4 ? "fp32" : "bf16", s->master_weights ? " + fp32 master weights" : "");
+    fprintf(f, "  %-20s %12s  %-13s %s\n", "buffer", "MiB", "category", "region");
+    for (int i = 0; i < p->n_entries; i++) {
+        const PlanEntry *e = &p->entries[i];
+        char region[48];
+        if (e->category == MEM_HOST) snprintf(region, sizeof(region), "pinned host");
+        else if (e->share == SHARE_LAYER) snprintf(region, sizeof(region), "shared: layer working set");
+        else if (e->share == SHARE_LMHEAD) snprintf(region, sizeof(region), "shared: LM-head working set");
+        else snprintf(region, sizeof(region), "arena");
+        char name[48];
+        if (e->count > 1) snprintf(name, sizeof(name), "%s x%d", e->name, e->count);
+        else snprintf(name, sizeof(name), "%s", e->name);
+        fprintf(f, "  %-20s %12.1f  %-13s %s\n", name, (double)e->bytes / (1024.0 * 1024.0), mst_category_name(e->category), region);
+    }
+    fprintf(f, "  totals:");
+    for (int k = 0; k < MEM_CATEGORY_COUNT; k++) fprintf(f, " %s %.2f GiB%s", mst_category_name(k), MST_GIB(p->category_bytes[k]), k + 1 < MEM_CATEGORY_COUNT ? "," : "\n");
+    fprintf(f, "  device: arena %.2f GiB (shared working region %.2f GiB) + cuBLASLt workspace %.2f GiB = %.2f GiB; pinned host %.2f GiB\n",
+            MST_GIB(p->device_total), MST_GIB(p->shared_bytes), MST_GIB(p->device_external),
+            MST_GIB(p->device_total + p->device_external), MST_GIB(p->host_total));
+}
+
+// ---- presets: the published Hugging Face configs, for planning without weights ----
+
+static inline void preset_base(ModelConfig *c, int family, int V, int d, int L, int H, int KV, int hd, int F, int max_pos,
+                               float eps, float theta) {
+    memset(c, 0, sizeof(*c));
+    c->family = family;
+    c->vocab_size = V;
+    c->d_model = d;
+    c->n_layers = L;
+    c->n_heads = H;
+    c->n_kv_heads = KV;
+    c->head_dim = hd;
+    c->d_ff = F;
+    c->max_pos = max_pos;
+    c->activation = ACT_SILU;
+    c->sliding_period = 1;
+    c->norm_eps = eps;
+    c->rope_theta = theta;
+    c->rope_factor = 1.0f;
+    c->query_scale = 1.0f / sqrtf((float)hd);
+    c->embed_scale = 1.0f;
+}
+
+static const char *const MST_PRESETS[] = {"llama3-8b", "llama2-7b", "mistral-7b", "qwen2-7b", "gemma2-9b"};
+#define MST_PRESET_COUNT 5
+
+// Fills `out` with the named preset's config. Returns 1, or 0 for an unknown name.
+static inline int mst_preset(const char *name, ModelConfig *out) {
+    if (strcmp(name, "llama3-8b") == 0) {  // Meta-Llama-3.1-8B (Llama-3 RoPE scaling)
+        preset_base(out, FAMILY_LLAMA, 128256, 4096, 32, 32, 8, 128, 14336, 131072, 1e-5f, 500000.0f);
+        out->rope_scaling = ROPE_SCALING_LLAMA3;
+        out->rope_factor = 8.0f;
+        out->rope_low_freq_factor = 1.0f;
+        out->rope_high_freq_factor = 4.0f;
+        out->rope_orig_max_pos = 8192;
+    } else if (strcmp(name, "llama2-7b") == 0) {
+        preset_base(out, FAMILY_LLAMA, 32000, 4096, 32, 32, 32, 128, 11008, 4096, 1e-5f, 10000.0f);
+    } else if (strcmp(name, "mistral-7b") == 0) {  // Mistral-7B-v0.1
+        preset_base(out, FAMILY_MISTRAL, 32000, 4096, 32, 32, 8, 128, 14336, 32768, 1e-5f, 10000.0f);
+        out->sliding_window = 4096;
+    } else if (strcmp(name, "qwen2-7b") == 0) {
+        preset_base(out, FAMILY_QWEN2, 152064, 3584, 28, 28, 4, 128, 18944, 131072, 1e-6f, 1000000.0f);
+        out->qkv_bias = 1;
+    } else if (strcmp(name, "gemma2-9b") == 0) {
+        preset_base(out, FAMILY_GEMMA2, 256000, 3584, 42, 16, 8, 256, 14336, 8192, 1e-6f, 10000.0f);
+        out->tied_embeddings = 1;
+        out->norm_offset = 1;
+        out->post_norms = 1;
+        out->activation = ACT_GELU_TANH;
+        out->sliding_window = 4096;
+        out->sliding_period = 2;
+        out->attn_softcap = 50.0f;
+        out->final_softcap = 30.0f;
+        out->query_scale = 1.0f / sqrtf(256.0f);
+        out->embed_scale = sqrtf(3584.0f);
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
+// Prints the preset names (for --help).
+static inline void mst_preset_list(FILE *f) {
+    for (int i = 0; i < MST_PRESET_COUNT; i++) fprintf(f, "%s%s", MST_PRESETS[i], i + 1 < MST_PRESET_COUNT ? ", " : "\n");
+}
+
+#endif  // MST_H

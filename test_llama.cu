@@ -1,0 +1,446 @@
+// GPU correctness of the whole model against Hugging Face references (tests/ref/<case>.{model,ref}.bin,
+// written in float64 by scripts/make_reference.py), for every combination of the memory settings:
+//   recompute {0, 1} x M {1, 3, S} x vocabulary chunk {V, 100, 64} x offload {0, all layers}
+//   (offload with recompute; plus one mixed device/host run) x {gradient accumulation,
+//   optimizer-in-backward}.
+// Checked per run: loss; every gradient (gradient-accumulation runs: grad_accum_steps = 2 with the
+// same batch twice, the gradients read after the first micro step are half of the loss gradient);
+// the two micro steps' losses are bit-identical and a repeated run gives bit-identical gradients
+// and weights (determinism); the losses before steps 2 and 3 and
+// the fp32 master weights after 2 AdamW steps; optimizer-in-backward agrees with accumulation;
+// MsT on (M > 1, vocabulary chunked) agrees with MsT off (M = 1, one tile); next-token logits;
+// planned arena == allocated arena == cudaMemGetInfo drop (within 2 MiB).
+//
+// Tolerances (bf16 storage has an 8-bit mantissa: 2^-9 ~ 2e-3 relative rounding per op; through two
+// layers of bf16 GEMM inputs, residual stream and attention the errors compound to ~1e-2):
+//   loss: relative 1e-2. Gradients: ||err|| / ||ref|| <= 2e-2 per tensor, where ||ref|| is floored at
+//   1e-3 of the global gradient norm (the key bias's gradient is zero in exact arithmetic: softmax
+//   ignores a shift shared by all of a query's scores, so only noise is left to compare).
+//   Weights after 2 AdamW steps: ||p - p_ref|| / ||p_ref - p0|| <= 0.25 (error relative to the update:
+//   Adam's first steps move each weight by about lr * sign(g), so weights whose gradient is within
+//   bf16 noise of zero may move the other way; a wrong update is off by ~1 or more).
+//   MsT on vs off gradients: the same arithmetic up to chunked fp32 accumulation order and bf16
+//   rounding of partial results: 1e-2 (their weights after 2 steps: 0.25 of the update, as above).
+//   Optimizer-in-backward vs accumulation: halving the loss scale is exact in binary floating point,
+//   so the two should agree to rounding of the norm's summation order: 1e-2.
+// Build: nvcc -O3 -std=c++17 -arch=sm_90 -I. -I.deps/cudnn_frontend/include test_llama.cu gpu_model.cu
+//        mst_kernels.cu matmul.cu attention_cudnn.cpp -lcublasLt -lcublas -lcudnn -o build/test_llama
+#include <math.h>
+#include "attention.h"
+#include "gpu_model.h"
+#include "tensor_file.h"
+
+#define TOL_LOSS 1e-2
+#define TOL_GRAD 2e-2
+#define TOL_GRAD_FLOOR 1e-3
+#define TOL_PARAM_UPDATE 0.25
+#define TOL_AGREE 1e-2
+#define TOL_LOGITS 2e-2
+#define ARENA_SLACK ((size_t)2 << 20)
+
+static int failures = 0;
+static int checks = 0;
+
+// The worst relative error of the current run, per kind of check, for a one-line summary.
+#define N_KINDS 16
+static struct { char what[24]; char name[64]; double rel, tol; } worst[N_KINDS];
+static int n_worst = 0;
+
+static void note_worst(const char *what, const char *name, double rel, double tol) {
+    int k = 0;
+    while (k < n_worst && strcmp(worst[k].what, what) != 0) k++;
+    if (k == n_worst) {
+        if (n_worst == N_KINDS) return;
+        n_worst++;
+        snprintf(worst[k].what, sizeof(worst[k].what), "%s", what);
+        worst[k].rel = -1.0;
+    }
+    if (rel > worst[k].rel || rel != rel) {
+        worst[k].rel = rel;
+        worst[k].tol = tol;
+        snprintf(worst[k].name, sizeof(worst[k].name), "%s", name);
+    }
+}
+
+static void print_worst(void) {
+    for (int k = 0; k < n_worst; k++)
+        printf("    worst %-12s %.2e (tol %.0e) %s\n", worst[k].what, worst[k].rel, worst[k].tol, worst[k].name);
+    n_worst = 0;
+}
+
+typedef struct { char name[64]; size_t offset, rows, cols; } TensorInfo;
+typedef struct { TensorInfo t[512]; int n; } TensorList;
+
+static void collect_tensor(const char *name, size_t offset, size_t rows, size_t cols, void *ctx) {
+    TensorList *l = (TensorList *)ctx;
+    if (l->n >= 512) die("too many tensors");
+    TensorInfo *t = &l->t[l->n++];
+    snprintf(t->name, sizeof(t->name), "%s", name);
+    t->offset = offset;
+    t->rows = rows;
+    t->cols = cols;
+}
+
+static double norm2(const float *x, size_t n) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)x[i] * x[i];
+    return sqrt(s);
+}
+
+// ||got - ref|| / max(||ref||, floor) and max abs error; prints a row when `print` or on failure.
+static int compare(const char *what, const char *name, const float *got, const float *ref, size_t n, double floor,
+                   double tol, int print) {
+    double err2 = 0, max_abs = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)got[i] - (double)ref[i]);
+        err2 += e * e;
+        if (e > max_abs || e != e) max_abs = e;
+    }
+    double denom = fmax(norm2(ref, n), floor);
+    double rel = denom > 0 ? sqrt(err2) / denom : sqrt(err2);
+    int ok = rel <= tol;  // false for NaN
+    checks++;
+    if (!ok) failures++;
+    note_worst(what, name, rel, tol);
+    if (print || !ok) printf("    %-10s %-28s max abs %.3e  rel %.3e  tol %.1e  %s\n", what, name, max_abs, rel, tol, ok ? "ok" : "FAIL");
+    return ok;
+}
+
+static int compare_scalar(const char *what, double got, double ref, double tol) {
+    double rel = fabs(got - ref) / fmax(fabs(ref), 1e-12);
+    int ok = rel <= tol;
+    checks++;
+    if (!ok) failures++;
+    note_worst(what, "", rel, tol);
+    if (!ok) printf("    %-10s got %.6f ref %.6f  rel %.3e  tol %.1e  FAIL\n", what, got, ref, rel, tol);
+    return ok;
+}
+
+static void expect(int cond, const char *fmt, const char *detail) {
+    checks++;
+    if (!cond) {
+        failures++;
+        printf("    FAIL: ");
+        printf(fmt, detail);
+        printf("\n");
+    }
+}
+
+typedef struct {
+    const char *name;
+    ModelConfig config;
+    ParamLayout layout;
+    uint16_t *params;
+    float *p0;                // initial weights as floats
+    TensorFile ref;
+    TensorList tensors;
+    float *ref_grads;         // layout.total, in layout order
+    float *ref_params;        // after 2 AdamW steps
+    double ref_grad_norm;
+    OptimizerStep opt;
+    const int32_t *tokens, *targets;
+    int B, S;
+} Case;
+
+static void case_load(Case *cs, const char *name) {
+    char path[512];
+    memset(cs, 0, sizeof(*cs));
+    cs->name = name;
+    snprintf(path, sizeof(path), "tests/ref/%s.model.bin", name);
+    cs->params = model_load_bf16(&cs->config, &cs->layout, path);
+    snprintf(path, sizeof(path), "tests/ref/%s.ref.bin", name);
+    tensor_file_load(&cs->ref, path);
+    param_layout_visit(&cs->layout, &cs->config, collect_tensor, &cs->tensors);
+    size_t n = cs->layout.total;
+    cs->p0 = (float *)mallocCheck(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) cs->p0[i] = bf16_bits_to_float(cs->params[i]);
+    cs->ref_grads = (float *)mallocCheck(n * sizeof(float));
+    cs->ref_params = (float *)mallocCheck(n * sizeof(float));
+    for (int i = 0; i < cs->tensors.n; i++) {
+        const TensorInfo *t = &cs->tensors.t[i];
+        char key[96];
+        snprintf(key, sizeof(key), "grad.%s", t->name);
+        const NamedTensor *g = tensor_file_get(&cs->ref, key, path);
+        if (g->numel != t->rows * t->cols) die("%s: %s has %zu elements, expected %zu", path, key, g->numel, t->rows * t->cols);
+        memcpy(cs->ref_grads + t->offset, g->data, g->numel * sizeof(float));
+        snprintf(key, sizeof(key), "adamw.param.%s", t->name);
+        const NamedTensor *p = tensor_file_get(&cs->ref, key, path);
+        if (p->numel != t->rows * t->cols) die("%s: %s has %zu elements, expected %zu", path, key, p->numel, t->rows * t->cols);
+        memcpy(cs->ref_params + t->offset, p->data, p->numel * sizeof(float));
+    }
+    cs->ref_grad_norm = norm2(cs->ref_grads, n);
+    const NamedTensor *tok = tensor_file_get(&cs->ref, "tokens", path);
+    const NamedTensor *tg = tensor_file_get(&cs->ref, "targets", path);
+    if (tok->ndim != 2 || tg->numel != tok->numel) die("%s: tokens/targets must be (B, S)", path);
+    cs->B = (int)tok->dims[0];
+    cs->S = (int)tok->dims[1];
+    cs->tokens = (const int32_t *)tok->data;
+    cs->targets = (const int32_t *)tg->data;
+    const float *h = (const float *)tensor_file_get(&cs->ref, "adamw.hparams", path)->data;
+    cs->opt.lr = h[0];
+    cs->opt.beta1 = h[1];
+    cs->opt.beta2 = h[2];
+    cs->opt.eps = h[3];
+    cs->opt.weight_decay = h[4];
+    cs->opt.clip = 0.0f;
+    cs->opt.step = 1;
+    cs->opt.seed = 1234;
+}
+
+static void case_free(Case *cs) {
+    free(cs->params);
+    free(cs->p0);
+    free(cs->ref_grads);
+    free(cs->ref_params);
+    tensor_file_free(&cs->ref);
+}
+
+typedef struct {
+    int recompute, M, vocab_chunk, offload, host_layers, accum, master;
+    DType moments;
+} RunSpec;
+
+typedef struct {
+    float loss[3];       // before steps 1, 2, 3
+    float grad_norm;     // of step 1
+    float *grads;        // loss gradient (accumulation runs), layout.total
+    float *master;       // fp32 weights after 2 steps (master runs)
+} RunResult;
+
+// Gradients, compared per tensor (a table when `print`).
+static void check_grads(const Case *cs, const float *grads, const float *ref, double tol, const char *what, int print) {
+    double floor = TOL_GRAD_FLOOR * cs->ref_grad_norm;
+    for (int i = 0; i < cs->tensors.n; i++) {
+        const TensorInfo *t = &cs->tensors.t[i];
+        compare(what, t->name, grads + t->offset, ref + t->offset, t->rows * t->cols, floor, tol, print);
+    }
+}
+
+// Weights after 2 steps: error relative to the reference update.
+static void check_params(const Case *cs, const float *got, const float *ref, double tol, const char *what, int print) {
+    size_t n_max = 0;
+    for (int i = 0; i < cs->tensors.n; i++) n_max = n_max > cs->tensors.t[i].rows * cs->tensors.t[i].cols ? n_max : cs->tensors.t[i].rows * cs->tensors.t[i].cols;
+    float *du_got = (float *)mallocCheck(n_max * sizeof(float));
+    float *du_ref = (float *)mallocCheck(n_max * sizeof(float));
+    for (int i = 0; i < cs->tensors.n; i++) {
+        const TensorInfo *t = &cs->tensors.t[i];
+        size_t n = t->rows * t->cols;
+        for (size_t k = 0; k < n; k++) {
+            du_got[k] = got[t->offset + k] - cs->p0[t->offset + k];
+            du_ref[k] = ref[t->offset + k] - cs->p0[t->offset + k];
+        }
+        compare(what, t->name, du_got, du_ref, n, 1e-30, tol, print);
+    }
+    free(du_got);
+    free(du_ref);
+}
+
+static void check_arena(GpuModel *m) {
+    MemoryReport r;
+    gpu_model_memory_report(m, &r);
+    char detail[160];
+    snprintf(detail, sizeof(detail), "planned %zu, arena %zu, cudaMemGetInfo drop %zu", r.planned, r.arena, r.arena_drop);
+    size_t diff = r.arena_drop > r.arena ? r.arena_drop - r.arena : r.arena - r.arena_drop;
+    expect(r.planned == r.arena && diff <= ARENA_SLACK, "arena sizes disagree: %s", detail);
+}
+
+// One run: 2 optimizer steps on the reference batch, then the eval loss.
+static void run_one(const Case *cs, const RunSpec *rs, RunResult *res, int print) {
+    GpuSettings s;
+    memset(&s, 0, sizeof(s));
+    s.B = cs->B;
+    s.S = cs->S;
+    s.mst_chunks = rs->M;
+    s.vocab_chunk = rs->vocab_chunk;
+    s.recompute = rs->recompute;
+    s.offload = rs->offload;
+    s.host_layers = rs->host_layers;
+    s.grad_accum_steps = rs->accum;
+    s.moment_type = rs->moments;
+    s.master_weights = rs->master;
+    GpuModel m;
+    gpu_model_init(&m, &cs->config, cs->params, &s);
+    check_arena(&m);
+    size_t n = cs->layout.total;
+    OptimizerStep opt = cs->opt;
+    StepResult sr;
+    for (int step = 1; step <= 2; step++) {
+        opt.step = step;
+        float first = 0.0f;
+        for (int micro = 0; micro < rs->accum; micro++) {
+            gpu_model_train_micro_step(&m, cs->tokens, cs->targets, micro, &opt, &sr);
+            if (micro == 0) first = sr.loss;
+            else expect(sr.loss == first, "%s", "the same batch twice must give bit-identical losses");
+            if (step == 1 && micro == 0 && rs->accum > 1) {
+                gpu_model_debug_grads(&m, res->grads);
+                for (size_t i = 0; i < n; i++) res->grads[i] *= (float)rs->accum;
+            }
+        }
+        res->loss[step - 1] = first;
+        if (step == 1) res->grad_norm = sr.grad_norm;
+    }
+    res->loss[2] = gpu_model_eval_loss(&m, cs->tokens, cs->targets);
+    if (rs->master) {
+        size_t bytes = gpu_model_optimizer_state_bytes(&m);
+        char *state = (char *)mallocCheck(bytes);
+        gpu_model_get_optimizer_state(&m, state);
+        memcpy(res->master, state + 2 * n * dtype_bytes(rs->moments), n * sizeof(float));
+        free(state);
+    }
+    if (print) gpu_model_print_plan(&m, stdout);
+    gpu_model_free(&m);
+}
+
+// Next-token logits of both sequences (all of sequence 0, the first 20 tokens of sequence 1).
+static void check_next_token_logits(const Case *cs) {
+    GpuSettings s;
+    memset(&s, 0, sizeof(s));
+    s.B = cs->B;
+    s.S = cs->S;
+    s.mst_chunks = 3;
+    s.vocab_chunk = 100;
+    s.recompute = 1;
+    s.grad_accum_steps = 1;
+    s.moment_type = DT_FP32;
+    GpuModel m;
+    gpu_model_init(&m, &cs->config, cs->params, &s);
+    int V = cs->config.vocab_size;
+    const float *ref = (const float *)tensor_file_get(&cs->ref, "logits", cs->name)->data;
+    float *logits = (float *)mallocCheck((size_t)V * sizeof(float));
+    int lens[2] = {cs->S, cs->S < 20 ? cs->S : 20};
+    for (int b = 0; b < 2 && b < cs->B; b++) {
+        gpu_model_next_token_logits(&m, cs->tokens + (size_t)b * cs->S, lens[b], logits);
+        char name[64];
+        snprintf(name, sizeof(name), "seq %d pos %d", b, lens[b] - 1);
+        compare("logits", name, logits, ref + ((size_t)b * cs->S + lens[b] - 1) * V, (size_t)V, 0.0, TOL_LOGITS, 1);
+    }
+    free(logits);
+    gpu_model_free(&m);
+}
+
+// Optimizer state: get -> set -> get is bit-exact.
+static void check_state_round_trip(const Case *cs) {
+    GpuSettings s;
+    memset(&s, 0, sizeof(s));
+    s.B = cs->B;
+    s.S = cs->S;
+    s.mst_chunks = 1;
+    s.vocab_chunk = cs->config.vocab_size;
+    s.recompute = 1;
+    s.grad_accum_steps = 1;
+    s.moment_type = DT_BF16;
+    s.master_weights = 1;
+    GpuModel m;
+    gpu_model_init(&m, &cs->config, cs->params, &s);
+    StepResult sr;
+    OptimizerStep opt = cs->opt;
+    gpu_model_train_micro_step(&m, cs->tokens, cs->targets, 0, &opt, &sr);
+    size_t bytes = gpu_model_optimizer_state_bytes(&m);
+    char *a = (char *)mallocCheck(bytes), *b = (char *)mallocCheck(bytes);
+    gpu_model_get_optimizer_state(&m, a);
+    gpu_model_set_optimizer_state(&m, a);
+    gpu_model_get_optimizer_state(&m, b);
+    expect(memcmp(a, b, bytes) == 0, "%s", "optimizer state round trip is not bit-exact");
+    free(a);
+    free(b);
+    gpu_model_free(&m);
+}
+
+static void run_case(const char *name) {
+    Case cs;
+    case_load(&cs, name);
+    const ModelConfig *c = &cs.config;
+    AttentionShape sh = {cs.B, cs.S, c->n_heads, c->n_kv_heads, c->head_dim, c->query_scale, c->sliding_window, c->attn_softcap};
+    char why[256];
+    if (!attention_supported(&sh, why, sizeof(why))) {
+        printf("== %s: skipped: the GPU attention path does not support this family (%s)\n", name, why);
+        case_free(&cs);
+        return;
+    }
+    printf("== %s (%s, V=%d d=%d L=%d, B=%d S=%d)\n", name, family_name(c->family), c->vocab_size, c->d_model, c->n_layers, cs.B, cs.S);
+    const float *ref_loss = (const float *)tensor_file_get(&cs.ref, "loss", name)->data;
+    const float *ref_losses = (const float *)tensor_file_get(&cs.ref, "adamw.loss", name)->data;
+    size_t n = cs.layout.total;
+    int V = c->vocab_size, L = c->n_layers;
+    int Ms[3] = {1, 3, cs.S};
+    int vcs[3] = {V, 100, 64};
+    RunResult base[2], res, res_oib;
+    for (int i = 0; i < 2; i++) {
+        base[i].grads = (float *)mallocCheck(n * sizeof(float));
+        base[i].master = (float *)mallocCheck(n * sizeof(float));
+    }
+    res.grads = (float *)mallocCheck(n * sizeof(float));
+    res.master = (float *)mallocCheck(n * sizeof(float));
+    res_oib.grads = NULL;
+    res_oib.master = (float *)mallocCheck(n * sizeof(float));
+    int first = 1;
+    for (int rc = 0; rc < 2; rc++) {
+        for (int mi = 0; mi < 3; mi++) {
+            for (int vi = 0; vi < 3; vi++) {
+                for (int off = 0; off <= rc * 2; off++) {
+                    // off: 0 none, 1 every layer's input on the host, 2 mixed (one layer; once)
+                    if (off == 2 && !(mi == 1 && vi == 1)) continue;
+                    RunSpec rs = {rc, Ms[mi], vcs[vi], off > 0, off == 1 ? L : (off == 2 ? 1 : 0), 2, 1, DT_FP32};
+                    printf("  recompute %d M %d vocab chunk %d offload %s\n", rc, rs.M, rs.vocab_chunk,
+                           off == 0 ? "off" : off == 1 ? "all layers" : "1 layer");
+                    int is_base = mi == 0 && vi == 0 && off == 0;
+                    RunResult *r = is_base ? &base[rc] : &res;
+                    run_one(&cs, &rs, r, first);
+                    compare_scalar("loss", r->loss[0], ref_loss[0], TOL_LOSS);
+                    compare_scalar("loss@2", r->loss[1], ref_losses[1], TOL_LOSS);
+                    compare_scalar("loss@3", r->loss[2], ref_losses[2], TOL_LOSS);
+                    compare_scalar("gradnorm", r->grad_norm, cs.ref_grad_norm, TOL_GRAD);
+                    check_grads(&cs, r->grads, cs.ref_grads, TOL_GRAD, "grad", first);
+                    check_params(&cs, r->master, cs.ref_params, TOL_PARAM_UPDATE, "param", first);
+                    if (is_base && rc == 1) {  // runs repeat bit for bit (no float atomics anywhere)
+                        run_one(&cs, &rs, &res, 0);
+                        expect(memcmp(res.grads, r->grads, n * sizeof(float)) == 0 && memcmp(res.master, r->master, n * sizeof(float)) == 0,
+                               "%s", "a repeated run must give bit-identical gradients and weights");
+                    }
+                    if (!is_base) {  // MsT on vs off (same recompute setting)
+                        check_grads(&cs, r->grads, base[rc].grads, TOL_AGREE, "mst-vs-std", 0);
+                        check_params(&cs, r->master, base[rc].master, TOL_PARAM_UPDATE, "mst-vs-std-w", 0);
+                    }
+                    RunSpec ro = rs;
+                    ro.accum = 1;  // optimizer-in-backward, same settings
+                    run_one(&cs, &ro, &res_oib, 0);
+                    compare_scalar("oib loss", res_oib.loss[0], ref_loss[0], TOL_LOSS);
+                    compare_scalar("oib loss@3", res_oib.loss[2], ref_losses[2], TOL_LOSS);
+                    compare_scalar("oib norm", res_oib.grad_norm, r->grad_norm, TOL_AGREE);
+                    check_params(&cs, res_oib.master, r->master, TOL_AGREE, "oib-vs-acc", 0);
+                    print_worst();
+                    first = 0;
+                }
+            }
+        }
+    }
+    // bf16 moments without master weights (stochastic rounding): the losses still follow the reference.
+    RunSpec rb = {1, 3, 100, 0, 0, 1, 0, DT_BF16};
+    printf("  bf16 moments, no master weights, optimizer-in-backward\n");
+    run_one(&cs, &rb, &res_oib, 0);
+    compare_scalar("bf16 loss@2", res_oib.loss[1], ref_losses[1], 2 * TOL_LOSS);
+    compare_scalar("bf16 loss@3", res_oib.loss[2], ref_losses[2], 2 * TOL_LOSS);
+    print_worst();
+    check_next_token_logits(&cs);
+    check_state_round_trip(&cs);
+    for (int i = 0; i < 2; i++) {
+        free(base[i].grads);
+        free(base[i].master);
+    }
+    free(res.grads);
+    free(res.master);
+    free(res_oib.master);
+    case_free(&cs);
+}
+
+int main(void) {
+    if (cuda_device_count() == 0) {
+        printf("no GPU: GPU tests skipped\n");
+        return 0;
+    }
+    const char *cases[] = {"llama2_mha", "llama3_gqa", "llama_tied", "mistral", "qwen2", "gemma2"};
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) run_case(cases[i]);
+    gpu_model_release_handles();
+    printf("test_llama: %d checks, %d failed\n", checks, failures);
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,319 @@
+// Tests of the memory planner (mst.h): every entry of a tiny config against figures computed by
+// hand, the layout invariants (alignment, no overlap outside the shared region), monotonicity,
+// the auto choice (fits, prefers the fast settings, refuses with a useful message), settings
+// validation, and the Llama-3-8B plans at S = 96K and 128K on an 80 GiB GPU.
+// Build: gcc -O2 -Wall -Wextra -I. tests/test_planner.c -o build/test_planner -lm
+#include "mst.h"
+
+static int failures = 0;
+
+#define CHECK(cond, ...) do { if (!(cond)) { failures++; printf("FAIL %s:%d: ", __FILE__, __LINE__); printf(__VA_ARGS__); printf("\n"); } } while (0)
+
+// Tiny untied Llama: V=100 d=32 L=2 Hq=4 Hkv=2 hd=8 F=64.
+// Layer block: attn_norm 32 + wq 32x32 + wk 16x32 + wv 16x32 + wo 32x32 + mlp_norm 32
+//              + gate 64x32 + up 64x32 + down 32x64 = 9280 elements.
+// Total: embed 3200 + 2 x 9280 + final_norm 32 + lm_head 3200 = 24992 elements.
+static ModelConfig tiny_config(int layers) {
+    ModelConfig c;
+    preset_base(&c, FAMILY_LLAMA, 100, 32, layers, 4, 2, 8, 64, 128, 1e-5f, 10000.0f);
+    return c;
+}
+
+static MstSettings tiny_settings(void) {
+    MstSettings s;
+    memset(&s, 0, sizeof(s));
+    s.B = 2; s.S = 10; s.mst_chunks = 2; s.vocab_chunk = 50; s.recompute = 1; s.offload = 0;
+    s.host_layers = 0; s.grad_accum_steps = 1; s.moment_bytes = 4; s.master_weights = 0;
+    return s;
+}
+
+static MstKernelFigures tiny_figures(void) {
+    MstKernelFigures f;
+    f.attn_workspace = 1000; f.matmul_workspace = 4096; f.reduce_scratch = 300; f.grad_norm_partials = 64;
+    return f;
+}
+
+typedef struct { const char *name; size_t bytes; int category; int share; } Expected;
+
+// B=2 S=10: N=20 tokens; M=2: chunks of 10 rows; vocab chunk 50: 2 tiles. Bytes rounded up to 256.
+static const Expected TINY[] = {
+    {"params", 50176, MEM_WEIGHTS, SHARE_NONE},            // 24992 x 2 = 49984
+    {"rope_cos_sin", 512, MEM_WEIGHTS, SHARE_NONE},        // S 10 x hd 8 x 4 = 320
+    {"adam_m", 100096, MEM_OPTIMIZER, SHARE_NONE},         // 24992 x 4 = 99968
+    {"adam_v", 100096, MEM_OPTIMIZER, SHARE_NONE},
+    {"layer_grads", 37120, MEM_GRADIENTS, SHARE_NONE},     // 9280 x 4
+    {"embed_head_grads", 12800, MEM_GRADIENTS, SHARE_NONE},// 100 x 32 x 4
+    {"final_norm_grads", 256, MEM_GRADIENTS, SHARE_NONE},  // 32 x 4 = 128
+    {"grad_norm_partials", 256, MEM_GRADIENTS, SHARE_NONE},// 64 x 4
+    {"layer_inputs", 2560, MEM_ACTIVATIONS, SHARE_NONE},   // 2 layers x (20 x 32 x 2 = 1280)
+    {"tokens", 256, MEM_INTERMEDIATES, SHARE_NONE},        // 20 x 4 = 80
+    {"targets", 256, MEM_INTERMEDIATES, SHARE_NONE},
+    {"embed_unique", 256, MEM_INTERMEDIATES, SHARE_NONE},
+    {"embed_offsets", 256, MEM_INTERMEDIATES, SHARE_NONE}, // 21 x 4 = 84
+    {"embed_positions", 256, MEM_INTERMEDIATES, SHARE_NONE},
+    {"scalars", 256, MEM_INTERMEDIATES, SHARE_NONE},
+    {"x_final", 1280, MEM_INTERMEDIATES, SHARE_NONE},
+    {"dresid", 1280, MEM_INTERMEDIATES, SHARE_NONE},
+    {"ln1", 1280, MEM_INTERMEDIATES, SHARE_LAYER},         // 20 x 32 x 2
+    {"ln1_rstd", 256, MEM_INTERMEDIATES, SHARE_LAYER},     // 20 x 4
+    {"qkv", 2560, MEM_INTERMEDIATES, SHARE_LAYER},         // 20 x (32 + 16 + 16) x 2
+    {"att", 1280, MEM_INTERMEDIATES, SHARE_LAYER},         // 20 x 32 x 2
+    {"att_stats", 512, MEM_INTERMEDIATES, SHARE_LAYER},    // B 2 x Hq 4 x S 10 x 4 = 320
+    {"h1", 1280, MEM_INTERMEDIATES, SHARE_LAYER},
+    {"datt", 1280, MEM_INTERMEDIATES, SHARE_LAYER},
+    {"dqkv", 2560, MEM_INTERMEDIATES, SHARE_LAYER},
+    {"ln2", 768, MEM_INTERMEDIATES, SHARE_LAYER},          // 10 rows x 32 x 2 = 640
+    {"ln2_rstd", 256, MEM_INTERMEDIATES, SHARE_LAYER},     // 10 x 4
+    {"gate_up", 2560, MEM_INTERMEDIATES, SHARE_LAYER},     // 10 x 128 x 2
+    {"glu", 1280, MEM_INTERMEDIATES, SHARE_LAYER},         // 10 x 64 x 2
+    {"xf", 768, MEM_INTERMEDIATES, SHARE_LMHEAD},          // 10 x 32 x 2
+    {"xf_rstd", 256, MEM_INTERMEDIATES, SHARE_LMHEAD},
+    {"dxf", 768, MEM_INTERMEDIATES, SHARE_LMHEAD},
+    {"dxf_acc", 1280, MEM_INTERMEDIATES, SHARE_LMHEAD},    // 10 x 32 x 4 (two vocabulary tiles)
+    {"logits", 2048, MEM_INTERMEDIATES, SHARE_LMHEAD},     // 10 x 50 x 4 = 2000
+    {"dlogits", 1024, MEM_INTERMEDIATES, SHARE_LMHEAD},    // 10 x 50 x 2 = 1000
+    {"ce_max", 256, MEM_INTERMEDIATES, SHARE_LMHEAD},
+    {"ce_sum", 256, MEM_INTERMEDIATES, SHARE_LMHEAD},
+    {"ce_target", 256, MEM_INTERMEDIATES, SHARE_LMHEAD},
+    {"ce_lse", 256, MEM_INTERMEDIATES, SHARE_LMHEAD},
+    {"losses", 256, MEM_INTERMEDIATES, SHARE_LMHEAD},      // N 20 x 4
+    {"attn_workspace", 1024, MEM_WORKSPACE, SHARE_NONE},   // 1000
+    {"reduce_scratch", 512, MEM_WORKSPACE, SHARE_NONE},    // 300
+};
+// Layer working set: 15872 bytes; LM-head working set: 7424; the shared region is the larger.
+// Arena: 50176 + 512 + 2 x 100096 + 37120 + 12800 + 256 + 256 + 2560 + 6 x 256 + 2 x 1280
+//        + 15872 + 1024 + 512 = 325376 bytes.
+#define TINY_SHARED 15872
+#define TINY_ARENA 325376
+
+static void test_hand_figures(void) {
+    ModelConfig c = tiny_config(2);
+    MstSettings s = tiny_settings();
+    MstKernelFigures f = tiny_figures();
+    MemoryPlan p;
+    mst_plan_build(&p, &c, &s, &f);
+    int n_expected = (int)(sizeof(TINY) / sizeof(TINY[0]));
+    printf("%-20s %10s %10s\n", "entry", "planned", "by hand");
+    CHECK(p.n_entries == n_expected, "plan has %d entries, expected %d", p.n_entries, n_expected);
+    for (int i = 0; i < n_expected; i++) {
+        const PlanEntry *e = mst_plan_find(&p, TINY[i].name);
+        if (e == NULL) { CHECK(0, "entry %s missing", TINY[i].name); continue; }
+        printf("%-20s %10zu %10zu\n", TINY[i].name, e->bytes, TINY[i].bytes);
+        CHECK(e->bytes == TINY[i].bytes, "%s: %zu bytes, expected %zu", TINY[i].name, e->bytes, TINY[i].bytes);
+        CHECK(e->category == TINY[i].category, "%s: category %s, expected %s", TINY[i].name,
+              mst_category_name(e->category), mst_category_name(TINY[i].category));
+        CHECK(e->share == TINY[i].share, "%s: region %d, expected %d", TINY[i].name, e->share, TINY[i].share);
+    }
+    CHECK(p.shared_bytes == TINY_SHARED, "shared region %zu, expected %d", p.shared_bytes, TINY_SHARED);
+    CHECK(p.device_total == TINY_ARENA, "arena %zu, expected %d", p.device_total, TINY_ARENA);
+    CHECK(p.device_external == 4096, "external %zu, expected 4096", p.device_external);
+    CHECK(p.host_total == 0, "host %zu, expected 0", p.host_total);
+    CHECK(p.chunk_rows == 10 && p.n_chunks == 2 && p.vocab_tiles == 2, "chunks %d x %d rows, %d tiles",
+          p.n_chunks, p.chunk_rows, p.vocab_tiles);
+    size_t sum = 0;
+    for (int k = 0; k < MEM_CATEGORY_COUNT; k++) sum += p.category_bytes[k];
+    CHECK(sum == p.device_total, "category totals %zu != arena %zu", sum, p.device_total);
+    printf("tiny plan: arena %zu bytes (by hand %d)\n", p.device_total, TINY_ARENA);
+}
+
+// Every entry aligned, inside the arena, and overlapping another only when both are in different
+// alternatives of the shared region.
+static void check_layout(const MemoryPlan *p, const char *what) {
+    for (int i = 0; i < p->n_entries; i++) {
+        const PlanEntry *a = &p->entries[i];
+        CHECK(a->offset % MST_ALIGN == 0 && a->slice_bytes % MST_ALIGN == 0, "%s: %s misaligned", what, a->name);
+        size_t limit = a->category == MEM_HOST ? p->host_total : p->device_total;
+        CHECK(a->offset + a->bytes <= limit, "%s: %s ends past its block", what, a->name);
+        for (int j = i + 1; j < p->n_entries; j++) {
+            const PlanEntry *b = &p->entries[j];
+            if ((a->category == MEM_HOST) != (b->category == MEM_HOST)) continue;
+            int overlap = a->offset < b->offset + b->bytes && b->offset < a->offset + a->bytes;
+            int allowed = a->share != SHARE_NONE && b->share != SHARE_NONE && a->share != b->share;
+            CHECK(!overlap || allowed, "%s: %s and %s overlap", what, a->name, b->name);
+        }
+    }
+}
+
+static void test_layouts(void) {
+    ModelConfig cfgs[3];
+    cfgs[0] = tiny_config(2);
+    cfgs[1] = tiny_config(3);
+    cfgs[1].post_norms = 1; cfgs[1].qkv_bias = 1; cfgs[1].tied_embeddings = 1;
+    mst_preset("llama3-8b", &cfgs[2]);
+    for (int ci = 0; ci < 3; ci++) {
+        for (int rc = 0; rc < 2; rc++) {
+            for (int m = 1; m <= 4; m += 3) {
+                for (int off = 0; off <= rc; off++) {
+                    MstSettings s = tiny_settings();
+                    if (ci == 2) s.S = 4096;
+                    s.recompute = rc; s.mst_chunks = m; s.offload = off; s.host_layers = off ? 1 : 0;
+                    s.grad_accum_steps = 1 + off; s.master_weights = rc;
+                    MstKernelFigures f;
+                    mst_kernel_figures_estimate(&cfgs[ci], s.B, s.S, &f);
+                    MemoryPlan p;
+                    mst_plan_build(&p, &cfgs[ci], &s, &f);
+                    char what[96];
+                    snprintf(what, sizeof(what), "config %d recompute %d M %d offload %d", ci, rc, m, off);
+                    check_layout(&p, what);
+                }
+            }
+        }
+    }
+    printf("layout invariants checked\n");
+}
+
+static MemoryPlan plan_with(const ModelConfig *c, MstSettings s) {
+    MstKernelFigures f = tiny_figures();
+    MemoryPlan p;
+    mst_plan_build(&p, c, &s, &f);
+    return p;
+}
+
+static void test_monotonic(void) {
+    ModelConfig c = tiny_config(2);
+    MstSettings s = tiny_settings();
+    MstSettings longer = s;
+    longer.S = 20;
+    CHECK(plan_with(&c, longer).device_total > plan_with(&c, s).device_total, "more S must need more bytes");
+    for (int rc = 0; rc < 2; rc++) {
+        MstSettings m1 = s, m4 = s;
+        m1.recompute = m4.recompute = rc;
+        m1.mst_chunks = 1; m4.mst_chunks = 4;
+        MemoryPlan p1 = plan_with(&c, m1), p4 = plan_with(&c, m4);
+        size_t i1 = p1.category_bytes[MEM_INTERMEDIATES] + p1.category_bytes[MEM_ACTIVATIONS];
+        size_t i4 = p4.category_bytes[MEM_INTERMEDIATES] + p4.category_bytes[MEM_ACTIVATIONS];
+        CHECK(i4 < i1, "recompute %d: M=4 must need fewer intermediate+activation bytes than M=1 (%zu vs %zu)", rc, i4, i1);
+        CHECK(p4.device_total < p1.device_total, "recompute %d: M=4 arena %zu not below M=1 arena %zu", rc, p4.device_total, p1.device_total);
+    }
+    MstSettings norc = s;
+    norc.recompute = 0;
+    CHECK(plan_with(&c, s).category_bytes[MEM_ACTIVATIONS] < plan_with(&c, norc).category_bytes[MEM_ACTIVATIONS],
+          "recompute must keep fewer activation bytes");
+    ModelConfig deep = tiny_config(6);
+    MstSettings off = s;
+    off.offload = 1; off.host_layers = 4;
+    MemoryPlan po = plan_with(&deep, off), pn = plan_with(&deep, s);
+    CHECK(po.device_total < pn.device_total, "offload must need fewer device bytes (%zu vs %zu)", po.device_total, pn.device_total);
+    CHECK(po.host_total == 4 * 1280 && pn.host_total == 0, "offload host bytes %zu, expected %d", po.host_total, 4 * 1280);
+    MstSettings vc_small = s;
+    vc_small.vocab_chunk = 10;
+    CHECK(plan_with(&c, vc_small).category_bytes[MEM_INTERMEDIATES] <= plan_with(&c, s).category_bytes[MEM_INTERMEDIATES],
+          "a smaller vocabulary chunk must not need more bytes");
+    printf("monotonicity checked\n");
+}
+
+static void test_auto(void) {
+    ModelConfig c = tiny_config(2);
+    MstSettings s = tiny_settings();
+    s.mst_chunks = 0; s.vocab_chunk = 0;
+    MstKernelFigures f = tiny_figures();
+    MemoryPlan p;
+    char msg[4096];
+    // Ample budget: the standard transformer (M = 1) with one vocabulary tile.
+    int ok = mst_plan_auto(&p, &c, &s, &f, (size_t)1 << 30, 0, msg, sizeof(msg));
+    CHECK(ok && p.settings.mst_chunks == 1 && p.settings.vocab_chunk == c.vocab_size,
+          "ample budget: got ok %d M %d vc %d", ok, p.settings.mst_chunks, p.settings.vocab_chunk);
+    // Just below that plan: auto must chunk, and the plan it picks must fit.
+    size_t best = p.device_total + p.device_external;
+    ok = mst_plan_auto(&p, &c, &s, &f, best - 1, 0, msg, sizeof(msg));
+    CHECK(ok && p.device_total + p.device_external <= best - 1 && (p.settings.mst_chunks > 1 || p.vocab_tiles > 1),
+          "tight budget: ok %d total %zu M %d tiles %d", ok, p.device_total + p.device_external, p.settings.mst_chunks, p.vocab_tiles);
+    printf("auto at %zu bytes: M=%d vocab chunk %d, arena %zu\n", best - 1, p.settings.mst_chunks, p.settings.vocab_chunk, p.device_total);
+    // Offload: auto keeps as many layer inputs on the device as fit.
+    ModelConfig deep = tiny_config(6);
+    MstSettings so = s;
+    so.offload = 1;
+    MemoryPlan all_dev;
+    ok = mst_plan_auto(&all_dev, &deep, &so, &f, (size_t)1 << 30, (size_t)1 << 30, msg, sizeof(msg));
+    CHECK(ok && all_dev.host_layers == 0, "offload with ample budget: ok %d host layers %d", ok, all_dev.host_layers);
+    MstSettings forced = so;
+    forced.host_layers = 3; forced.mst_chunks = 20; forced.vocab_chunk = 10;
+    MemoryPlan p3 = plan_with(&deep, forced);
+    ok = mst_plan_auto(&p, &deep, &so, &f, p3.device_total + p3.device_external, (size_t)1 << 30, msg, sizeof(msg));
+    CHECK(ok && p.host_layers >= 1 && p.host_layers <= 3 && p.device_total + p.device_external <= p3.device_total + p3.device_external,
+          "offload tight: ok %d host layers %d", ok, p.host_layers);
+    // Host budget too small for the offloaded layers: refused.
+    ok = mst_plan_auto(&p, &deep, &so, &f, p3.device_total + p3.device_external, 100, msg, sizeof(msg));
+    CHECK(!ok, "a host budget of 100 bytes must refuse offloading");
+    // Impossible: refused with the breakdown, the longest S and the change that would fit.
+    ok = mst_plan_auto(&p, &c, &s, &f, 1000, 0, msg, sizeof(msg));
+    CHECK(!ok && strstr(msg, "does not fit") && strstr(msg, "weights") && strstr(msg, "not even S=1"),
+          "impossible budget must refuse with a breakdown; got: %s", msg);
+    printf("refusal message (1000-byte budget):\n%s", msg);
+    MstSettings norc = s;
+    norc.recompute = 0;
+    MstSettings rc = s;
+    rc.mst_chunks = 20; rc.vocab_chunk = c.vocab_size;  // the smallest recompute plan
+    MemoryPlan prc = plan_with(&c, rc);
+    ok = !mst_plan_auto(&p, &c, &norc, &f, prc.device_total + prc.device_external, 0, msg, sizeof(msg));
+    CHECK(ok && strstr(msg, "recompute on") != NULL && strstr(msg, "longest sequence"),
+          "without recompute at the recompute plan's size: expect a refusal naming recompute; got: %s", msg);
+    printf("refusal message (recompute off):\n%s", msg);
+    // Bad settings are refused with a message.
+    MstSettings bad = s;
+    bad.offload = 1; bad.recompute = 0;
+    CHECK(!mst_plan_auto(&p, &c, &bad, &f, (size_t)1 << 30, (size_t)1 << 30, msg, sizeof(msg)) && strstr(msg, "recompute"),
+          "offload without recompute must be refused; got: %s", msg);
+    bad = s; bad.mst_chunks = 21;
+    CHECK(!mst_plan_auto(&p, &c, &bad, &f, (size_t)1 << 30, 0, msg, sizeof(msg)) && strstr(msg, "chunks"),
+          "M > B*S must be refused; got: %s", msg);
+    bad = s; bad.moment_bytes = 3;
+    CHECK(!mst_plan_auto(&p, &c, &bad, &f, (size_t)1 << 30, 0, msg, sizeof(msg)) && strstr(msg, "moment"),
+          "moment bytes 3 must be refused; got: %s", msg);
+    printf("auto choice checked\n");
+}
+
+static void test_presets(void) {
+    char buf[256];
+    for (int i = 0; i < MST_PRESET_COUNT; i++) {
+        ModelConfig c;
+        CHECK(mst_preset(MST_PRESETS[i], &c), "preset %s missing", MST_PRESETS[i]);
+        CHECK(config_validate(&c, buf, sizeof(buf)) == NULL, "preset %s invalid: %s", MST_PRESETS[i], buf);
+        printf("preset %-11s %6.2f B matmul parameters\n", MST_PRESETS[i], (double)config_matmul_params(&c) / 1e9);
+    }
+    ModelConfig c;
+    CHECK(!mst_preset("gpt2", &c), "unknown preset must be refused");
+    mst_preset("llama3-8b", &c);
+    ParamLayout lay;
+    param_layout_init(&lay, &c);
+    CHECK(lay.total == 8030261248ull, "llama3-8b has %zu parameters, expected 8030261248", lay.total);
+}
+
+// Llama-3-8B, B=1, recompute, bf16 moments, optimizer in backward, on an 80 GiB GPU
+// (78 GiB budget: about 79 GiB free after the CUDA context, minus gpu_model's 1 GiB margin).
+static void print_llama3_plan(int S) {
+    ModelConfig c;
+    mst_preset("llama3-8b", &c);
+    MstSettings s;
+    memset(&s, 0, sizeof(s));
+    s.B = 1; s.S = S; s.recompute = 1; s.grad_accum_steps = 1; s.moment_bytes = 2;
+    MstKernelFigures f;
+    mst_kernel_figures_estimate(&c, s.B, s.S, &f);
+    size_t dev = (size_t)78 << 30, host = (size_t)400 << 30;
+    MemoryPlan p;
+    char msg[4096];
+    printf("\n== Llama-3-8B, S=%d, 78 GiB device budget, no offload ==\n", S);
+    if (mst_plan_auto(&p, &c, &s, &f, dev, host, msg, sizeof(msg))) mst_plan_print(&p, stdout);
+    else printf("%s", msg);
+    s.offload = 1;
+    printf("\n== Llama-3-8B, S=%d, 78 GiB device budget, offload (400 GiB pinned host budget) ==\n", S);
+    int ok = mst_plan_auto(&p, &c, &s, &f, dev, host, msg, sizeof(msg));
+    CHECK(ok, "llama3-8b S=%d with offload must fit on 78 GiB: %s", S, msg);
+    if (ok) mst_plan_print(&p, stdout);
+}
+
+int main(void) {
+    test_hand_figures();
+    test_layouts();
+    test_monotonic();
+    test_auto();
+    test_presets();
+    print_llama3_plan(96 * 1024);
+    print_llama3_plan(128 * 1024);
+    if (failures) {
+        printf("test_planner: %d check(s) FAILED\n", failures);
+        return 1;
+    }
+    printf("test_planner: all checks passed\n");
+    return 0;
+}
