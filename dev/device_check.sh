@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# The GPU checks, run on the device machine from the repository root:
+#
+#   bash dev/device_check.sh STAGE
+#
+#   build    make -j16 all                                   (log: $OUT/build.log)
+#   kernels  build/test_kernels, build/test_matmul, build/test_attention: correctness, then timings
+#   model    build/test_llama: the whole model against the Hugging Face references, every memory setting
+#   hf       python3 scripts/check_hf_roundtrip.py: model.bin -> HF -> transformers matches the references
+#   train    ./train_llama (the default run) on the GPU, then the final checkpoint exported with
+#            scripts/export_hf.py --to-hf and loaded by transformers (its loss on val.bin must beat
+#            a uniform guess)
+#   all      build, kernels, model, hf, train in order, stopping at the first failure
+#
+# Each stage writes $OUT/<stage>.log (nvidia-smi -L and the date first) and the script ends with one
+# line per stage that ran: PASS or FAIL and its seconds. Exit status 0 only when every stage passed.
+# A GPU test that reports "skipped" (no GPU visible) counts as a failure here.
+# Every command runs under a shared deadline of TIME_BUDGET seconds (default 570) so that the summary
+# is printed before the device's 10-minute limit; `all` may need more than one call's time, in which
+# case run the stages one by one.
+# Environment: OUT (default ./device_out), TIME_BUDGET, PEAK_TFLOPS (the roofline that test_matmul
+# and test_attention print percentages of; their default when unset), ARCH (passed on to make).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off on the lent machines
+export OMP_WAIT_POLICY=passive
+if [ -d /usr/local/cuda/bin ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
+
+OUT=${OUT:-$PWD/device_out}
+mkdir -p "$OUT"
+TIME_BUDGET=${TIME_BUDGET:-570}
+DEADLINE=$((SECONDS + TIME_BUDGET))
+SUMMARY=()
+
+usage() {
+    echo "usage: bash dev/device_check.sh build|kernels|model|hf|train|all" >&2
+    exit 2
+}
+
+# Runs a command under the time left before the deadline; a command cut off fails (status 124).
+timed() {
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -le 5 ]; then
+        echo "error: no time left in the ${TIME_BUDGET}s budget for: $*" >&2
+        return 124
+    fi
+    timeout --kill-after=10 "$left" "$@"
+}
+
+# Fails unless nvidia-smi lists a GPU (the GPU tests would otherwise skip and exit 0).
+require_gpu() {
+    if ! nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+        echo "error: nvidia-smi lists no GPU" >&2
+        return 1
+    fi
+}
+
+# Runs one GPU test program; fails on a non-zero exit or when its output says it skipped.
+gpu_test() {
+    local log
+    log=$(mktemp)
+    echo "--- $* ($(date -u +%H:%M:%S))"
+    timed "$@" 2>&1 | tee "$log"
+    local rc=$?
+    if [ "$rc" -eq 0 ] && grep -qi 'skipped' "$log"; then
+        echo "error: $1 skipped its GPU checks" >&2
+        rc=1
+    fi
+    rm -f "$log"
+    echo "--- $1: exit $rc"
+    return "$rc"
+}
+
+stage_build() {
+    if [ ! -f .deps/cudnn_frontend/include/cudnn_frontend.h ]; then
+        echo "error: .deps/cudnn_frontend/include is missing: carry .deps/cudnn_frontend (made by 'make deps')" >&2
+        return 1
+    fi
+    if [ -n "${ARCH:-}" ]; then
+        timed make -j16 all ARCH="$ARCH"
+    else
+        timed make -j16 all
+    fi
+}
+
+stage_kernels() {
+    require_gpu || return 1
+    local peak=()
+    if [ -n "${PEAK_TFLOPS:-}" ]; then peak=("$PEAK_TFLOPS"); fi
+    local rc=0
+    # Each program checks correctness first and times only when its checks passed.
+    gpu_test build/test_kernels || rc=1
+    gpu_test build/test_matmul "${peak[@]}" || rc=1
+    gpu_test build/test_attention "${peak[@]}" || rc=1
+    return "$rc"
+}
+
+stage_model() {
+    require_gpu || return 1
+    gpu_test build/test_llama
+}
+
+stage_hf() {
+    timed python3 scripts/check_hf_roundtrip.py
+}
+
+# The newest model file under checkpoints/ (the final checkpoint of the run just made).
+final_checkpoint() {
+    find checkpoints -type f -name '*.bin' -newer "$OUT/train.start" -printf '%T@ %p\n' 2>/dev/null \
+        | grep -E '/model[^/]*\.bin$' | sort -n | tail -n 1 | cut -d' ' -f2-
+}
+
+stage_train() {
+    require_gpu || return 1
+    touch "$OUT/train.start"
+    local log="$OUT/train_llama.out"
+    echo "--- ./train_llama ($(date -u +%H:%M:%S))"
+    timed ./train_llama 2>&1 | tee "$log"
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "error: ./train_llama exited $rc" >&2
+        return 1
+    fi
+    if grep -qi 'cpu path\|cpu reference path' "$log"; then
+        echo "error: ./train_llama ran the CPU path on a GPU machine" >&2
+        return 1
+    fi
+    if [ -d logs ]; then cp -r logs "$OUT/train_logs"; fi
+    local ckpt
+    ckpt=$(final_checkpoint)
+    if [ -z "$ckpt" ]; then
+        echo "error: no model checkpoint (checkpoints/**/model*.bin) was written by this run" >&2
+        return 1
+    fi
+    echo "--- final checkpoint: $ckpt"
+    local hf_dir="$OUT/hf_export"
+    rm -rf "$hf_dir"
+    timed python3 scripts/export_hf.py --to-hf "$ckpt" "$hf_dir" --tokenizer-from data/default || return 1
+    echo "--- transformers load of $hf_dir"
+    timed python3 - "$hf_dir" data/default/val.bin <<'EOF'
+# Loads the exported checkpoint with transformers and measures its loss on the first tokens of
+# val.bin: finite and below ln(vocab) (a uniform guess), or the export lost the trained weights.
+import math
+import sys
+
+import numpy as np
+import torch
+import transformers
+
+hf_dir, val_path = sys.argv[1], sys.argv[2]
+raw = np.fromfile(val_path, dtype="<u4")
+header, n_tokens = raw[:256], int(raw[2])
+tokens = raw[256:256 + n_tokens].astype(np.int64)[:512]
+model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                          attn_implementation="eager")
+model.eval()
+vocab = model.config.vocab_size
+ids = torch.from_numpy(tokens)[None, :]
+with torch.no_grad():
+    loss = model(input_ids=ids, labels=ids).loss.item()
+uniform = math.log(vocab)
+print(f"transformers: {type(model).__name__}, {sum(p.numel() for p in model.parameters())} parameters, "
+      f"loss on {ids.shape[1]} val tokens {loss:.4f} (uniform guess {uniform:.4f})")
+if not (math.isfinite(loss) and loss < uniform):
+    print("error: the exported model does no better than a uniform guess", file=sys.stderr)
+    sys.exit(1)
+EOF
+}
+
+# Runs stage NAME: header, the stage's function teed to $OUT/NAME.log, then its summary line.
+run_stage() {
+    local name=$1
+    local start=$SECONDS
+    {
+        echo "=== stage $name"
+        date -u
+        nvidia-smi -L 2>&1 || echo "(nvidia-smi failed)"
+        "stage_$name"
+    } 2>&1 | tee "$OUT/$name.log"
+    local rc=$?
+    local verdict=PASS
+    if [ "$rc" -ne 0 ]; then verdict=FAIL; fi
+    SUMMARY+=("$(printf '%-8s %s %5d s' "$name" "$verdict" $((SECONDS - start)))")
+    echo "=== stage $name: $verdict ($((SECONDS - start)) s)"
+    return "$rc"
+}
+
+[ $# -eq 1 ] || usage
+case "$1" in
+    build | kernels | model | hf | train) stages=("$1") ;;
+    all) stages=(build kernels model hf train) ;;
+    *) usage ;;
+esac
+
+status=0
+for s in "${stages[@]}"; do
+    if ! run_stage "$s"; then
+        status=1
+        break
+    fi
+done
+
+echo "=== summary ($(date -u))" | tee "$OUT/summary.txt"
+printf '%s\n' "${SUMMARY[@]}" | tee -a "$OUT/summary.txt"
+exit "$status"

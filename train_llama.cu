@@ -1,0 +1,983 @@
+// train_llama: trains a Llama-family model (Llama-2/3, Mistral, Qwen2, Gemma-2) from a model.bin on
+// token shards, with the Mini-Sequence Transformer memory plan on the GPU, or with the fp32 CPU
+// reference model on a machine without one. Reads top to bottom: options, the model to start
+// from, the two backends behind one Trainer, checkpoints, sampling, the loop, main.
+//
+//   ./train_llama                     trains a small random-init Llama on the shipped corpus
+//   ./train_llama --model m.bin --train 'data/x/train_*.bin' --val data/x/val.bin --seq-len 4096
+//   ./train_llama --resume latest     continues the last checkpoint in --ckpt-dir, bit for bit
+//   ./train_llama --plan-only --preset llama3-8b --seq-len 65536 --gpu-mem 80
+//
+// No kernels here: the GPU model lives in gpu_model.cu, the CPU model in cpu_model.h.
+#include <float.h>
+#include <glob.h>
+#include <math.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cpu_model.h"
+#include "cuda_utils.h"
+#include "dataloader.h"
+#include "gpu_model.h"
+#include "model_config.h"
+#include "mst.h"
+#include "tokenizer.h"
+#include "utils.h"
+
+// ----------------------------------------------------------------------------
+// Options
+
+typedef struct {
+    const char *model, *tokenizer, *train, *val, *preset;
+    int seq_len, batch, batch_given, grad_accum, steps;
+    float lr, min_lr_frac, weight_decay, beta1, beta2, eps, clip;
+    int warmup;
+    const char *schedule;     // cosine | linear | constant
+    const char *moments;      // bf16 | fp32 (GPU)
+    int master_weights, mst_chunks, vocab_chunk, recompute, offload;  // mst_chunks, vocab_chunk: 0 = auto
+    float gpu_mem_gib;        // 0: free device memory minus a margin
+    int eval_every, eval_batches, sample_every, sample_tokens;
+    const char *prompt;
+    float temperature, top_p;
+    const char *ckpt_dir, *resume, *log;
+    int ckpt_every, keep_last;
+    uint64_t seed;
+    int cpu, skip_nonfinite, plan_only;
+} Options;
+
+static Options options_default(void) {
+    Options o;
+    memset(&o, 0, sizeof(o));
+    o.tokenizer = "data/default/tokenizer.bin";
+    o.train = "data/default/train_*.bin";
+    o.val = "data/default/val.bin";
+    o.seq_len = 128;
+    o.batch = 4;
+    o.grad_accum = 1;
+    o.steps = 60;
+    o.lr = 3e-3f;
+    o.min_lr_frac = 0.1f;
+    o.warmup = 5;
+    o.schedule = "cosine";
+    o.weight_decay = 0.1f;
+    o.beta1 = 0.9f;
+    o.beta2 = 0.95f;
+    o.eps = 1e-8f;
+    o.clip = 1.0f;
+    o.moments = "bf16";
+    o.recompute = 1;
+    o.eval_every = 20;
+    o.eval_batches = 4;
+    o.sample_every = 0;
+    o.sample_tokens = 48;
+    o.prompt = "And God said";
+    o.temperature = 0.8f;
+    o.top_p = 0.9f;
+    o.ckpt_dir = "checkpoints";
+    o.ckpt_every = 0;
+    o.keep_last = 2;
+    o.seed = 1337;
+    return o;
+}
+
+static void usage(FILE *f) {
+    Options d = options_default();
+    fprintf(f,
+            "usage: train_llama [options]\n"
+            "model and data\n"
+            "  --model PATH          model.bin to train (default: none = a small random-init Llama:\n"
+            "                        vocab of the tokenizer, d 256, 4 layers, 8 heads, 4 kv heads, d_ff 688)\n"
+            "  --tokenizer PATH      tokenizer.bin (default %s)\n"
+            "  --train GLOB          training shards (default %s)\n"
+            "  --val PATH            validation shard(s) (default %s)\n"
+            "  --seq-len S           tokens per row (default %d)\n"
+            "  --batch B             rows per micro-batch (default %d; --plan-only: 1)\n"
+            "  --grad-accum K        micro-batches per optimizer step (default %d)\n"
+            "  --steps N             optimizer steps (default %d)\n"
+            "optimizer\n"
+            "  --lr LR               peak learning rate (default %g)\n"
+            "  --min-lr-frac F       final lr = F * lr (default %g)\n"
+            "  --warmup N            linear warmup steps (default %d)\n"
+            "  --schedule NAME       cosine | linear | constant (default %s)\n"
+            "  --weight-decay WD     AdamW decay of matrices (default %g)\n"
+            "  --beta1 B1 --beta2 B2 --eps E   AdamW (defaults %g, %g, %g)\n"
+            "  --clip C              global gradient-norm clip, 0 = none (default %g)\n"
+            "GPU memory (Mini-Sequence Transformer)\n"
+            "  --moments bf16|fp32   AdamW moment type (default %s)\n"
+            "  --master-weights      keep fp32 master weights (default off)\n"
+            "  --mst auto|M          token chunks of the MLP and LM head (default auto)\n"
+            "  --vocab-chunk auto|N  LM-head columns per tile (default auto)\n"
+            "  --recompute 0|1       recompute layers in backward (default %d)\n"
+            "  --offload 0|1         layer inputs may live in pinned host memory (default %d)\n"
+            "  --gpu-mem GiB         device budget (default: free memory minus 1 GiB)\n"
+            "  --cpu                 train on the CPU reference path even with a GPU\n"
+            "evaluation and sampling\n"
+            "  --eval-every N        evaluate every N steps, 0 = only at the end (default %d)\n"
+            "  --eval-batches N      validation batches per evaluation (default %d)\n"
+            "  --sample-every N      sample every N steps, 0 = only at the end (default %d)\n"
+            "  --sample-tokens N     tokens per sample, 0 = no sampling (default %d)\n"
+            "  --prompt TEXT         sampling prompt (default \"%s\")\n"
+            "  --temperature T       0 = greedy (default %g)\n"
+            "  --top-p P             nucleus sampling (default %g)\n"
+            "checkpoints and logs\n"
+            "  --ckpt-dir DIR        checkpoint directory (default %s)\n"
+            "  --ckpt-every N        checkpoint every N steps, 0 = only at the end (default %d)\n"
+            "  --keep-last K         checkpoints kept (default %d)\n"
+            "  --resume latest|PATH  continue from the newest checkpoint in --ckpt-dir, or a state_<step>.bin\n"
+            "  --seed N              init, data order and sampling seed (default %llu)\n"
+            "  --log FILE            JSONL log, one object per step / evaluation\n"
+            "  --skip-nonfinite      skip a step with a NaN/Inf loss or grad norm instead of stopping (CPU path)\n"
+            "planning\n"
+            "  --plan-only           print the memory plan (no GPU, no weights) and exit 0 if it fits, 1 if not;\n"
+            "                        uses --preset or --model, --seq-len, --batch, --gpu-mem and the flags above\n"
+            "  --preset NAME         llama3-8b | llama2-7b | mistral-7b | qwen2-7b | gemma2-9b (with --plan-only)\n"
+            "  --help                this text\n",
+            d.tokenizer, d.train, d.val, d.seq_len, d.batch, d.grad_accum, d.steps, d.lr, d.min_lr_frac, d.warmup,
+            d.schedule, d.weight_decay, d.beta1, d.beta2, d.eps, d.clip, d.moments, d.recompute, d.offload,
+            d.eval_every, d.eval_batches, d.sample_every, d.sample_tokens, d.prompt, d.temperature, d.top_p,
+            d.ckpt_dir, d.ckpt_every, d.keep_last, (unsigned long long)d.seed);
+}
+
+static long long parse_int(const char *flag, const char *s, long long lo, long long hi) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno != 0 || end == s || *end != '\0') die("%s: '%s' is not an integer", flag, s);
+    if (v < lo || v > hi) die("%s: %lld is out of range [%lld, %lld]", flag, v, lo, hi);
+    return v;
+}
+
+static float parse_float(const char *flag, const char *s, float lo, float hi) {
+    char *end;
+    errno = 0;
+    float v = strtof(s, &end);
+    if (errno != 0 || end == s || *end != '\0' || !isfinite(v)) die("%s: '%s' is not a number", flag, s);
+    if (v < lo || v > hi) die("%s: %g is out of range [%g, %g]", flag, v, lo, hi);
+    return v;
+}
+
+// "auto" -> 0, else an integer >= 1.
+static int parse_auto_int(const char *flag, const char *s) {
+    return strcmp(s, "auto") == 0 ? 0 : (int)parse_int(flag, s, 1, INT32_MAX);
+}
+
+static const char *parse_choice(const char *flag, const char *s, const char *a, const char *b, const char *c) {
+    if (strcmp(s, a) == 0 || strcmp(s, b) == 0 || (c && strcmp(s, c) == 0)) return s;
+    die("%s: '%s' is not one of %s, %s%s%s", flag, s, a, b, c ? ", " : "", c ? c : "");
+    return NULL;
+}
+
+static Options options_parse(int argc, char **argv) {
+    Options o = options_default();
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) { usage(stdout); exit(0); }
+        if (strcmp(a, "--master-weights") == 0) { o.master_weights = 1; continue; }
+        if (strcmp(a, "--cpu") == 0) { o.cpu = 1; continue; }
+        if (strcmp(a, "--skip-nonfinite") == 0) { o.skip_nonfinite = 1; continue; }
+        if (strcmp(a, "--plan-only") == 0) { o.plan_only = 1; continue; }
+        if (strncmp(a, "--", 2) != 0) die("unexpected argument '%s' (see --help)", a);
+        if (i + 1 >= argc) die("%s needs a value (see --help)", a);
+        const char *v = argv[++i];
+        if (strcmp(a, "--model") == 0) o.model = v;
+        else if (strcmp(a, "--tokenizer") == 0) o.tokenizer = v;
+        else if (strcmp(a, "--train") == 0) o.train = v;
+        else if (strcmp(a, "--val") == 0) o.val = v;
+        else if (strcmp(a, "--preset") == 0) o.preset = v;
+        else if (strcmp(a, "--seq-len") == 0) o.seq_len = (int)parse_int(a, v, 2, 1 << 24);
+        else if (strcmp(a, "--batch") == 0) { o.batch = (int)parse_int(a, v, 1, 1 << 20); o.batch_given = 1; }
+        else if (strcmp(a, "--grad-accum") == 0) o.grad_accum = (int)parse_int(a, v, 1, 1 << 20);
+        else if (strcmp(a, "--steps") == 0) o.steps = (int)parse_int(a, v, 0, INT32_MAX);
+        else if (strcmp(a, "--lr") == 0) o.lr = parse_float(a, v, 0.0f, 10.0f);
+        else if (strcmp(a, "--min-lr-frac") == 0) o.min_lr_frac = parse_float(a, v, 0.0f, 1.0f);
+        else if (strcmp(a, "--warmup") == 0) o.warmup = (int)parse_int(a, v, 0, INT32_MAX);
+        else if (strcmp(a, "--schedule") == 0) o.schedule = parse_choice(a, v, "cosine", "linear", "constant");
+        else if (strcmp(a, "--weight-decay") == 0) o.weight_decay = parse_float(a, v, 0.0f, 10.0f);
+        else if (strcmp(a, "--beta1") == 0) o.beta1 = parse_float(a, v, 0.0f, 0.999999f);
+        else if (strcmp(a, "--beta2") == 0) o.beta2 = parse_float(a, v, 0.0f, 0.999999f);
+        else if (strcmp(a, "--eps") == 0) o.eps = parse_float(a, v, 1e-30f, 1.0f);
+        else if (strcmp(a, "--clip") == 0) o.clip = parse_float(a, v, 0.0f, FLT_MAX);
+        else if (strcmp(a, "--moments") == 0) o.moments = parse_choice(a, v, "bf16", "fp32", NULL);
+        else if (strcmp(a, "--mst") == 0) o.mst_chunks = parse_auto_int(a, v);
+        else if (strcmp(a, "--vocab-chunk") == 0) o.vocab_chunk = parse_auto_int(a, v);
+        else if (strcmp(a, "--recompute") == 0) o.recompute = (int)parse_int(a, v, 0, 1);
+        else if (strcmp(a, "--offload") == 0) o.offload = (int)parse_int(a, v, 0, 1);
+        else if (strcmp(a, "--gpu-mem") == 0) o.gpu_mem_gib = parse_float(a, v, 0.0f, 1e6f);
+        else if (strcmp(a, "--eval-every") == 0) o.eval_every = (int)parse_int(a, v, 0, INT32_MAX);
+        else if (strcmp(a, "--eval-batches") == 0) o.eval_batches = (int)parse_int(a, v, 0, 1 << 20);
+        else if (strcmp(a, "--sample-every") == 0) o.sample_every = (int)parse_int(a, v, 0, INT32_MAX);
+        else if (strcmp(a, "--sample-tokens") == 0) o.sample_tokens = (int)parse_int(a, v, 0, 1 << 20);
+        else if (strcmp(a, "--prompt") == 0) o.prompt = v;
+        else if (strcmp(a, "--temperature") == 0) o.temperature = parse_float(a, v, 0.0f, 100.0f);
+        else if (strcmp(a, "--top-p") == 0) o.top_p = parse_float(a, v, 1e-6f, 1.0f);
+        else if (strcmp(a, "--ckpt-dir") == 0) o.ckpt_dir = v;
+        else if (strcmp(a, "--ckpt-every") == 0) o.ckpt_every = (int)parse_int(a, v, 0, INT32_MAX);
+        else if (strcmp(a, "--keep-last") == 0) o.keep_last = (int)parse_int(a, v, 1, 1 << 20);
+        else if (strcmp(a, "--resume") == 0) o.resume = v;
+        else if (strcmp(a, "--seed") == 0) o.seed = (uint64_t)parse_int(a, v, 0, INT64_MAX);
+        else if (strcmp(a, "--log") == 0) o.log = v;
+        else die("unknown option '%s' (see --help)", a);
+    }
+    if (o.preset && !o.plan_only) die("--preset NAME plans a published config without weights: use it with --plan-only");
+    if (o.recompute == 0 && o.offload == 1) die("--offload 1 needs --recompute 1 (only recomputed layers can keep their inputs on the host)");
+    return o;
+}
+
+// ----------------------------------------------------------------------------
+// The trainer's RNG (xorshift64*): random init and sampling. Its state is saved in checkpoints.
+
+static uint64_t rng_next(uint64_t *s) {
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return *s * 0x2545F4914F6CDD1DULL;
+}
+
+static float rng_uniform(uint64_t *s) { return (float)((rng_next(s) >> 40) * (1.0 / 16777216.0)); }
+
+static uint64_t rng_seed(uint64_t seed) {
+    uint64_t z = seed + 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return z ? z : 1;
+}
+
+// A standard normal sample (Box-Muller).
+static float rng_normal(uint64_t *s) {
+    float u1 = rng_uniform(s), u2 = rng_uniform(s);
+    if (u1 < 1e-7f) u1 = 1e-7f;
+    return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2);
+}
+
+// ----------------------------------------------------------------------------
+// The model to start from: a model.bin, or the default small Llama with a seeded random init.
+
+static void default_config(ModelConfig *c, int vocab) {
+    preset_base(c, FAMILY_LLAMA, vocab, 256, 4, 8, 4, 32, 688, 2048, 1e-5f, 10000.0f);
+}
+
+struct InitCtx { uint16_t *params; uint64_t *rng; float out_scale; };
+
+// Norm weights 1; every matrix N(0, 0.02), output projections (wo, w_down) scaled by 1/sqrt(2L).
+static void init_tensor(const char *name, size_t offset, size_t rows, size_t cols, void *ctx) {
+    InitCtx *x = (InitCtx *)ctx;
+    size_t n = rows * cols;
+    int is_out = strstr(name, ".wo") != NULL || strstr(name, ".w_down") != NULL;
+    float std = 0.02f * (is_out ? x->out_scale : 1.0f);
+    for (size_t i = 0; i < n; i++)
+        x->params[offset + i] = float_to_bf16_bits(rows == 1 ? 1.0f : std * rng_normal(x->rng));
+}
+
+static uint16_t *random_init_model(ModelConfig *c, ParamLayout *layout, int vocab, uint64_t seed) {
+    default_config(c, vocab);
+    param_layout_init(layout, c);
+    uint16_t *params = (uint16_t *)mallocCheck(layout->total * sizeof(uint16_t));
+    uint64_t rng = rng_seed(seed ^ 0x1A17ULL);
+    InitCtx ctx = {params, &rng, 1.0f / sqrtf(2.0f * c->n_layers)};
+    param_layout_visit(layout, c, init_tensor, &ctx);
+    return params;
+}
+
+// ----------------------------------------------------------------------------
+// The two backends behind one Trainer: a switch on the backend in each call.
+
+enum { BACKEND_CPU = 0, BACKEND_GPU = 1 };
+
+typedef struct {
+    int backend;
+    ModelConfig c;
+    ParamLayout layout;
+    int B, S, grad_accum;
+    // CPU: fp32 params are the master weights; fp32 AdamW moments
+    CpuModel cpu;
+    float *mom1, *mom2;
+    // GPU
+    GpuModel gpu;
+    GpuSettings gs;
+    double peak_flops;  // device peak bf16 FLOP/s for MFU (0: unknown)
+} Trainer;
+
+typedef struct {
+    float loss, grad_norm;
+    int applied;  // 0: the update was skipped (non-finite loss or norm)
+} StepOut;
+
+static double gib(size_t b) { return (double)b / (1024.0 * 1024.0 * 1024.0); }
+
+static size_t physical_memory(void) { return (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE); }
+
+// Bytes the CPU path allocates: the model (params, grads, activations) and two fp32 moments.
+static size_t cpu_path_bytes(const ModelConfig *c, int B, int S) {
+    ParamLayout l;
+    param_layout_init(&l, c);
+    return cpu_model_bytes(c, B, S) + 2 * l.total * sizeof(float);
+}
+
+// Dense bf16 tensor-core peak of the device, from its compute capability (H100/H200 SXM: 989 TFLOP/s).
+static double gpu_peak_flops(void) {
+    cudaDeviceProp p;
+    cudaCheck(cudaGetDeviceProperties(&p, 0));
+    if (p.major == 9) return 989e12;
+    if (p.major == 8 && p.minor == 0) return 312e12;
+    if (p.major == 10) return 2250e12;
+    return 0.0;
+}
+
+static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const uint16_t *params, const Options *o) {
+    memset(t, 0, sizeof(*t));
+    t->backend = backend;
+    t->c = *c;
+    param_layout_init(&t->layout, c);
+    t->B = o->batch;
+    t->S = o->seq_len;
+    t->grad_accum = o->grad_accum;
+    if (backend == BACKEND_CPU) {
+        size_t need = cpu_path_bytes(c, t->B, t->S), limit = physical_memory() / 2;
+        if (need > limit)
+            die("this model is too large for the CPU reference path: %s with %zu parameters at B=%d S=%d needs %.2f GiB "
+                "(fp32 params, grads, activations, AdamW moments), more than half of this machine's %.2f GiB; "
+                "train it on a GPU, or use a smaller model, --batch or --seq-len",
+                family_name(c->family), t->layout.total, t->B, t->S, gib(need), gib(physical_memory()));
+        cpu_model_init(&t->cpu, c, t->B, t->S);
+        cpu_model_load_bf16(&t->cpu, params);
+        t->mom1 = (float *)callocCheck(t->layout.total, sizeof(float));
+        t->mom2 = (float *)callocCheck(t->layout.total, sizeof(float));
+        return;
+    }
+    GpuSettings *s = &t->gs;
+    s->B = t->B;
+    s->S = t->S;
+    s->mst_chunks = o->mst_chunks;
+    s->vocab_chunk = o->vocab_chunk;
+    s->recompute = o->recompute;
+    s->offload = o->offload;
+    s->grad_accum_steps = o->grad_accum;
+    s->moment_type = strcmp(o->moments, "fp32") == 0 ? DT_FP32 : DT_BF16;
+    s->master_weights = o->master_weights;
+    s->gpu_mem_budget = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0);
+    gpu_model_init(&t->gpu, c, params, s);
+    gpu_model_print_plan(&t->gpu, stdout);
+    t->peak_flops = gpu_peak_flops();
+}
+
+// One optimizer step: grad_accum micro-batches from the train loader, then AdamW with clipping.
+// CPU: the update is applied only when the loss and the norm are finite (or the run stops).
+// GPU: the update runs inside the backward pass (gpu_model.h), so it cannot be held back.
+static void trainer_step(Trainer *t, DataLoader *dl, const OptimizerStep *opt, StepOut *out) {
+    out->loss = 0.0f;
+    out->grad_norm = 0.0f;
+    out->applied = 1;
+    if (t->backend == BACKEND_GPU) {
+        StepResult r;
+        double loss = 0.0;
+        for (int k = 0; k < t->grad_accum; k++) {
+            dataloader_next_batch(dl);
+            gpu_model_train_micro_step(&t->gpu, dl->inputs, dl->targets, k, opt, &r);
+            loss += r.loss;
+        }
+        out->loss = (float)(loss / t->grad_accum);
+        out->grad_norm = r.grad_norm;
+        return;
+    }
+    CpuModel *m = &t->cpu;
+    cpu_model_zero_grad(m);
+    double loss = 0.0;
+    for (int k = 0; k < t->grad_accum; k++) {
+        dataloader_next_batch(dl);
+        loss += cpu_model_forward(m, dl->inputs, dl->targets, t->B, t->S);
+        cpu_model_backward(m);
+    }
+    float scale = 1.0f / t->grad_accum;  // the gradients summed over micro-batches -> their mean
+    out->loss = (float)(loss / t->grad_accum);
+    out->grad_norm = cpu_grad_norm(m) * scale;
+    if (!isfinite(out->loss) || !isfinite(out->grad_norm)) {
+        out->applied = 0;
+        return;
+    }
+    if (opt->clip > 0.0f && out->grad_norm > opt->clip) scale *= opt->clip / out->grad_norm;
+    AdamWHparams h = {opt->lr, opt->beta1, opt->beta2, opt->eps, opt->weight_decay};
+    cpu_adamw_step(m, t->mom1, t->mom2, &h, opt->step, scale);
+}
+
+static float trainer_eval_loss(Trainer *t, const int32_t *tokens, const int32_t *targets) {
+    if (t->backend == BACKEND_GPU) return gpu_model_eval_loss(&t->gpu, tokens, targets);
+    return cpu_model_forward(&t->cpu, tokens, targets, t->B, t->S);
+}
+
+// logits (V) at the last of n_tokens (1 <= n_tokens <= S) tokens of one sequence.
+static void trainer_next_logits(Trainer *t, const int32_t *tokens, int n_tokens, float *logits) {
+    if (t->backend == BACKEND_GPU) {
+        gpu_model_next_token_logits(&t->gpu, tokens, n_tokens, logits);
+        return;
+    }
+    cpu_model_forward(&t->cpu, tokens, NULL, 1, n_tokens);
+    memcpy(logits, t->cpu.logits + (size_t)(n_tokens - 1) * t->c.vocab_size, (size_t)t->c.vocab_size * sizeof(float));
+}
+
+static void trainer_get_params(Trainer *t, uint16_t *params_bf16) {
+    if (t->backend == BACKEND_GPU) gpu_model_get_params(&t->gpu, params_bf16);
+    else cpu_model_store_bf16(&t->cpu, params_bf16);
+}
+
+// Optimizer state for the checkpoint. CPU: m1 | m2 | fp32 params (the master weights).
+// GPU: the blob of gpu_model_get_optimizer_state (moments, master weights, previous grad norm).
+static size_t trainer_state_bytes(Trainer *t) {
+    if (t->backend == BACKEND_GPU) return gpu_model_optimizer_state_bytes(&t->gpu);
+    return 3 * t->layout.total * sizeof(float);
+}
+
+static void trainer_get_state(Trainer *t, void *buf) {
+    if (t->backend == BACKEND_GPU) {
+        gpu_model_get_optimizer_state(&t->gpu, buf);
+        return;
+    }
+    size_t n = t->layout.total;
+    float *f = (float *)buf;
+    memcpy(f, t->mom1, n * sizeof(float));
+    memcpy(f + n, t->mom2, n * sizeof(float));
+    memcpy(f + 2 * n, t->cpu.params, n * sizeof(float));
+}
+
+static void trainer_set_state(Trainer *t, const void *buf) {
+    if (t->backend == BACKEND_GPU) {
+        gpu_model_set_optimizer_state(&t->gpu, buf);
+        return;
+    }
+    size_t n = t->layout.total;
+    const float *f = (const float *)buf;
+    memcpy(t->mom1, f, n * sizeof(float));
+    memcpy(t->mom2, f + n, n * sizeof(float));
+    memcpy(t->cpu.params, f + 2 * n, n * sizeof(float));
+}
+
+typedef struct { double used, total, plan, peak; } MemLine;  // GiB
+
+static MemLine trainer_memory(Trainer *t) {
+    MemLine l;
+    if (t->backend == BACKEND_GPU) {
+        MemoryReport r;
+        gpu_model_memory_report(&t->gpu, &r);
+        l.used = gib(r.device_used);
+        l.total = gib(r.device_total);
+        l.plan = gib(r.planned);
+        l.peak = gib(r.peak_used);
+    } else {
+        l.used = l.plan = l.peak = gib(cpu_path_bytes(&t->c, t->B, t->S));
+        l.total = gib(physical_memory());
+    }
+    return l;
+}
+
+static void trainer_free(Trainer *t) {
+    if (t->backend == BACKEND_GPU) {
+        gpu_model_free(&t->gpu);
+        gpu_model_release_handles();
+        return;
+    }
+    cpu_model_free(&t->cpu);
+    free(t->mom1);
+    free(t->mom2);
+}
+
+// ----------------------------------------------------------------------------
+// Checkpoints: <dir>/model_<step>.bin (model.bin, bf16: the weights for export) and
+// <dir>/state_<step>.bin, both written to a .tmp file and renamed.
+//
+// state_<step>.bin, little-endian: STATE_HEADER_INTS int64
+//   [0] magic STATE_MAGIC ('M','T','S','S')  [1] version  [2] backend (0 CPU, 1 GPU)  [3] step
+//   [4] parameter count  [5] FNV-1a hash of the model.bin header of the config
+//   [6] RNG state  [7..11] DataPosition of the train loader (epoch, shard, cursor, seq_len, n_shards)
+//   [12] payload bytes  [13] moment type (GPU)  [14] master weights (GPU)  [15] FNV-1a hash of the payload
+//   rest 0
+// then the payload: trainer_get_state's bytes (CPU: fp32 m1 | m2 | params; GPU: gpu_model's blob,
+// which holds the previous grad norm used by the optimizer-in-backward clip).
+
+#define STATE_MAGIC 0x5353544DLL  // bytes 'M','T','S','S'
+#define STATE_VERSION 1
+#define STATE_HEADER_INTS 64
+
+static uint64_t fnv1a(const void *data, size_t n, uint64_t h) {
+    const unsigned char *p = (const unsigned char *)data;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001B3ULL;
+    return h;
+}
+
+static int64_t config_hash(const ModelConfig *c) {
+    int32_t header[MODEL_HEADER_INTS];
+    config_to_header(c, header);
+    return (int64_t)fnv1a(header, sizeof(header), 0xCBF29CE484222325ULL);
+}
+
+static void ckpt_path(char *out, size_t len, const char *dir, const char *kind, int step) {
+    snprintf(out, len, "%s/%s_%d.bin", dir, kind, step);
+}
+
+static void ensure_dir(const char *dir) {
+    struct stat st;
+    if (stat(dir, &st) == 0) {
+        if (!S_ISDIR(st.st_mode)) die("--ckpt-dir %s exists and is not a directory", dir);
+        return;
+    }
+    if (mkdir(dir, 0755) != 0) die("cannot create checkpoint directory %s: %s", dir, strerror(errno));
+}
+
+// Steps of the checkpoints in dir that have both files, ascending. Returns the count (*steps malloc'd).
+static int ckpt_list(const char *dir, int **steps) {
+    char pattern[4096];
+    snprintf(pattern, sizeof(pattern), "%s/state_*.bin", dir);
+    glob_t g;
+    int n = 0;
+    *steps = NULL;
+    if (glob(pattern, 0, NULL, &g) != 0) return 0;
+    *steps = (int *)mallocCheck(g.gl_pathc * sizeof(int));
+    for (size_t i = 0; i < g.gl_pathc; i++) {
+        const char *base = strrchr(g.gl_pathv[i], '/') + 1;
+        int step;
+        char tail[8], model[4096];
+        if (sscanf(base, "state_%d%7s", &step, tail) != 2 || strcmp(tail, ".bin") != 0) continue;
+        ckpt_path(model, sizeof(model), dir, "model", step);
+        if (access(model, R_OK) == 0) (*steps)[n++] = step;
+    }
+    globfree(&g);
+    for (int i = 1; i < n; i++)  // insertion sort: a handful of entries
+        for (int j = i; j > 0 && (*steps)[j - 1] > (*steps)[j]; j--) {
+            int x = (*steps)[j];
+            (*steps)[j] = (*steps)[j - 1];
+            (*steps)[j - 1] = x;
+        }
+    return n;
+}
+
+// Deletes all but the newest keep checkpoints.
+static void ckpt_prune(const char *dir, int keep) {
+    int *steps, n = ckpt_list(dir, &steps);
+    for (int i = 0; i < n - keep; i++) {
+        char p[4096];
+        ckpt_path(p, sizeof(p), dir, "model", steps[i]);
+        if (remove(p) != 0) die("cannot delete old checkpoint %s: %s", p, strerror(errno));
+        ckpt_path(p, sizeof(p), dir, "state", steps[i]);
+        if (remove(p) != 0) die("cannot delete old checkpoint %s: %s", p, strerror(errno));
+    }
+    free(steps);
+}
+
+static void ckpt_save(Trainer *t, const char *dir, int keep, int step, uint64_t rng, DataPosition pos) {
+    ensure_dir(dir);
+    char path[4096], tmp[4200];
+    uint16_t *bf16 = (uint16_t *)mallocCheck(t->layout.total * sizeof(uint16_t));
+    trainer_get_params(t, bf16);
+    ckpt_path(path, sizeof(path), dir, "model", step);
+    model_save_bf16(&t->c, bf16, path);
+    free(bf16);
+
+    size_t bytes = trainer_state_bytes(t);
+    void *payload = mallocCheck(bytes);
+    trainer_get_state(t, payload);
+    int64_t h[STATE_HEADER_INTS];
+    memset(h, 0, sizeof(h));
+    h[0] = STATE_MAGIC;
+    h[1] = STATE_VERSION;
+    h[2] = t->backend;
+    h[3] = step;
+    h[4] = (int64_t)t->layout.total;
+    h[5] = config_hash(&t->c);
+    h[6] = (int64_t)rng;
+    h[7] = pos.epoch;
+    h[8] = pos.shard;
+    h[9] = pos.cursor;
+    h[10] = pos.seq_len;
+    h[11] = pos.n_shards;
+    h[12] = (int64_t)bytes;
+    h[13] = t->backend == BACKEND_GPU ? (int64_t)t->gs.moment_type : 0;
+    h[14] = t->backend == BACKEND_GPU ? t->gs.master_weights : 0;
+    h[15] = (int64_t)fnv1a(payload, bytes, 0xCBF29CE484222325ULL);
+    ckpt_path(path, sizeof(path), dir, "state", step);
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    FILE *f = fopenCheck(tmp, "wb");
+    fwriteCheck(h, sizeof(int64_t), STATE_HEADER_INTS, f, tmp);
+    fwriteCheck(payload, 1, bytes, f, tmp);
+    fcloseCheck(f, tmp);
+    rename_check(tmp, path);
+    free(payload);
+    ckpt_prune(dir, keep);
+    printf("checkpoint: %s/model_%d.bin + state_%d.bin\n", dir, step, step);
+}
+
+// Reads the state file header; checks magic, version, size and that it belongs to model c.
+static void state_read_header(int64_t h[STATE_HEADER_INTS], const char *path, const ModelConfig *c) {
+    FILE *f = fopenCheck(path, "rb");
+    long size = file_size_bytes(f, path);
+    if (size < (long)(STATE_HEADER_INTS * sizeof(int64_t)))
+        die("%s: truncated: %ld bytes, smaller than the %zu-byte state header", path, size, STATE_HEADER_INTS * sizeof(int64_t));
+    freadCheck(h, sizeof(int64_t), STATE_HEADER_INTS, f, path);
+    fcloseCheck(f, path);
+    if (h[0] != STATE_MAGIC) die("%s: bad magic 0x%08llx (expected 0x%08llx): not a train_llama state file", path, (unsigned long long)h[0], (unsigned long long)STATE_MAGIC);
+    if (h[1] != STATE_VERSION) die("%s: unsupported state version %lld (this build reads version %d)", path, (long long)h[1], STATE_VERSION);
+    if (h[12] < 0 || size != (long)(STATE_HEADER_INTS * sizeof(int64_t)) + h[12])
+        die("%s: size %ld bytes disagrees with its header (%lld payload bytes): %s", path, size, (long long)h[12],
+            size < (long)(STATE_HEADER_INTS * sizeof(int64_t)) + h[12] ? "truncated" : "trailing bytes");
+    ParamLayout l;
+    param_layout_init(&l, c);
+    if (h[4] != (int64_t)l.total || h[5] != config_hash(c))
+        die("%s: the state belongs to another model (%lld parameters, config hash %016llx; the model has %zu, %016llx)",
+            path, (long long)h[4], (unsigned long long)h[5], l.total, (unsigned long long)config_hash(c));
+}
+
+// Loads the state into the trainer; returns the step, sets *rng and *pos.
+static int state_load(Trainer *t, const char *path, uint64_t *rng, DataPosition *pos) {
+    int64_t h[STATE_HEADER_INTS];
+    state_read_header(h, path, &t->c);
+    if (h[2] != t->backend)
+        die("%s: written by the %s path; this run uses the %s path (the optimizer states differ: resume on the same backend)",
+            path, h[2] == BACKEND_GPU ? "GPU" : "CPU", t->backend == BACKEND_GPU ? "GPU" : "CPU");
+    size_t bytes = trainer_state_bytes(t);
+    if ((size_t)h[12] != bytes)
+        die("%s: %lld bytes of optimizer state, this run needs %zu (other --moments or --master-weights? the file has moments %s, master %lld)",
+            path, (long long)h[12], bytes, h[13] == DT_FP32 ? "fp32" : "bf16", (long long)h[14]);
+    void *payload = mallocCheck(bytes);
+    FILE *f = fopenCheck(path, "rb");
+    fseekCheck(f, STATE_HEADER_INTS * sizeof(int64_t), SEEK_SET, path);
+    freadCheck(payload, 1, bytes, f, path);
+    fcloseCheck(f, path);
+    if ((int64_t)fnv1a(payload, bytes, 0xCBF29CE484222325ULL) != h[15]) die("%s: corrupted: the optimizer state's checksum does not match", path);
+    trainer_set_state(t, payload);
+    free(payload);
+    *rng = (uint64_t)h[6];
+    pos->epoch = h[7];
+    pos->shard = h[8];
+    pos->cursor = h[9];
+    pos->seq_len = h[10];
+    pos->n_shards = h[11];
+    return (int)h[3];
+}
+
+// --resume latest|PATH -> the state file path; the model file is its model_<step>.bin sibling.
+static void resume_paths(const Options *o, char *state, char *model, size_t len) {
+    if (strcmp(o->resume, "latest") == 0) {
+        int *steps, n = ckpt_list(o->ckpt_dir, &steps);
+        if (n == 0) die("--resume latest: no checkpoint (model_<step>.bin + state_<step>.bin) in %s", o->ckpt_dir);
+        ckpt_path(state, len, o->ckpt_dir, "state", steps[n - 1]);
+        ckpt_path(model, len, o->ckpt_dir, "model", steps[n - 1]);
+        free(steps);
+        return;
+    }
+    snprintf(state, len, "%s", o->resume);
+    const char *slash = strrchr(o->resume, '/');
+    const char *base = slash ? slash + 1 : o->resume;
+    if (strncmp(base, "state_", 6) != 0) die("--resume %s: expected 'latest' or a path to a state_<step>.bin file", o->resume);
+    snprintf(model, len, "%.*smodel_%s", (int)(base - o->resume), o->resume, base + 6);
+}
+
+// ----------------------------------------------------------------------------
+// Sampling: temperature + top-p with the trainer's RNG, printed through the tokenizer.
+
+typedef struct { float p; int id; } ProbId;
+
+static int cmp_prob_desc(const void *a, const void *b) {
+    float x = ((const ProbId *)a)->p, y = ((const ProbId *)b)->p;
+    return x < y ? 1 : (x > y ? -1 : ((const ProbId *)a)->id - ((const ProbId *)b)->id);
+}
+
+// Picks a token id < n from logits (n): greedy when temperature is 0, else from the smallest set of
+// most likely tokens whose probability reaches top_p.
+static int sample_token(const float *logits, int n, float temperature, float top_p, ProbId *buf, uint64_t *rng) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
+    if (temperature == 0.0f) return best;
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) {
+        buf[i].id = i;
+        buf[i].p = expf((logits[i] - logits[best]) / temperature);
+        sum += buf[i].p;
+    }
+    qsort(buf, n, sizeof(ProbId), cmp_prob_desc);
+    double cum = 0.0;
+    int keep = 0;
+    while (keep < n && cum < top_p * sum) cum += buf[keep++].p;
+    double r = rng_uniform(rng) * cum, acc = 0.0;
+    for (int i = 0; i < keep; i++) {
+        acc += buf[i].p;
+        if (r < acc) return buf[i].id;
+    }
+    return buf[keep - 1].id;
+}
+
+static void sample_text(Trainer *t, const Tokenizer *tok, const Options *o, uint64_t *rng) {
+    int S = t->S, V = t->c.vocab_size, cap = o->sample_tokens + 4096;
+    int32_t *ids = (int32_t *)mallocCheck((size_t)cap * sizeof(int32_t));
+    int n = 0;
+    if (tok->bos_id >= 0) ids[n++] = tok->bos_id;
+    if (tok->pretokenizer != PRETOK_NONE) n += tokenizer_encode(tok, o->prompt, ids + n, cap - n - o->sample_tokens);
+    else printf("(this tokenizer is decode-only: sampling from BOS, not from the prompt)\n");
+    if (n == 0) ids[n++] = 0;
+    float *logits = (float *)mallocCheck((size_t)V * sizeof(float));
+    ProbId *buf = (ProbId *)mallocCheck((size_t)V * sizeof(ProbId));
+    printf("sample: ");
+    for (int i = 0; i < n; i++) {
+        if (ids[i] == tok->bos_id) continue;
+        size_t len;
+        const unsigned char *b = tokenizer_decode(tok, ids[i], &len);
+        fwrite(b, 1, len, stdout);
+    }
+    for (int k = 0; k < o->sample_tokens; k++) {
+        int ctx = n < S ? n : S;  // the last S tokens at most
+        trainer_next_logits(t, ids + n - ctx, ctx, logits);
+        int id = sample_token(logits, tok->vocab_size, o->temperature, o->top_p, buf, rng);
+        if (id == tok->eos_id) break;
+        ids[n++] = id;
+        size_t len;
+        const unsigned char *b = tokenizer_decode(tok, id, &len);
+        fwrite(b, 1, len, stdout);
+    }
+    printf("\n");
+    fflush(stdout);
+    free(ids);
+    free(logits);
+    free(buf);
+}
+
+// ----------------------------------------------------------------------------
+// Evaluation: mean loss over the first eval_batches batches of the validation loader.
+
+static void evaluate(Trainer *t, DataLoader *val, int n_batches, int step, FILE *log) {
+    if (n_batches == 0) return;
+    dataloader_reset(val);
+    double sum = 0.0;
+    for (int i = 0; i < n_batches; i++) {
+        dataloader_next_batch(val);
+        sum += trainer_eval_loss(t, val->inputs, val->targets);
+    }
+    double loss = sum / n_batches;
+    printf("eval step %d | val loss %.4f | val ppl %.2f (%d batches)\n", step, loss, exp(loss), n_batches);
+    if (log) {
+        fprintf(log, "{\"step\": %d, \"val_loss\": %.6f, \"val_ppl\": %.4f}\n", step, loss, exp(loss));
+        fflush(log);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// The loop: learning rate, FLOPs, the log line.
+
+static float lr_at(const Options *o, int step) {
+    if (o->warmup > 0 && step <= o->warmup) return o->lr * step / o->warmup;
+    float min_lr = o->lr * o->min_lr_frac;
+    int span = o->steps - o->warmup;
+    float progress = span > 0 ? (float)(step - o->warmup) / span : 1.0f;
+    if (strcmp(o->schedule, "constant") == 0) return o->lr;
+    if (strcmp(o->schedule, "linear") == 0) return o->lr - (o->lr - min_lr) * progress;
+    return min_lr + (o->lr - min_lr) * 0.5f * (1.0f + cosf(3.14159265f * progress));
+}
+
+// Model FLOPs per token of a training step (forward + backward, no recomputation counted):
+// 6 * P, with P the matmul parameters (layers + LM head, config_matmul_params), plus attention:
+// per layer Q.K^T and P.V are 2 * 2 * S * Hq * hd in forward, x3 with backward -> 12 L S Hq hd
+// (the causal half is not subtracted, as in the PaLM MFU formula).
+static double flops_per_token(const ModelConfig *c, int S) {
+    return 6.0 * (double)config_matmul_params(c) + 12.0 * c->n_layers * (double)S * c->n_heads * c->head_dim;
+}
+
+// 12,345 style integer.
+static const char *commas(double v, char *buf, size_t len) {
+    char raw[64];
+    snprintf(raw, sizeof(raw), "%.0f", v);
+    int n = (int)strlen(raw), o = 0;
+    for (int i = 0; i < n && o + 2 < (int)len; i++) {
+        buf[o++] = raw[i];
+        if ((n - i - 1) % 3 == 0 && i < n - 1) buf[o++] = ',';
+    }
+    buf[o] = '\0';
+    return buf;
+}
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static void log_step(Trainer *t, int step, int steps, const StepOut *r, float lr, double ms, FILE *log) {
+    double tokens = (double)t->B * t->S * t->grad_accum;
+    double tok_s = tokens / (ms / 1e3), flops = flops_per_token(&t->c, t->S) * tok_s;
+    MemLine m = trainer_memory(t);
+    char tk[64], mfu[32];
+    if (t->backend == BACKEND_GPU && t->peak_flops > 0) snprintf(mfu, sizeof(mfu), "MFU %.1f%%", 100.0 * flops / t->peak_flops);
+    else snprintf(mfu, sizeof(mfu), "MFU n/a (cpu)");
+    printf("step %d/%d | loss %.4f | lr %.1e | norm %.2f | %.0f ms | %s tok/s | %.3f TFLOP/s | %s | ", step, steps,
+           r->loss, lr, r->grad_norm, ms, commas(tok_s, tk, sizeof(tk)), flops / 1e12, mfu);
+    if (t->backend == BACKEND_GPU) printf("mem %.2f/%.1f GiB (plan %.2f)\n", m.used, m.total, m.plan);
+    else printf("mem %.2f/%.1f GiB host (cpu)\n", m.used, m.total);
+    fflush(stdout);
+    if (!log) return;
+    char mfu_json[32];
+    if (t->backend == BACKEND_GPU && t->peak_flops > 0) snprintf(mfu_json, sizeof(mfu_json), "%.6f", flops / t->peak_flops);
+    else snprintf(mfu_json, sizeof(mfu_json), "null");
+    fprintf(log,
+            "{\"step\": %d, \"loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.3f, \"tok_per_s\": %.1f, \"tflops\": %.6f, "
+            "\"mfu\": %s, \"mem_gib\": %.4f, \"mem_plan_gib\": %.4f, \"peak_gib\": %.4f, \"backend\": \"%s\"}\n",
+            step, r->loss, lr, r->grad_norm, ms, tok_s, flops / 1e12, mfu_json, m.used, m.plan, m.peak,
+            t->backend == BACKEND_GPU ? "gpu" : "cpu");
+    fflush(log);
+}
+
+static volatile sig_atomic_t g_stop = 0;  // set by SIGINT / SIGTERM; checked at the end of each step
+
+static void on_signal(int sig) { g_stop = sig; }
+
+// ----------------------------------------------------------------------------
+// --plan-only: the memory plan from a preset or a model.bin header, no GPU and no weights.
+
+static int plan_only(const Options *o) {
+    ModelConfig c;
+    if (o->preset) {
+        if (!mst_preset(o->preset, &c)) {
+            fprintf(stderr, "error: unknown --preset '%s'; known:", o->preset);
+            for (int i = 0; i < MST_PRESET_COUNT; i++) fprintf(stderr, " %s", MST_PRESETS[i]);
+            fprintf(stderr, "\n");
+            return 1;
+        }
+    } else if (o->model) {
+        model_read_config(&c, o->model);
+    } else {
+        die("--plan-only needs --preset NAME or --model PATH");
+    }
+    if (o->gpu_mem_gib <= 0.0f) die("--plan-only needs --gpu-mem GiB (the device budget to plan for)");
+    MstSettings s;
+    memset(&s, 0, sizeof(s));
+    s.B = o->batch_given ? o->batch : 1;
+    s.S = o->seq_len;
+    s.mst_chunks = o->mst_chunks;
+    s.vocab_chunk = o->vocab_chunk;
+    s.recompute = o->recompute;
+    s.offload = o->offload;
+    s.grad_accum_steps = o->grad_accum;
+    s.moment_bytes = strcmp(o->moments, "fp32") == 0 ? 4 : 2;
+    s.master_weights = o->master_weights;
+    MstKernelFigures fig;
+    mst_kernel_figures_estimate(&c, s.B, s.S, &fig);
+    size_t device = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0), host = physical_memory() / 4 * 3;
+    MemoryPlan p;
+    char msg[8192];
+    printf("plan for %s (%s), B=%d S=%d, device budget %.1f GiB, host budget %.1f GiB (3/4 of this machine's memory)\n",
+           o->preset ? o->preset : o->model, family_name(c.family), s.B, s.S, gib(device), gib(host));
+    if (!mst_plan_auto(&p, &c, &s, &fig, device, host, msg, sizeof(msg))) {
+        printf("%s", msg);
+        return 1;
+    }
+    mst_plan_print(&p, stdout);
+    printf("fits: %.2f GiB device (arena %.2f + cuBLASLt %.2f), %.2f GiB pinned host\n",
+           gib(p.device_total + p.device_external), gib(p.device_total), gib(p.device_external), gib(p.host_total));
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// main
+
+int main(int argc, char **argv) {
+    Options o = options_parse(argc, argv);
+    if (o.plan_only) return plan_only(&o);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+
+    // model: a checkpoint to resume, a model.bin, or the default random init
+    Tokenizer tok;
+    tokenizer_init(&tok, o.tokenizer);
+    ModelConfig c;
+    ParamLayout layout;
+    uint16_t *params;
+    char state_file[4096] = "", model_file[4096] = "";
+    if (o.resume) {
+        resume_paths(&o, state_file, model_file, sizeof(state_file));
+        if (o.model) printf("note: --resume takes the weights from %s, not --model %s\n", model_file, o.model);
+        params = model_load_bf16(&c, &layout, model_file);
+    } else if (o.model) {
+        params = model_load_bf16(&c, &layout, o.model);
+    } else {
+        params = random_init_model(&c, &layout, tok.vocab_size, o.seed);
+        printf("model: none given: a small random-init Llama (seed %llu)\n", (unsigned long long)o.seed);
+    }
+    char n_params[32];
+    if (tok.vocab_size > c.vocab_size)
+        die("tokenizer %s has vocab_size %d, more than the model's %d: they do not belong together", o.tokenizer, tok.vocab_size, c.vocab_size);
+    printf("model: %s | vocab %d | d %d | %d layers | %d heads (%d kv) x %d | d_ff %d | %s parameters\n",
+           family_name(c.family), c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff,
+           commas((double)layout.total, n_params, sizeof(n_params)));
+
+    // backend
+    int backend = BACKEND_CPU;
+    if (!o.cpu && cuda_device_count() > 0) backend = BACKEND_GPU;
+    else if (!o.cpu) printf("no GPU found: training on the CPU reference path (fp32, OpenMP)\n");
+    else printf("--cpu: training on the CPU reference path (fp32, OpenMP)\n");
+    if (backend == BACKEND_GPU && o.skip_nonfinite)
+        printf("note: on the GPU the update runs inside the backward pass, so a non-finite step stops the run even with --skip-nonfinite\n");
+
+    // data: the loaders check every token id against the model's vocabulary
+    DataLoader train, val;
+    dataloader_init(&train, o.train, o.batch, o.seq_len, c.vocab_size, 1, o.seed);
+    dataloader_init(&val, o.val, o.batch, o.seq_len, c.vocab_size, 0, 0);
+
+    Trainer t;
+    trainer_init(&t, backend, &c, params, &o);
+    free(params);
+    uint64_t rng = rng_seed(o.seed);
+    int start = 0;
+    if (o.resume) {
+        DataPosition pos;
+        start = state_load(&t, state_file, &rng, &pos);
+        dataloader_set_position(&train, pos);
+        printf("resumed from %s at step %d\n", state_file, start);
+    }
+    if (start > o.steps) die("the checkpoint is at step %d, past --steps %d", start, o.steps);
+
+    FILE *log = NULL;
+    if (o.log) log = fopenCheck(o.log, o.resume ? "a" : "w");
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    printf("training: steps %d..%d | B=%d S=%d accum %d (%d tokens/step) | lr %g %s, warmup %d | %s\n", start + 1, o.steps,
+           o.batch, o.seq_len, o.grad_accum, o.batch * o.seq_len * o.grad_accum, o.lr, o.schedule, o.warmup,
+           backend == BACKEND_GPU ? "GPU" : "CPU");
+
+    int last_eval = -1, last_sample = -1, last_ckpt = start;
+    for (int step = start + 1; step <= o.steps; step++) {
+        OptimizerStep opt = {lr_at(&o, step), o.beta1, o.beta2, o.eps, o.weight_decay, o.clip, step, (uint32_t)(o.seed + step)};
+        double t0 = now_ms();
+        StepOut r;
+        trainer_step(&t, &train, &opt, &r);
+        double ms = now_ms() - t0;
+        if (!isfinite(r.loss) || !isfinite(r.grad_norm)) {
+            if (!(o.skip_nonfinite && backend == BACKEND_CPU))
+                die("step %d: non-finite %s (loss %g, grad norm %g): stopping without a checkpoint of this state "
+                    "(the last good one is step %d; lower --lr or pass --skip-nonfinite)",
+                    step, isfinite(r.loss) ? "grad norm" : "loss", r.loss, r.grad_norm, last_ckpt);
+            printf("step %d/%d | non-finite loss %g / grad norm %g: update skipped\n", step, o.steps, r.loss, r.grad_norm);
+        } else {
+            log_step(&t, step, o.steps, &r, opt.lr, ms, log);
+        }
+        if (o.eval_every > 0 && step % o.eval_every == 0) { evaluate(&t, &val, o.eval_batches, step, log); last_eval = step; }
+        if (o.sample_every > 0 && o.sample_tokens > 0 && step % o.sample_every == 0) { sample_text(&t, &tok, &o, &rng); last_sample = step; }
+        if ((o.ckpt_every > 0 && step % o.ckpt_every == 0) || g_stop) {
+            ckpt_save(&t, o.ckpt_dir, o.keep_last, step, rng, dataloader_get_position(&train));
+            last_ckpt = step;
+        }
+        if (g_stop) {
+            printf("%s received: stopped after step %d with a checkpoint; continue with --resume latest\n",
+                   g_stop == SIGINT ? "SIGINT" : "SIGTERM", step);
+            if (log) fclose(log);
+            trainer_free(&t);
+            return 0;
+        }
+    }
+    // the end: a final checkpoint, then evaluation and a sample (after it, so the saved RNG state
+    // is the one a resumed run continues with)
+    if (last_ckpt != o.steps) ckpt_save(&t, o.ckpt_dir, o.keep_last, o.steps, rng, dataloader_get_position(&train));
+    if (last_eval != o.steps) evaluate(&t, &val, o.eval_batches, o.steps, log);
+    if (last_sample != o.steps && o.sample_tokens > 0) sample_text(&t, &tok, &o, &rng);
+
+    if (log) fcloseCheck(log, o.log);
+    trainer_free(&t);
+    dataloader_free(&train);
+    dataloader_free(&val);
+    tokenizer_free(&tok);
+    return 0;
+}
