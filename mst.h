@@ -508,7 +508,6 @@ static inline void preset_base(ModelConfig *c, int family, int V, int d, int L, 
     c->sliding_period = 1;
     c->norm_eps = eps;
     c->rope_theta = theta;
-    c->rope_factor = 1.0f;
     c->query_scale = 1.0f / sqrtf((float)hd);
     c->embed_scale = 1.0f;
 }

@@ -44,6 +44,7 @@ typedef struct {
     const char *ckpt_dir, *resume, *log;
     int ckpt_every, keep_last;
     uint64_t seed;
+    int stop_after;           // 0: run to --steps; else stop (with a checkpoint) after this step
     int cpu, skip_nonfinite, plan_only;
 } Options;
 
@@ -54,9 +55,9 @@ static Options options_default(void) {
     o.train = "data/default/train_*.bin";
     o.val = "data/default/val.bin";
     o.seq_len = 128;
-    o.batch = 4;
+    o.batch = 8;
     o.grad_accum = 1;
-    o.steps = 60;
+    o.steps = 100;
     o.lr = 3e-3f;
     o.min_lr_frac = 0.1f;
     o.warmup = 5;
@@ -68,15 +69,15 @@ static Options options_default(void) {
     o.clip = 1.0f;
     o.moments = "bf16";
     o.recompute = 1;
-    o.eval_every = 20;
+    o.eval_every = 25;
     o.eval_batches = 4;
-    o.sample_every = 0;
+    o.sample_every = 50;
     o.sample_tokens = 48;
     o.prompt = "And God said";
     o.temperature = 0.8f;
     o.top_p = 0.9f;
     o.ckpt_dir = "checkpoints";
-    o.ckpt_every = 0;
+    o.ckpt_every = 50;
     o.keep_last = 2;
     o.seed = 1337;
     return o;
@@ -126,6 +127,7 @@ static void usage(FILE *f) {
             "  --ckpt-every N        checkpoint every N steps, 0 = only at the end (default %d)\n"
             "  --keep-last K         checkpoints kept (default %d)\n"
             "  --resume latest|PATH  continue from the newest checkpoint in --ckpt-dir, or a state_<step>.bin\n"
+            "  --stop-after N        stop after step N with a checkpoint (splits a run: the lr schedule still spans --steps)\n"
             "  --seed N              init, data order and sampling seed (default %llu)\n"
             "  --log FILE            JSONL log, one object per step / evaluation\n"
             "  --skip-nonfinite      skip a step with a NaN/Inf loss or grad norm instead of stopping (CPU path)\n"
@@ -169,6 +171,20 @@ static const char *parse_choice(const char *flag, const char *s, const char *a, 
     return NULL;
 }
 
+// Options that take a value.
+static const char *const VALUE_FLAGS[] = {
+    "--model", "--tokenizer", "--train", "--val", "--preset", "--seq-len", "--batch", "--grad-accum", "--steps", "--lr",
+    "--min-lr-frac", "--warmup", "--schedule", "--weight-decay", "--beta1", "--beta2", "--eps", "--clip", "--moments",
+    "--mst", "--vocab-chunk", "--recompute", "--offload", "--gpu-mem", "--eval-every", "--eval-batches", "--sample-every",
+    "--sample-tokens", "--prompt", "--temperature", "--top-p", "--ckpt-dir", "--ckpt-every", "--keep-last", "--resume",
+    "--stop-after", "--seed", "--log"};
+
+static int is_value_flag(const char *a) {
+    for (size_t i = 0; i < sizeof(VALUE_FLAGS) / sizeof(VALUE_FLAGS[0]); i++)
+        if (strcmp(a, VALUE_FLAGS[i]) == 0) return 1;
+    return 0;
+}
+
 static Options options_parse(int argc, char **argv) {
     Options o = options_default();
     for (int i = 1; i < argc; i++) {
@@ -179,6 +195,7 @@ static Options options_parse(int argc, char **argv) {
         if (strcmp(a, "--skip-nonfinite") == 0) { o.skip_nonfinite = 1; continue; }
         if (strcmp(a, "--plan-only") == 0) { o.plan_only = 1; continue; }
         if (strncmp(a, "--", 2) != 0) die("unexpected argument '%s' (see --help)", a);
+        if (!is_value_flag(a)) die("unknown option '%s' (see --help)", a);
         if (i + 1 >= argc) die("%s needs a value (see --help)", a);
         const char *v = argv[++i];
         if (strcmp(a, "--model") == 0) o.model = v;
@@ -216,9 +233,10 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--ckpt-every") == 0) o.ckpt_every = (int)parse_int(a, v, 0, INT32_MAX);
         else if (strcmp(a, "--keep-last") == 0) o.keep_last = (int)parse_int(a, v, 1, 1 << 20);
         else if (strcmp(a, "--resume") == 0) o.resume = v;
+        else if (strcmp(a, "--stop-after") == 0) o.stop_after = (int)parse_int(a, v, 1, INT32_MAX);
         else if (strcmp(a, "--seed") == 0) o.seed = (uint64_t)parse_int(a, v, 0, INT64_MAX);
         else if (strcmp(a, "--log") == 0) o.log = v;
-        else die("unknown option '%s' (see --help)", a);
+        else die("internal: option '%s' has no handler", a);
     }
     if (o.preset && !o.plan_only) die("--preset NAME plans a published config without weights: use it with --plan-only");
     if (o.recompute == 0 && o.offload == 1) die("--offload 1 needs --recompute 1 (only recomputed layers can keep their inputs on the host)");
@@ -566,7 +584,7 @@ static void ckpt_prune(const char *dir, int keep) {
 
 static void ckpt_save(Trainer *t, const char *dir, int keep, int step, uint64_t rng, DataPosition pos) {
     ensure_dir(dir);
-    char path[4096], tmp[4200];
+    char path[4000], tmp[4100];
     uint16_t *bf16 = (uint16_t *)mallocCheck(t->layout.total * sizeof(uint16_t));
     trainer_get_params(t, bf16);
     ckpt_path(path, sizeof(path), dir, "model", step);
@@ -693,6 +711,7 @@ static int sample_token(const float *logits, int n, float temperature, float top
         buf[i].p = expf((logits[i] - logits[best]) / temperature);
         sum += buf[i].p;
     }
+    if (!(sum > 0.0) || !isfinite(sum)) return best;  // non-finite logits: nothing to sample from
     qsort(buf, n, sizeof(ProbId), cmp_prob_desc);
     double cum = 0.0;
     int keep = 0;
@@ -912,14 +931,14 @@ int main(int argc, char **argv) {
     if (backend == BACKEND_GPU && o.skip_nonfinite)
         printf("note: on the GPU the update runs inside the backward pass, so a non-finite step stops the run even with --skip-nonfinite\n");
 
+    Trainer t;
+    trainer_init(&t, backend, &c, params, &o);
+    free(params);
+
     // data: the loaders check every token id against the model's vocabulary
     DataLoader train, val;
     dataloader_init(&train, o.train, o.batch, o.seq_len, c.vocab_size, 1, o.seed);
     dataloader_init(&val, o.val, o.batch, o.seq_len, c.vocab_size, 0, 0);
-
-    Trainer t;
-    trainer_init(&t, backend, &c, params, &o);
-    free(params);
     uint64_t rng = rng_seed(o.seed);
     int start = 0;
     if (o.resume) {
@@ -938,7 +957,7 @@ int main(int argc, char **argv) {
            o.batch, o.seq_len, o.grad_accum, o.batch * o.seq_len * o.grad_accum, o.lr, o.schedule, o.warmup,
            backend == BACKEND_GPU ? "GPU" : "CPU");
 
-    int last_eval = -1, last_sample = -1, last_ckpt = start;
+    int last_eval = -1, last_sample = -1, last_ckpt = start, stopped = 0;
     for (int step = start + 1; step <= o.steps; step++) {
         OptimizerStep opt = {lr_at(&o, step), o.beta1, o.beta2, o.eps, o.weight_decay, o.clip, step, (uint32_t)(o.seed + step)};
         double t0 = now_ms();
@@ -956,23 +975,25 @@ int main(int argc, char **argv) {
         }
         if (o.eval_every > 0 && step % o.eval_every == 0) { evaluate(&t, &val, o.eval_batches, step, log); last_eval = step; }
         if (o.sample_every > 0 && o.sample_tokens > 0 && step % o.sample_every == 0) { sample_text(&t, &tok, &o, &rng); last_sample = step; }
-        if ((o.ckpt_every > 0 && step % o.ckpt_every == 0) || g_stop) {
+        int stop_here = g_stop || step == o.stop_after;
+        if ((o.ckpt_every > 0 && step % o.ckpt_every == 0) || stop_here) {
             ckpt_save(&t, o.ckpt_dir, o.keep_last, step, rng, dataloader_get_position(&train));
             last_ckpt = step;
         }
-        if (g_stop) {
-            printf("%s received: stopped after step %d with a checkpoint; continue with --resume latest\n",
-                   g_stop == SIGINT ? "SIGINT" : "SIGTERM", step);
-            if (log) fclose(log);
-            trainer_free(&t);
-            return 0;
+        if (stop_here && step < o.steps) {
+            printf("%s: stopped after step %d with a checkpoint; continue with --resume latest\n",
+                   g_stop == SIGINT ? "SIGINT received" : g_stop == SIGTERM ? "SIGTERM received" : "--stop-after", step);
+            stopped = 1;
+            break;
         }
     }
     // the end: a final checkpoint, then evaluation and a sample (after it, so the saved RNG state
     // is the one a resumed run continues with)
-    if (last_ckpt != o.steps) ckpt_save(&t, o.ckpt_dir, o.keep_last, o.steps, rng, dataloader_get_position(&train));
-    if (last_eval != o.steps) evaluate(&t, &val, o.eval_batches, o.steps, log);
-    if (last_sample != o.steps && o.sample_tokens > 0) sample_text(&t, &tok, &o, &rng);
+    if (!stopped) {
+        if (last_ckpt != o.steps) ckpt_save(&t, o.ckpt_dir, o.keep_last, o.steps, rng, dataloader_get_position(&train));
+        if (last_eval != o.steps) evaluate(&t, &val, o.eval_batches, o.steps, log);
+        if (last_sample != o.steps && o.sample_tokens > 0) sample_text(&t, &tok, &o, &rng);
+    }
 
     if (log) fcloseCheck(log, o.log);
     trainer_free(&t);

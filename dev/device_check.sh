@@ -7,27 +7,27 @@
 #   kernels  build/test_kernels, build/test_matmul, build/test_attention: correctness, then timings
 #   model    build/test_llama: the whole model against the Hugging Face references, every memory setting
 #   hf       python3 scripts/check_hf_roundtrip.py: model.bin -> HF -> transformers matches the references
-#   train    ./train_llama (the default run) on the GPU, then the final checkpoint exported with
-#            scripts/export_hf.py --to-hf and loaded by transformers (its loss on val.bin must beat
-#            a uniform guess)
+#   train    ./train_llama (the default run, plus --log $OUT/train.jsonl) on the GPU path, then the
+#            final checkpoint exported with scripts/export_hf.py --to-hf and loaded by transformers
+#            (its loss on val.bin must beat a uniform guess)
 #   all      build, kernels, model, hf, train in order, stopping at the first failure
 #
 # Each stage writes $OUT/<stage>.log (nvidia-smi -L and the date first) and the script ends with one
 # line per stage that ran: PASS or FAIL and its seconds. Exit status 0 only when every stage passed.
-# A GPU test that reports "skipped" (no GPU visible) counts as a failure here.
+# A GPU test that reports it found no GPU (and so skipped its checks) counts as a failure here.
 # Every command runs under a shared deadline of TIME_BUDGET seconds (default 570) so that the summary
 # is printed before the device's 10-minute limit; `all` may need more than one call's time, in which
 # case run the stages one by one.
-# Environment: OUT (default ./device_out), TIME_BUDGET, PEAK_TFLOPS (the roofline that test_matmul
+# Environment: OUT (default /tmp/device_check_out), TIME_BUDGET, PEAK_TFLOPS (the roofline that test_matmul
 # and test_attention print percentages of; their default when unset), ARCH (passed on to make).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off on the lent machines
 export OMP_WAIT_POLICY=passive
 if [ -d /usr/local/cuda/bin ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
 
-OUT=${OUT:-$PWD/device_out}
+OUT=${OUT:-/tmp/device_check_out}
 mkdir -p "$OUT"
 TIME_BUDGET=${TIME_BUDGET:-570}
 DEADLINE=$((SECONDS + TIME_BUDGET))
@@ -63,8 +63,8 @@ gpu_test() {
     echo "--- $* ($(date -u +%H:%M:%S))"
     timed "$@" 2>&1 | tee "$log"
     local rc=$?
-    if [ "$rc" -eq 0 ] && grep -qi 'skipped' "$log"; then
-        echo "error: $1 skipped its GPU checks" >&2
+    if [ "$rc" -eq 0 ] && grep -qiE 'no (cuda device|gpu)' "$log"; then
+        echo "error: $1 found no GPU and skipped its GPU checks" >&2
         rc=1
     fi
     rm -f "$log"
@@ -105,32 +105,25 @@ stage_hf() {
     timed python3 scripts/check_hf_roundtrip.py
 }
 
-# The newest model file under checkpoints/ (the final checkpoint of the run just made).
-final_checkpoint() {
-    find checkpoints -type f -name '*.bin' -newer "$OUT/train.start" -printf '%T@ %p\n' 2>/dev/null \
-        | grep -E '/model[^/]*\.bin$' | sort -n | tail -n 1 | cut -d' ' -f2-
-}
-
 stage_train() {
     require_gpu || return 1
-    touch "$OUT/train.start"
     local log="$OUT/train_llama.out"
     echo "--- ./train_llama ($(date -u +%H:%M:%S))"
-    timed ./train_llama 2>&1 | tee "$log"
+    timed ./train_llama --log "$OUT/train.jsonl" 2>&1 | tee "$log"
     local rc=$?
     if [ "$rc" -ne 0 ]; then
         echo "error: ./train_llama exited $rc" >&2
         return 1
     fi
-    if grep -qi 'cpu path\|cpu reference path' "$log"; then
-        echo "error: ./train_llama ran the CPU path on a GPU machine" >&2
+    if ! grep -q '^training: .* | GPU$' "$log"; then
+        echo "error: ./train_llama did not train on the GPU path (its 'training: ...' line does not end in GPU)" >&2
         return 1
     fi
-    if [ -d logs ]; then cp -r logs "$OUT/train_logs"; fi
+    # The run's last "checkpoint: DIR/model_<step>.bin + state_<step>.bin" line names the final weights.
     local ckpt
-    ckpt=$(final_checkpoint)
-    if [ -z "$ckpt" ]; then
-        echo "error: no model checkpoint (checkpoints/**/model*.bin) was written by this run" >&2
+    ckpt=$(grep '^checkpoint: ' "$log" | tail -n 1 | sed -E 's/^checkpoint: ([^ ]+) .*/\1/')
+    if [ -z "$ckpt" ] || [ ! -f "$ckpt" ]; then
+        echo "error: ./train_llama printed no checkpoint line naming an existing model file" >&2
         return 1
     fi
     echo "--- final checkpoint: $ckpt"
@@ -148,9 +141,10 @@ import numpy as np
 import torch
 import transformers
 
+transformers.utils.logging.disable_progress_bar()
 hf_dir, val_path = sys.argv[1], sys.argv[2]
-raw = np.fromfile(val_path, dtype="<u4")
-header, n_tokens = raw[:256], int(raw[2])
+raw = np.fromfile(val_path, dtype="<u4")  # 256-int32 shard header ([2] = n_tokens), then the ids
+n_tokens = int(raw[2])
 tokens = raw[256:256 + n_tokens].astype(np.int64)[:512]
 model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
                                                           attn_implementation="eager")
@@ -176,7 +170,13 @@ run_stage() {
         echo "=== stage $name"
         date -u
         nvidia-smi -L 2>&1 || echo "(nvidia-smi failed)"
-        "stage_$name"
+        case "$name" in
+            build) stage_build ;;
+            kernels) stage_kernels ;;
+            model) stage_model ;;
+            hf) stage_hf ;;
+            train) stage_train ;;
+        esac
     } 2>&1 | tee "$OUT/$name.log"
     local rc=$?
     local verdict=PASS

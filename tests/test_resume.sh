@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# train_llama end to end on the CPU path (--cpu): checkpoints, bit-exact resume, bad inputs,
+# SIGINT, and the memory planner's --plan-only. Uses the default random-init model at a tiny
+# shape (S=32, B=2) on the shipped data. Ends with "N passed, M failed"; exits non-zero on failure.
+# Run from anywhere: `bash tests/test_resume.sh` (needs ./train_llama, built by `make`).
+set -u
+cd "$(dirname "$0")/.."
+BIN=${TRAIN_LLAMA:-./train_llama}
+export OMP_WAIT_POLICY=passive
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # the same thread team in every run: same float sums
+[ -x "$BIN" ] || { echo "error: $BIN not found: run make first"; echo "0 passed, 1 failed"; exit 1; }
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+TINY=(--cpu --seq-len 32 --batch 2 --eval-every 0 --eval-batches 2 --sample-tokens 8 --seed 7)
+
+passed=0
+failed=0
+ok() { passed=$((passed + 1)); echo "PASS  $1"; }
+bad() { failed=$((failed + 1)); echo "FAIL  $1"; }
+
+# step lines without the timing fields: "step 5/8 | loss ... | lr ... | norm ..."
+step_lines() { grep -E '^step [0-9]+/' "$1" | awk -F' \\| ' '{print $1 " | " $2 " | " $3 " | " $4}'; }
+
+# expect_fail NAME PATTERN COMMAND...: exits non-zero and stderr/stdout mention PATTERN
+expect_fail() {
+    local name=$1 pattern=$2
+    shift 2
+    "$@" > "$TMP/out.txt" 2>&1
+    local rc=$?
+    if [ $rc -ne 0 ] && grep -q -- "$pattern" "$TMP/out.txt"; then
+        ok "$name (exit $rc: $(grep -m1 -- "$pattern" "$TMP/out.txt"))"
+    else
+        bad "$name (exit $rc, expected non-zero with '$pattern'); output:"
+        tail -5 "$TMP/out.txt"
+    fi
+}
+
+# (1) 8 steps with a checkpoint every 4: model_8.bin + state_8.bin, older than the last 2 deleted
+A="$TMP/a"
+"$BIN" "${TINY[@]}" --steps 8 --ckpt-every 4 --ckpt-dir "$A" --log "$TMP/a.jsonl" > "$TMP/a.txt" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && [ -f "$A/model_8.bin" ] && [ -f "$A/state_8.bin" ] && [ -f "$A/model_4.bin" ] \
+    && [ "$(step_lines "$TMP/a.txt" | wc -l)" -eq 8 ] && [ "$(grep -c '"loss"' "$TMP/a.jsonl")" -eq 8 ] \
+    && grep -q '^sample: ' "$TMP/a.txt" && grep -q '^eval step 8 | val loss' "$TMP/a.txt"; then
+    ok "8-step run: 8 step lines, 8 JSONL lines, eval, sample, model_4/8 + state_4/8"
+else
+    bad "8-step run (exit $rc)"
+    tail -5 "$TMP/a.txt"
+fi
+
+K="$TMP/k"
+"$BIN" "${TINY[@]}" --steps 6 --ckpt-every 2 --keep-last 2 --sample-tokens 0 --eval-batches 0 --ckpt-dir "$K" > "$TMP/k.txt" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && [ "$(ls "$K" | tr '\n' ' ')" = "model_4.bin model_6.bin state_4.bin state_6.bin " ]; then
+    ok "--keep-last 2: checkpoints of steps 2, 4, 6 written, only 4 and 6 kept"
+else
+    bad "--keep-last 2 (exit $rc): $(ls "$K" 2>/dev/null | tr '\n' ' ')"
+fi
+
+# (2) 4 steps, then --resume latest to 8, in one directory: bit for bit the 8-step run. The lr
+# schedule of a 4-step run differs from an 8-step one unless it is constant, so this pair runs
+# --schedule constant (with warmup) against a matching uninterrupted run; (2b) splits a cosine
+# run with --stop-after.
+C="$TMP/c"
+R="$TMP/r"
+CONST=(--schedule constant --warmup 3)
+"$BIN" "${TINY[@]}" "${CONST[@]}" --steps 8 --ckpt-every 4 --ckpt-dir "$C" > "$TMP/c.txt" 2>&1 \
+    && "$BIN" "${TINY[@]}" "${CONST[@]}" --steps 4 --ckpt-dir "$R" > "$TMP/r1.txt" 2>&1 \
+    && "$BIN" "${TINY[@]}" "${CONST[@]}" --steps 8 --ckpt-every 4 --ckpt-dir "$R" --resume latest > "$TMP/r2.txt" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && cmp -s "$C/model_8.bin" "$R/model_8.bin" && cmp -s "$C/state_8.bin" "$R/state_8.bin" \
+    && [ "$(step_lines "$TMP/c.txt" | sed -n 5,8p)" = "$(step_lines "$TMP/r2.txt")" ] \
+    && [ "$(step_lines "$TMP/r2.txt" | wc -l)" -eq 4 ]; then
+    ok "4 steps + resume latest + 4 steps == 8 steps: model_8.bin, state_8.bin and step lines 5..8 identical"
+else
+    bad "resume (constant schedule) not bit-exact (exit $rc)"
+    diff <(step_lines "$TMP/c.txt" | sed -n 5,8p) <(step_lines "$TMP/r2.txt")
+fi
+
+S="$TMP/s"
+"$BIN" "${TINY[@]}" --steps 8 --stop-after 4 --ckpt-dir "$S" > "$TMP/s1.txt" 2>&1 \
+    && "$BIN" "${TINY[@]}" --steps 8 --ckpt-dir "$S" --resume "$S/state_4.bin" > "$TMP/s2.txt" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && grep -q 'stopped after step 4' "$TMP/s1.txt" && cmp -s "$A/model_8.bin" "$S/model_8.bin" \
+    && cmp -s "$A/state_8.bin" "$S/state_8.bin" \
+    && [ "$(step_lines "$TMP/a.txt" | sed -n 5,8p)" = "$(step_lines "$TMP/s2.txt")" ]; then
+    ok "cosine run split by --stop-after 4 and --resume state_4.bin == the 8-step run, bit for bit"
+else
+    bad "resume (cosine, --stop-after) not bit-exact (exit $rc)"
+    diff <(step_lines "$TMP/a.txt" | sed -n 5,8p) <(step_lines "$TMP/s2.txt")
+fi
+
+# (3) bad inputs: each exits non-zero with a clear message
+mkdir -p "$TMP/bad" "$TMP/other"
+cp "$A/model_8.bin" "$TMP/bad/model_8.bin"
+head -c 1000 "$A/state_8.bin" > "$TMP/bad/state_8.bin"
+expect_fail "truncated state file" "truncated" "$BIN" "${TINY[@]}" --steps 9 --ckpt-dir "$TMP/bad" --resume latest
+head -c $(( $(stat -c %s "$A/state_8.bin") - 4 )) "$A/state_8.bin" > "$TMP/bad/state_8.bin"
+expect_fail "state file missing its last 4 bytes" "truncated" "$BIN" "${TINY[@]}" --steps 9 --resume "$TMP/bad/state_8.bin"
+cp "$A/state_8.bin" "$TMP/bad/state_8.bin"
+printf '\x55' | dd of="$TMP/bad/state_8.bin" bs=1 seek=100000 conv=notrunc status=none
+expect_fail "corrupted state payload" "corrupted" "$BIN" "${TINY[@]}" --steps 9 --resume "$TMP/bad/state_8.bin"
+cp "$A/state_8.bin" "$TMP/bad/state_8.bin"
+printf 'XXXX' | dd of="$TMP/bad/state_8.bin" bs=1 seek=0 conv=notrunc status=none
+expect_fail "state file with bad magic" "bad magic" "$BIN" "${TINY[@]}" --steps 9 --resume "$TMP/bad/state_8.bin"
+head -c 4096 /dev/zero > "$TMP/zeros.bin"
+expect_fail "--model with bad magic" "bad magic" "$BIN" "${TINY[@]}" --model "$TMP/zeros.bin"
+# valid tiny Llamas (all-zero bf16 weights): vocab 100 (smaller than the tokenizer's 2048) and 2048
+tiny_model() {  # tiny_model PATH VOCAB [BF16_BITS of every weight, default 0]
+python3 - "$1" "$2" "${3:-0}" <<'PY'
+import struct, sys
+V, d, L, H, KV, hd, F = int(sys.argv[2]), 8, 1, 2, 1, 4, 16
+h = [0] * 256
+h[0], h[1] = 0x4D53544D, 1
+h[2:11] = [0, V, d, L, H, KV, hd, F, 64]      # family llama, vocab, d, layers, heads, kv, head_dim, d_ff, max_pos
+h[17] = 1                                      # sliding_period
+fl = {32: 1e-5, 33: 10000.0, 34: 1.0, 39: hd ** -0.5, 40: 1.0}  # eps, theta, rope factor, query scale, embed scale
+for slot, x in fl.items():
+    h[slot] = struct.unpack('<i', struct.pack('<f', x))[0]
+layer = d + H * hd * d + 2 * KV * hd * d + d * H * hd + d + 3 * F * d
+total = V * d + L * layer + d + V * d
+with open(sys.argv[1], 'wb') as f:
+    f.write(struct.pack('<256i', *h))
+    f.write(struct.pack('<H', int(sys.argv[3], 0)) * total)
+PY
+}
+tiny_model "$TMP/v100.bin" 100
+tiny_model "$TMP/nan.bin" 2048 0x7FC0
+tiny_model "$TMP/other/model_8.bin" 2048
+cp "$A/state_8.bin" "$TMP/other/state_8.bin"
+expect_fail "tokenizer vocab > model vocab" "more than the model" "$BIN" "${TINY[@]}" --model "$TMP/v100.bin"
+expect_fail "state of another model" "another model" "$BIN" "${TINY[@]}" --steps 9 --resume "$TMP/other/state_8.bin"
+expect_fail "NaN loss stops the run" "step 1: non-finite loss" "$BIN" "${TINY[@]}" --steps 3 --model "$TMP/nan.bin" --ckpt-dir "$TMP/nan"
+if [ -d "$TMP/nan" ]; then bad "a NaN run wrote a checkpoint"; else ok "the NaN run wrote no checkpoint"; fi
+"$BIN" "${TINY[@]}" --steps 3 --model "$TMP/nan.bin" --ckpt-dir "$TMP/nanskip" --skip-nonfinite > "$TMP/skip.txt" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && [ "$(grep -c 'update skipped' "$TMP/skip.txt")" -eq 3 ]; then
+    ok "--skip-nonfinite: 3 NaN steps skipped, exit 0"
+else
+    bad "--skip-nonfinite (exit $rc)"
+    tail -3 "$TMP/skip.txt"
+fi
+expect_fail "model too large for the CPU path" "too large for the CPU reference path" "$BIN" --cpu --seq-len 65536 --steps 1
+expect_fail "unknown flag" "unknown option '--frobnicate'" "$BIN" --frobnicate 3
+expect_fail "--seq-len 0" "--seq-len: 0 is out of range" "$BIN" --cpu --seq-len 0
+expect_fail "--lr abc" "--lr: 'abc' is not a number" "$BIN" --cpu --lr abc
+expect_fail "--resume latest in an empty dir" "no checkpoint" "$BIN" "${TINY[@]}" --ckpt-dir "$TMP/empty" --resume latest
+
+# (4) SIGINT during a run: a checkpoint of the last finished step, exit 0
+G="$TMP/g"
+"$BIN" "${TINY[@]}" --steps 100000 --ckpt-dir "$G" > "$TMP/g.txt" 2>&1 &
+pid=$!
+for _ in $(seq 1 300); do grep -q '^step 2/' "$TMP/g.txt" 2>/dev/null && break; sleep 0.1; done
+kill -INT $pid
+wait $pid
+rc=$?
+last=$(grep -E '^step [0-9]+/' "$TMP/g.txt" | tail -1 | sed -E 's/^step ([0-9]+)\/.*/\1/')
+if [ $rc -eq 0 ] && grep -q "SIGINT received: stopped after step $last" "$TMP/g.txt" \
+    && [ -f "$G/model_$last.bin" ] && [ -f "$G/state_$last.bin" ] && [ -z "$(ls "$G" | grep tmp)" ]; then
+    ok "SIGINT: exit 0, checkpoint of step $last written"
+else
+    bad "SIGINT (exit $rc, last step '$last')"
+    tail -3 "$TMP/g.txt"
+fi
+
+# (5) the planner without a GPU
+"$BIN" --plan-only --preset llama3-8b --seq-len 65536 --gpu-mem 80 > "$TMP/p1.txt" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && grep -q '^memory plan: B=1 S=65536' "$TMP/p1.txt" && grep -q '^fits: ' "$TMP/p1.txt"; then
+    ok "--plan-only llama3-8b S=65536 on 80 GiB fits: $(grep '^fits: ' "$TMP/p1.txt")"
+else
+    bad "--plan-only llama3-8b S=65536 (exit $rc)"
+    tail -5 "$TMP/p1.txt"
+fi
+"$BIN" --plan-only --preset llama3-8b --seq-len 1048576 --gpu-mem 80 --offload 0 > "$TMP/p2.txt" 2>&1
+rc=$?
+if [ $rc -eq 1 ] && grep -q 'does not fit' "$TMP/p2.txt"; then
+    ok "--plan-only llama3-8b S=1048576 offload 0 refused: $(grep -m1 -o 'does not fit: [^;]*' "$TMP/p2.txt")"
+else
+    bad "--plan-only llama3-8b S=1048576 --offload 0 (exit $rc, expected 1 with a reason)"
+    tail -5 "$TMP/p2.txt"
+fi
+expect_fail "--plan-only unknown preset" "unknown --preset" "$BIN" --plan-only --preset nope --gpu-mem 80
+
+# (6) a trained checkpoint exports to a Hugging Face directory and back, byte for byte
+if python3 scripts/export_hf.py --to-hf "$A/model_8.bin" "$TMP/hf" --tokenizer-from data/default > "$TMP/hf.txt" 2>&1 \
+    && python3 scripts/export_hf.py "$TMP/hf" "$TMP/back.bin" >> "$TMP/hf.txt" 2>&1 \
+    && cmp -s "$A/model_8.bin" "$TMP/back.bin"; then
+    ok "trained checkpoint -> HF -> model.bin is byte-identical"
+else
+    bad "trained checkpoint export round trip; output:"
+    tail -5 "$TMP/hf.txt"
+fi
+
+echo "$passed passed, $failed failed"
+[ $failed -eq 0 ]
