@@ -29,6 +29,7 @@
 #include "attention.h"
 #include "gpu_model.h"
 #include "tensor_file.h"
+#include "tests/test_util.h"
 
 #define TOL_LOSS 1e-2
 #define TOL_GRAD 2e-2
@@ -38,8 +39,7 @@
 #define TOL_LOGITS 2e-2
 #define ARENA_SLACK ((size_t)2 << 20)
 
-static int failures = 0;
-static int checks = 0;
+static TestReport report = {0, 0};
 
 // The worst relative error of the current run, per kind of check, for a one-line summary.
 #define N_KINDS 16
@@ -99,8 +99,7 @@ static int compare(const char *what, const char *name, const float *got, const f
     double denom = fmax(norm2(ref, n), floor);
     double rel = denom > 0 ? sqrt(err2) / denom : sqrt(err2);
     int ok = rel <= tol;  // false for NaN
-    checks++;
-    if (!ok) failures++;
+    test_record(&report, ok);
     note_worst(what, name, rel, tol);
     if (print || !ok) printf("    %-10s %-28s max abs %.3e  rel %.3e  tol %.1e  %s\n", what, name, max_abs, rel, tol, ok ? "ok" : "FAIL");
     return ok;
@@ -109,17 +108,15 @@ static int compare(const char *what, const char *name, const float *got, const f
 static int compare_scalar(const char *what, double got, double ref, double tol) {
     double rel = fabs(got - ref) / fmax(fabs(ref), 1e-12);
     int ok = rel <= tol;
-    checks++;
-    if (!ok) failures++;
+    test_record(&report, ok);
     note_worst(what, "", rel, tol);
     if (!ok) printf("    %-10s got %.6f ref %.6f  rel %.3e  tol %.1e  FAIL\n", what, got, ref, rel, tol);
     return ok;
 }
 
 static void expect(int cond, const char *fmt, const char *detail) {
-    checks++;
+    test_record(&report, cond);
     if (!cond) {
-        failures++;
         printf("    FAIL: ");
         printf(fmt, detail);
         printf("\n");
@@ -435,12 +432,11 @@ static void run_case(const char *name) {
 
 int main(void) {
     if (cuda_device_count() == 0) {
-        printf("no GPU: GPU tests skipped\n");
-        return 0;
+        printf("no GPU: GPU tests SKIPPED\n");
+        return test_report_finish(&report, "test_llama");
     }
     const char *cases[] = {"llama2_mha", "llama3_gqa", "llama_tied", "mistral", "qwen2", "gemma2"};
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) run_case(cases[i]);
     gpu_model_release_handles();
-    printf("test_llama: %d checks, %d failed\n", checks, failures);
-    return failures ? 1 : 0;
+    return test_report_finish(&report, "test_llama");
 }

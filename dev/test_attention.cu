@@ -25,9 +25,8 @@
 //   gives 2.3e-3 (dv) to 3.9e-3 (dq, dk on the most peaked case), so 1e-2.
 // Every output buffer is filled with NaN before the call, so an element cuDNN does not write fails.
 #include <math.h>
-#include <sys/wait.h>
-#include <unistd.h>
 #include "attention.h"
+#include "tests/test_util.h"
 
 #define TOL_OUT 8e-3
 #define TOL_STATS 1e-4
@@ -51,17 +50,8 @@ static uint16_t random_bf16_nonzero(double max_mag) {
     return float_to_bf16_bits((float)((rng_next() & 1) ? -mag : mag));
 }
 
-typedef struct {
-    int checked, failed;
-} Tally;
-
-static void tally(Tally *t, int ok) {
-    t->checked++;
-    if (!ok) t->failed++;
-}
-
-// One table row: max abs err, max abs err / max |ref|, ||err|| / ||ref||, the tolerance on the last.
-static void compare(Tally *t, const char *name, const double *got, const double *ref, size_t n, double tol) {
+// One table row (its own columns: the tolerance is on the relative l2 error): max abs err, max abs err / max |ref|, ||err|| / ||ref||, the tolerance on the last.
+static void compare(TestReport *t, const char *name, const double *got, const double *ref, size_t n, double tol) {
     double max_abs = 0, max_ref = 0, err2 = 0, ref2 = 0;
     int finite = 1;
     for (size_t i = 0; i < n; i++) {
@@ -76,7 +66,7 @@ static void compare(Tally *t, const char *name, const double *got, const double 
     int ok = finite && rel <= tol;
     printf("  %-8s %10.3e %10.3e %10.3e %8.0e  %s%s\n", name, max_abs, max_abs / (max_ref > 0 ? max_ref : 1.0), rel,
            tol, ok ? "ok" : "FAIL", finite ? "" : " (non-finite values: elements not written?)");
-    tally(t, ok);
+    test_record(t, ok);
 }
 
 // ---- host-side checks of attention_supported (no GPU needed) ----
@@ -93,15 +83,15 @@ static AttentionShape make_shape(int B, int S, int Hq, int Hkv, int hd, float sc
     return s;
 }
 
-static void check_supported_case(Tally *t, const char *name, AttentionShape s, int expected) {
+static void check_supported_case(TestReport *t, const char *name, AttentionShape s, int expected) {
     char why[160];
     int got = attention_supported(&s, why, sizeof(why));
     int ok = got == expected && (got == 1 || why[0] != '\0');
     printf("  %-34s expect %d got %d  %-4s %s\n", name, expected, got, ok ? "ok" : "FAIL", why);
-    tally(t, ok);
+    test_record(t, ok);
 }
 
-static void check_supported(Tally *t) {
+static void check_supported(TestReport *t) {
     printf("attention_supported:\n");
     float sc = 1.0f / sqrtf(128.0f);
     check_supported_case(t, "Llama-3-8B (Hq 32, Hkv 8, hd 128)", make_shape(1, 8192, 32, 8, 128, sc, 0, 0), 1);
@@ -118,62 +108,33 @@ static void check_supported(Tally *t) {
     char why[64];
     int got = attention_supported(NULL, why, sizeof(why));
     printf("  %-34s expect 0 got %d  %-4s %s\n", "NULL shape", got, got == 0 ? "ok" : "FAIL", why);
-    tally(t, got == 0);
+    test_record(t, got == 0);
 }
 
 // ---- bad input: each must die with status 1 and a message naming the problem ----
-// Runs fn in a forked child with stderr captured; passes when the child exits 1 and its stderr
-// contains `expect`.
-static void expect_death(Tally *t, const char *name, void (*fn)(void), const char *expect) {
-    int fds[2];
-    if (pipe(fds) != 0) die("pipe failed");
-    fflush(stdout);
-    pid_t pid = fork();
-    if (pid < 0) die("fork failed");
-    if (pid == 0) {
-        close(fds[0]);
-        dup2(fds[1], 2);
-        fn();
-        exit(0);
-    }
-    close(fds[1]);
-    char msg[512];
-    size_t len = 0;
-    ssize_t got;
-    while ((got = read(fds[0], msg + len, sizeof(msg) - 1 - len)) > 0) len += (size_t)got;
-    msg[len] = '\0';
-    close(fds[0]);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    int ok = WIFEXITED(status) && WEXITSTATUS(status) == 1 && strstr(msg, expect) != NULL;
-    char *nl = strchr(msg, '\n');
-    if (nl != NULL) *nl = '\0';
-    printf("  %-34s %-4s %s\n", name, ok ? "ok" : "FAIL", msg);
-    tally(t, ok);
-}
-
 // Fake device addresses: the checks run before any CUDA or cuDNN call, so nothing is dereferenced.
 #define FAKE_PTR(addr) ((bf16 *)(uintptr_t)(addr))
 
-static void forward_softcap(void) {
+// Each runs in a forked child (test_expect_exit); the argument is unused.
+static void forward_softcap(void *) {
     AttentionShape s = make_shape(1, 64, 8, 4, 256, 0.0625f, 0, 50.0f);
     attention_forward(FAKE_PTR(0x1000), (float *)FAKE_PTR(0x2000), FAKE_PTR(0x3000), &s, NULL, 0);
 }
-static void backward_bad_head_dim(void) {
+static void backward_bad_head_dim(void *) {
     AttentionShape s = make_shape(1, 64, 8, 8, 100, 0.1f, 0, 0);
     attention_backward(FAKE_PTR(0x1000), FAKE_PTR(0x2000), FAKE_PTR(0x3000), (float *)FAKE_PTR(0x4000),
                        FAKE_PTR(0x5000), &s, NULL, 0);
 }
-static void workspace_no_init(void) {
+static void workspace_no_init(void *) {
     AttentionShape s = make_shape(1, 64, 8, 8, 128, 0.1f, 0, 0);
     attention_workspace_bytes(&s);
 }
 
-static void check_bad_input(Tally *t) {
+static void check_bad_input(TestReport *t) {
     printf("bad input (before attention_init, no GPU needed):\n");
-    expect_death(t, "forward with soft-cap", forward_softcap, "cannot soft-cap");
-    expect_death(t, "backward with hd 100", backward_bad_head_dim, "multiple of 8");
-    expect_death(t, "workspace before attention_init", workspace_no_init, "attention_init was not called");
+    test_expect_exit(t, "forward with soft-cap", forward_softcap, NULL, 1, "cannot soft-cap");
+    test_expect_exit(t, "backward with hd 100", backward_bad_head_dim, NULL, 1, "multiple of 8");
+    test_expect_exit(t, "workspace before attention_init", workspace_no_init, NULL, 1, "attention_init was not called");
 }
 
 // ---- CPU reference in double ----
@@ -276,7 +237,7 @@ static size_t gather_part(double *dst, const double *src, const AttentionShape *
 // Forward + backward of one shape against the reference. check_determinism also reruns the backward
 // and reports whether dqkv is bitwise identical (informational: cuDNN's Hopper backward
 // accumulates dQ with atomics unless asked for its O(S^2)-workspace deterministic mode).
-static void check_case(Tally *t, const char *label, AttentionShape s, int check_determinism) {
+static void check_case(TestReport *t, const char *label, AttentionShape s, int check_determinism) {
     char shape[160];
     snprintf(shape, sizeof(shape), "B=%d S=%d Hq=%d Hkv=%d hd=%d scale=%.4f window=%d", s.B, s.S, s.Hq, s.Hkv, s.hd,
              (double)s.scale, s.window);
@@ -284,7 +245,7 @@ static void check_case(Tally *t, const char *label, AttentionShape s, int check_
     char why[160];
     if (!attention_supported(&s, why, sizeof(why))) {
         printf("  unexpectedly unsupported: %s  FAIL\n", why);
-        tally(t, 0);
+        test_record(t, 0);
         return;
     }
     size_t C = (size_t)(s.Hq + 2 * s.Hkv) * s.hd, O = (size_t)s.Hq * s.hd, rows = (size_t)s.B * s.S;
@@ -447,13 +408,13 @@ int main(int argc, char **argv) {
         peak = strtod(argv[1], &end);
         if (*end != '\0' || !(peak > 0)) die("peak_tflops must be a positive number, got '%s'", argv[1]);
     }
-    Tally t = {0, 0};
+    TestReport t = {0, 0};
     check_supported(&t);
     check_bad_input(&t);
     if (cuda_device_count() == 0) {
-        printf("test_attention: no CUDA device: cuDNN checks SKIPPED; host checks: %d, %d failed\n", t.checked,
-               t.failed);
-        return t.failed ? 1 : 0;
+        printf("test_attention: no CUDA device: cuDNN checks SKIPPED (only the %d host checks ran)\n",
+               t.passed + t.failed);
+        return test_report_finish(&t, "test_attention");
     }
     attention_init();
     check_case(&t, "small GQA", make_shape(2, 37, 4, 2, 64, 0.125f, 0, 0), 0);
@@ -462,7 +423,7 @@ int main(int argc, char **argv) {
     check_case(&t, "window 16, scale 0.2", make_shape(1, 100, 4, 2, 64, 0.2f, 16, 0), 0);
     check_case(&t, "window = S (= causal)", make_shape(1, 50, 2, 2, 64, 0.125f, 50, 0), 0);
     check_case(&t, "hd 256", make_shape(1, 70, 2, 1, 256, 0.0625f, 0, 0), 0);
-    printf("%d checks, %d failed\n", t.checked, t.failed);
+    printf("%d checks, %d failed\n", t.passed + t.failed, t.failed);
     if (t.failed == 0) {
         printf("\nLlama-3-8B attention (B=1, Hq=32, Hkv=8, hd=128, causal); %% of a %.0f TFLOP/s roofline\n", peak);
         printf("%6s %9s %8s %9s %8s %9s %8s %8s %8s\n", "S", "fwd ms", "TFLOP/s", "bwd ms", "TFLOP/s", "total ms",
@@ -471,10 +432,5 @@ int main(int argc, char **argv) {
         time_case(16384, peak);
     }
     attention_free();
-    if (t.failed) {
-        printf("test_attention: FAILED\n");
-        return 1;
-    }
-    printf("test_attention: all checks passed\n");
-    return 0;
+    return test_report_finish(&t, "test_attention");
 }

@@ -26,6 +26,7 @@
 #include <string.h>
 #include "model_config.h"
 #include "mst_kernels.h"
+#include "tests/test_util.h"
 
 #define GUARD_BYTES 256
 #define BF16_RTOL (1.0 / 128.0)   // 2^-7: twice the relative rounding error of bf16
@@ -35,7 +36,7 @@
 #define WARMUP_RUNS 3
 
 // ---------------------------------------------------------------------------------------------
-// Small host utilities: random numbers, bf16 arrays, the report
+// Small host utilities: random numbers, bf16 arrays, the comparison rows
 // ---------------------------------------------------------------------------------------------
 
 typedef struct {
@@ -88,10 +89,6 @@ static double bf16_spacing(double x) {
     return ldexp(1.0, e - 1 - 7);
 }
 
-typedef struct {
-    int n_rows, n_failed;
-} Report;
-
 // One table row: a tensor compared element by element against its reference.
 typedef struct {
     const char *kernel;
@@ -135,19 +132,18 @@ static void cmp_add(Cmp *c, double got, double ref, double tol) {
     if (ratio > c->worst) c->worst = ratio;
 }
 
-static void cmp_end(Report *r, const Cmp *c) {
+static void cmp_end(TestReport *r, const Cmp *c) {
     double rel_l2 = c->sq_ref > 0.0 ? sqrt(c->sq_err / c->sq_ref) : sqrt(c->sq_err);
     int fail = c->n_bad > 0 || c->n == 0;
     printf("%-22s %-36s %-10s %10zu %10.3e %10.3e %10.3e %8.3f  %-26s %s", c->kernel, c->tcase, c->tensor, c->n,
            c->max_abs, c->max_rel, rel_l2, c->worst, c->tol_desc, fail ? "FAIL" : "PASS");
     if (c->n_bad > 0) printf(" (%zu bad, %zu NaN/unwritten)", c->n_bad, c->n_nan);
     printf("\n");
-    r->n_rows++;
-    if (fail) r->n_failed++;
+    test_record(r, !fail);
 }
 
 // A bitwise check (untouched regions, determinism, guard bytes) as one table row.
-static void check_exact(Report *r, const char *kernel, const char *tcase, const char *tensor, const void *a,
+static void check_exact(TestReport *r, const char *kernel, const char *tcase, const char *tensor, const void *a,
                         const void *b, size_t bytes) {
     const unsigned char *pa = (const unsigned char *)a, *pb = (const unsigned char *)b;
     size_t bad = 0;
@@ -156,8 +152,7 @@ static void check_exact(Report *r, const char *kernel, const char *tcase, const 
            "bitwise equal (bytes)", bad ? "FAIL" : "PASS");
     if (bad) printf(" (%zu bytes differ)", bad);
     printf("\n");
-    r->n_rows++;
-    if (bad) r->n_failed++;
+    test_record(r, !bad);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -206,7 +201,7 @@ static size_t dbuf_guard_damage(const DBuf *b) {
 }
 
 // One row: the guard bytes of every buffer of a case are intact.
-static void check_guards(Report *r, const char *kernel, const char *tcase, DBuf *const *bufs, int n_bufs) {
+static void check_guards(TestReport *r, const char *kernel, const char *tcase, DBuf *const *bufs, int n_bufs) {
     size_t bad = 0, total = 0;
     for (int i = 0; i < n_bufs; i++) {
         bad += dbuf_guard_damage(bufs[i]);
@@ -216,8 +211,7 @@ static void check_guards(Report *r, const char *kernel, const char *tcase, DBuf 
            "untouched (bytes)", bad ? "FAIL" : "PASS");
     if (bad) printf(" (%zu bytes overwritten)", bad);
     printf("\n");
-    r->n_rows++;
-    if (bad) r->n_failed++;
+    test_record(r, !bad);
 }
 
 static void dbuf_free(DBuf *b) { cudaCheck(cudaFree(b->base)); }
@@ -226,7 +220,7 @@ static void dbuf_free(DBuf *b) { cudaCheck(cudaFree(b->base)); }
 // Embedding
 // ---------------------------------------------------------------------------------------------
 
-static void test_embedding_forward(Report *rep, int N, int d, int V, float scale, uint64_t seed) {
+static void test_embedding_forward(TestReport *rep, int N, int d, int V, float scale, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "N=%d d=%d V=%d scale=%g", N, d, V, (double)scale);
@@ -279,7 +273,7 @@ static int group_tokens(const int32_t *tok, int N, int V, int32_t *unique, int32
     return nu;
 }
 
-static void test_embedding_backward(Report *rep, int N, int d, int V, DType dt, float scale, uint64_t seed) {
+static void test_embedding_backward(TestReport *rep, int N, int d, int V, DType dt, float scale, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "N=%d d=%d V=%d %s", N, d, V, dtype_name(dt));
@@ -343,7 +337,7 @@ static double ref_rstd(const uint16_t *xr, int d, float eps) {
     return 1.0 / sqrt(ss / d + (double)eps);
 }
 
-static void test_rmsnorm_forward(Report *rep, int N, int d, float w_offset, uint64_t seed) {
+static void test_rmsnorm_forward(TestReport *rep, int N, int d, float w_offset, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "N=%d d=%d offset=%g", N, d, (double)w_offset);
@@ -392,7 +386,7 @@ static void run_rmsnorm_backward(uint16_t *dx_out, float *dw_out, DBuf *d_dx, DB
     dbuf_download(dw_out, d_dw);
 }
 
-static void test_rmsnorm_backward(Report *rep, int N, int d, float w_offset, int accumulate, uint64_t seed) {
+static void test_rmsnorm_backward(TestReport *rep, int N, int d, float w_offset, int accumulate, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "N=%d d=%d offset=%g acc=%d", N, d, (double)w_offset, accumulate);
@@ -480,7 +474,7 @@ static void twin_rope_table(double *tab, int max_pos, int hd, double theta, int 
 }
 
 // Host-only: runs without a GPU.
-static void test_rope_table(Report *rep, int max_pos, int hd, float theta, int scaling) {
+static void test_rope_table(TestReport *rep, int max_pos, int hd, float theta, int scaling) {
     char tcase[48];
     int bands[3] = {0, 0, 0};
     float factor = 8.0f, low = 1.0f, high = 4.0f;
@@ -504,13 +498,13 @@ static void test_rope_table(Report *rep, int max_pos, int hd, float theta, int s
     cmp_end(rep, &c);
     if (scaling && (bands[0] == 0 || bands[1] == 0 || bands[2] == 0)) {
         printf("rope_table_fill: test case does not exercise all three Llama-3 bands\n");
-        rep->n_failed++;
+        test_record(rep, 0);
     }
     free(tab);
     free(ref);
 }
 
-static void test_rope(Report *rep, int N, int S, int pos_offset, int Hq, int Hkv, int hd, int inverse, uint64_t seed) {
+static void test_rope(TestReport *rep, int N, int S, int pos_offset, int Hq, int Hkv, int hd, int inverse, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "N=%d S=%d off=%d H=%d/%d hd=%d%s", N, S, pos_offset, Hq, Hkv, hd,
@@ -572,7 +566,7 @@ static void ref_act(double g, int activation, double *a, double *da) {
     }
 }
 
-static void test_glu(Report *rep, int N, int F, int activation, uint64_t seed) {
+static void test_glu(TestReport *rep, int N, int F, int activation, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "N=%d F=%d %s", N, F, activation == ACT_SILU ? "silu" : "gelu_tanh");
@@ -630,7 +624,7 @@ static void test_glu(Report *rep, int N, int F, int activation, uint64_t seed) {
 // ---------------------------------------------------------------------------------------------
 
 // off_a, off_b: byte offsets of the two device pointers (2 = one bf16 element: misaligned, scalar path).
-static void test_residual_add(Report *rep, size_t n, size_t off_a, size_t off_b, uint64_t seed) {
+static void test_residual_add(TestReport *rep, size_t n, size_t off_a, size_t off_b, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "n=%zu offsets=%zu,%zu", n, off_a, off_b);
@@ -653,7 +647,7 @@ static void test_residual_add(Report *rep, size_t n, size_t off_a, size_t off_b,
 }
 
 // fp32 -> bf16 must match the host's round-to-nearest-even bit for bit; bf16 -> fp32 is exact.
-static void test_casts(Report *rep, size_t n, size_t off, uint64_t seed) {
+static void test_casts(TestReport *rep, size_t n, size_t off, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "n=%zu offset=%zu", n, off);
@@ -677,7 +671,7 @@ static void test_casts(Report *rep, size_t n, size_t off, uint64_t seed) {
     free(f); free(h); free(expect); free(back); free(back_ref);
 }
 
-static void test_accumulate_into(Report *rep, size_t n, DType dt, size_t off, uint64_t seed) {
+static void test_accumulate_into(TestReport *rep, size_t n, DType dt, size_t off, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "n=%zu %s offset=%zu", n, dtype_name(dt), off);
@@ -710,7 +704,7 @@ static double ref_softcap(double x, double cap) { return cap > 0.0 ? cap * tanh(
 
 // Full pass: state init, one ce_online_update per vocabulary tile of width Vc (the last one narrower),
 // ce_finalize, sum_reduce of the losses, then ce_backward_tile per tile (with the reference lse).
-static void test_cross_entropy(Report *rep, int N, int V, int Vc, float softcap, uint64_t seed) {
+static void test_cross_entropy(TestReport *rep, int N, int V, int Vc, float softcap, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "N=%d V=%d Vc=%d cap=%g", N, V, Vc, (double)softcap);
@@ -818,7 +812,7 @@ static void test_cross_entropy(Report *rep, int N, int V, int Vc, float softcap,
     free(logits); free(tgt); free(lse); free(loss); free(tile); free(g_lse); free(g_loss); free(lse_f); free(dl);
 }
 
-static void test_sum_reduce(Report *rep, int N, uint64_t seed) {
+static void test_sum_reduce(TestReport *rep, int N, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "N=%d", N);
@@ -852,7 +846,7 @@ static void test_sum_reduce(Report *rep, int N, uint64_t seed) {
 // Optimizer
 // ---------------------------------------------------------------------------------------------
 
-static void test_adamw(Report *rep, size_t n, DType grad_t, DType mom_t, int use_master, size_t off, uint64_t seed) {
+static void test_adamw(TestReport *rep, size_t n, DType grad_t, DType mom_t, int use_master, size_t off, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "n=%zu g=%s m=%s %s off=%zu", n, dtype_name(grad_t), dtype_name(mom_t),
@@ -921,8 +915,7 @@ static void test_adamw(Report *rep, size_t n, DType grad_t, DType mom_t, int use
         cmp_end(rep, &cw);
         printf("%-22s %-36s %-10s %10zu %10s %10s %10s %8s  %-26s %s\n", "adamw_update", tcase, "param=rn", n, "-",
                "-", "-", "-", "param == bf16_rn(master)", n_rn_mismatch ? "FAIL" : "PASS");
-        rep->n_rows++;
-        if (n_rn_mismatch) rep->n_failed++;
+        test_record(rep, !n_rn_mismatch);
     }
     DBuf *bufs[] = {&d_p, &d_g, &d_m, &d_v, &d_master};
     check_guards(rep, "adamw_update", tcase, bufs, 5);
@@ -935,7 +928,7 @@ static void test_adamw(Report *rep, size_t n, DType grad_t, DType mom_t, int use
 // an ulp above 1, ulp 2^-7), so stochastic rounding lands on 1.0 with probability 3/4, resp. on
 // 1 + 2^-7 with probability 1/8 (round-to-nearest would always give 1.0). Same seed: same bits;
 // another seed: different bits.
-static void test_adamw_stochastic(Report *rep, size_t n) {
+static void test_adamw_stochastic(TestReport *rep, size_t n) {
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "n=%zu sr statistics", n);
     uint16_t *param = (uint16_t *)mallocCheck(n * 2), *got[3];
@@ -985,8 +978,7 @@ static void test_adamw_stochastic(Report *rep, size_t n) {
     int ok = differ > n / 10;
     printf("%-22s %-36s %-10s %10zu %10s %10s %10s %8s  %-26s %s (%zu elements differ)\n", "adamw_update", tcase,
            "other seed", n, "-", "-", "-", "-", "> 10% elements differ", ok ? "PASS" : "FAIL", differ);
-    rep->n_rows++;
-    if (!ok) rep->n_failed++;
+    test_record(rep, ok);
     DBuf *bufs[] = {&d_p, &d_g, &d_m, &d_v};
     check_guards(rep, "adamw_update", tcase, bufs, 4);
     for (int i = 0; i < 4; i++) dbuf_free(bufs[i]);
@@ -995,7 +987,7 @@ static void test_adamw_stochastic(Report *rep, size_t n) {
 }
 
 // Two tensors (fp32 then bf16, the second misaligned by `off` elements) into the same partials.
-static void test_grad_norm(Report *rep, size_t n1, size_t n2, size_t off, uint64_t seed) {
+static void test_grad_norm(TestReport *rep, size_t n1, size_t n2, size_t off, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "n=%zu fp32 + %zu bf16 off=%zu", n1, n2, off);
@@ -1246,7 +1238,7 @@ static void run_timing(void) {
 
 // ---------------------------------------------------------------------------------------------
 
-static void run_gpu_tests(Report *rep) {
+static void run_gpu_tests(TestReport *rep) {
     print_table_header();
     test_embedding_forward(rep, 37, 4099, 1000, 1.0f, 1);
     test_embedding_forward(rep, 4096, 4096, 5000, 64.0f, 2);
@@ -1314,20 +1306,20 @@ int main(int argc, char **argv) {
         if (strcmp(argv[i], "--no-timing") == 0) timing = 0;
         else die("usage: %s [--no-timing]", argv[0]);
     }
-    Report rep = {0, 0};
+    TestReport rep = {0, 0};
     printf("Host checks\n");
     print_table_header();
     test_rope_table(&rep, 300, 64, 10000.0f, ROPE_SCALING_NONE);
     test_rope_table(&rep, 4096, 128, 500000.0f, ROPE_SCALING_LLAMA3);
     if (cuda_device_count() == 0) {
-        printf("\nno GPU: kernel tests SKIPPED (only the %d host checks ran: %d failed)\n", rep.n_rows, rep.n_failed);
-        return rep.n_failed ? 1 : 0;
+        printf("\nno GPU: kernel tests SKIPPED (only the %d host checks ran)\n", rep.passed + rep.failed);
+        return test_report_finish(&rep, "test_kernels");
     }
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
     printf("\nKernel checks on %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
     run_gpu_tests(&rep);
-    printf("\n%d checks, %d failed\n", rep.n_rows, rep.n_failed);
-    if (timing && rep.n_failed == 0) run_timing();
-    return rep.n_failed ? 1 : 0;
+    printf("\n%d checks, %d failed\n", rep.passed + rep.failed, rep.failed);
+    if (timing && rep.failed == 0) run_timing();
+    return test_report_finish(&rep, "test_kernels");
 }

@@ -17,9 +17,8 @@
 //   intermediate rounding would give, so a wrong precision fails, as does any layout mistake (~1).
 // - bias gradient (fp32 sums of up to N bf16 values): same argument, 1e-5.
 #include <math.h>
-#include <sys/wait.h>
-#include <unistd.h>
 #include "matmul.h"
+#include "tests/test_util.h"
 
 #define TOL_BF16_OUT 4e-3
 #define TOL_FP32_OUT 2e-5
@@ -56,13 +55,9 @@ static uint16_t *upload_bf16(const uint16_t *h, size_t n) {
     return d;
 }
 
-// ---- comparison table ----
-typedef struct {
-    int checked, failed;
-} Tally;
-
+// ---- comparison table (its own columns: the tolerance is on the relative l2 error) ----
 // Prints one row: max abs err, max abs err / max |ref|, ||err|| / ||ref|| and the tolerance on it.
-static void compare(Tally *t, const char *name, const double *got, const double *ref, size_t n, double tol) {
+static void compare(TestReport *t, const char *name, const double *got, const double *ref, size_t n, double tol) {
     double max_abs = 0, max_ref = 0, err2 = 0, ref2 = 0;
     int finite = 1;
     for (size_t i = 0; i < n; i++) {
@@ -77,8 +72,7 @@ static void compare(Tally *t, const char *name, const double *got, const double 
     int ok = finite && rel <= tol;
     printf("%-46s %10.3e %10.3e %10.3e %8.0e  %s\n", name, max_abs, max_abs / (max_ref > 0 ? max_ref : 1.0), rel,
            tol, ok ? "ok" : "FAIL");
-    t->checked++;
-    if (!ok) t->failed++;
+    test_record(t, ok);
 }
 
 static void print_table_header(void) {
@@ -86,37 +80,6 @@ static void print_table_header(void) {
 }
 
 // ---- bad input: each must die with status 1 and a message naming the problem ----
-// Runs fn in a forked child with stderr captured; passes when the child exits 1 and its stderr
-// contains `expect`.
-static void expect_death(Tally *t, const char *name, void (*fn)(void), const char *expect) {
-    int fds[2];
-    if (pipe(fds) != 0) die("pipe failed");
-    fflush(stdout);
-    pid_t pid = fork();
-    if (pid < 0) die("fork failed");
-    if (pid == 0) {
-        close(fds[0]);
-        dup2(fds[1], 2);
-        fn();
-        exit(0);
-    }
-    close(fds[1]);
-    char msg[512];
-    size_t len = 0;
-    ssize_t got;
-    while ((got = read(fds[0], msg + len, sizeof(msg) - 1 - len)) > 0) len += (size_t)got;
-    msg[len] = '\0';
-    close(fds[0]);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    int ok = WIFEXITED(status) && WEXITSTATUS(status) == 1 && strstr(msg, expect) != NULL;
-    char *nl = strchr(msg, '\n');
-    if (nl != NULL) *nl = '\0';
-    printf("%-46s %-4s %s\n", name, ok ? "ok" : "FAIL", msg);
-    t->checked++;
-    if (!ok) t->failed++;
-}
-
 // Fake device addresses: the checks run before any CUDA call, so nothing is dereferenced.
 #define FAKE_PTR(addr) ((bf16 *)(uintptr_t)(addr))
 
@@ -124,21 +87,22 @@ static void expect_death(Tally *t, const char *name, void (*fn)(void), const cha
 static void gemm_fake(void *D, uintptr_t a, int m) {
     gemm(D, DT_BF16, FAKE_PTR(a), 0, FAKE_PTR(0x3000), 0, m, 8, 8, 1.0f, 0.0f, NULL, 0);
 }
-static void gemm_zero_shape(void) { gemm_fake(FAKE_PTR(0x1000), 0x2000, 0); }
-static void gemm_misaligned(void) { gemm_fake(FAKE_PTR(0x1000), 0x2002, 8); }
-static void gemm_null(void) { gemm_fake(NULL, 0x2000, 8); }
-static void gemm_no_init(void) { gemm_fake(FAKE_PTR(0x1000), 0x2000, 8); }
-static void bias_backward_zero_rows(void) {
+// Each runs in a forked child (test_expect_exit); the argument is unused.
+static void gemm_zero_shape(void *) { gemm_fake(FAKE_PTR(0x1000), 0x2000, 0); }
+static void gemm_misaligned(void *) { gemm_fake(FAKE_PTR(0x1000), 0x2002, 8); }
+static void gemm_null(void *) { gemm_fake(NULL, 0x2000, 8); }
+static void gemm_no_init(void *) { gemm_fake(FAKE_PTR(0x1000), 0x2000, 8); }
+static void bias_backward_zero_rows(void *) {
     bias_backward((float *)FAKE_PTR(0x1000), (float *)FAKE_PTR(0x2000), FAKE_PTR(0x3000), 0, 8, 0);
 }
 
-static void check_bad_input(Tally *t) {
+static void check_bad_input(TestReport *t) {
     printf("bad input (run before matmul_init, no GPU needed):\n");
-    expect_death(t, "gemm M = 0", gemm_zero_shape, "gemm: bad shape");
-    expect_death(t, "gemm misaligned A", gemm_misaligned, "A pointer 0x2002 is not 16-byte aligned");
-    expect_death(t, "gemm NULL D", gemm_null, "D pointer is NULL");
-    expect_death(t, "gemm before matmul_init", gemm_no_init, "matmul_init was not called");
-    expect_death(t, "bias_backward N = 0", bias_backward_zero_rows, "bias_backward: bad shape");
+    test_expect_exit(t, "gemm M = 0", gemm_zero_shape, NULL, 1, "gemm: bad shape");
+    test_expect_exit(t, "gemm misaligned A", gemm_misaligned, NULL, 1, "A pointer 0x2002 is not 16-byte aligned");
+    test_expect_exit(t, "gemm NULL D", gemm_null, NULL, 1, "D pointer is NULL");
+    test_expect_exit(t, "gemm before matmul_init", gemm_no_init, NULL, 1, "matmul_init was not called");
+    test_expect_exit(t, "bias_backward N = 0", bias_backward_zero_rows, NULL, 1, "bias_backward: bad shape");
 }
 
 // ---- reference GEMM in double ----
@@ -205,7 +169,7 @@ static void download_d(double *out, const void *d, DType d_type, size_t n) {
 }
 
 // One gemm() call against the reference.
-static void check_gemm(Tally *t, int M, int N, int K, int trans_a, int trans_b, DType d_type, int use_bias,
+static void check_gemm(TestReport *t, int M, int N, int K, int trans_a, int trans_b, DType d_type, int use_bias,
                        float alpha, float beta) {
     size_t na = (size_t)M * K, nb = (size_t)K * N, nd = (size_t)M * N;
     uint16_t *hA = (uint16_t *)mallocCheck(na * sizeof(uint16_t));
@@ -244,7 +208,7 @@ static void check_gemm(Tally *t, int M, int N, int K, int trans_a, int trans_b, 
 }
 
 // linear_forward / linear_backward_input / linear_backward_weight in the HF orientation, W (out, in).
-static void check_linear_helpers(Tally *t, int N, int in, int out) {
+static void check_linear_helpers(TestReport *t, int N, int in, int out) {
     size_t n_inp = (size_t)N * in, n_w = (size_t)out * in, n_out = (size_t)N * out;
     uint16_t *h_inp = (uint16_t *)mallocCheck(n_inp * 2), *h_w = (uint16_t *)mallocCheck(n_w * 2);
     uint16_t *h_dout = (uint16_t *)mallocCheck(n_out * 2), *h_bias = (uint16_t *)mallocCheck((size_t)out * 2);
@@ -309,7 +273,7 @@ static void check_linear_helpers(Tally *t, int N, int in, int out) {
 }
 
 // bias_backward: dbias += column sums of dout, against the reference, and bitwise equal on a rerun.
-static void check_bias_backward(Tally *t, int N, int out) {
+static void check_bias_backward(TestReport *t, int N, int out) {
     size_t n = (size_t)N * out;
     uint16_t *h_dout = (uint16_t *)mallocCheck(n * 2);
     fill_bf16_nonzero(h_dout, n);
@@ -338,10 +302,7 @@ static void check_bias_backward(Tally *t, int N, int out) {
     char name[128];
     snprintf(name, sizeof(name), "bias_backward N=%d out=%d", N, out);
     compare(t, name, got, ref, (size_t)out, TOL_BIAS_GRAD);
-    int same = memcmp(h_run[0], h_run[1], (size_t)out * sizeof(float)) == 0;
-    printf("%-46s %s\n", "  rerun bitwise identical", same ? "ok" : "FAIL");
-    t->checked++;
-    if (!same) t->failed++;
+    test_check(t, memcmp(h_run[0], h_run[1], (size_t)out * sizeof(float)) == 0, "  rerun bitwise identical");
     cudaCheck(cudaFree(d_dout));
     cudaCheck(cudaFree(d_dbias));
     cudaCheck(cudaFree(d_scratch));
@@ -456,12 +417,12 @@ int main(int argc, char **argv) {
         peak = strtod(argv[1], &end);
         if (*end != '\0' || !(peak > 0)) die("peak_tflops must be a positive number, got '%s'", argv[1]);
     }
-    Tally t = {0, 0};
+    TestReport t = {0, 0};
     check_bad_input(&t);
     if (cuda_device_count() == 0) {
-        printf("test_matmul: no CUDA device: GPU checks SKIPPED; bad-input checks: %d, %d failed\n", t.checked,
-               t.failed);
-        return t.failed ? 1 : 0;
+        printf("test_matmul: no CUDA device: GPU checks SKIPPED (only the %d bad-input checks ran)\n",
+               t.passed + t.failed);
+        return test_report_finish(&t, "test_matmul");
     }
     matmul_init((size_t)32 << 20);
     print_table_header();
@@ -485,13 +446,8 @@ int main(int argc, char **argv) {
     check_linear_helpers(&t, 300, 512, 384);
     check_bias_backward(&t, 1000, 263);
     check_bias_backward(&t, 37, 4096);
-    printf("%d checks, %d failed\n", t.checked, t.failed);
+    printf("%d checks, %d failed\n", t.passed + t.failed, t.failed);
     if (t.failed == 0) time_llama3_8b(peak);
     matmul_free();
-    if (t.failed) {
-        printf("test_matmul: FAILED\n");
-        return 1;
-    }
-    printf("test_matmul: all checks passed\n");
-    return 0;
+    return test_report_finish(&t, "test_matmul");
 }
