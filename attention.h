@@ -15,7 +15,7 @@ typedef struct {
     int Hq, Hkv, hd;     // query heads, key/value heads (divides Hq), head dim
     float scale;         // multiplies q.k (1/sqrt(hd) or the family's query scale)
     int window;          // 0: full causal; else each query sees the last `window` keys incl. itself
-    float softcap;       // 0: none. cuDNN cannot soft-cap: attention_supported() says no when > 0
+    float softcap;       // 0: none. cuDNN cannot soft-cap: attention_supported() says no when > 0 (see below)
 } AttentionShape;
 
 void attention_init(void);
@@ -32,6 +32,18 @@ void attention_forward(bf16 *out, float *stats, const bf16 *qkv, const Attention
 // dqkv (B*S, (Hq + 2 Hkv) * hd) = gradients of q, k, v in qkv's layout.
 void attention_backward(bf16 *dqkv, const bf16 *dout, const bf16 *out, const float *stats, const bf16 *qkv,
                         const AttentionShape *shape, void *workspace, cudaStream_t stream);
+
+// ---- soft-capped attention (attention_softcap.cu): our own flash-style kernels for what cuDNN cannot
+// do, scores z = softcap * tanh(scale q.k / softcap) before the mask and softmax (Gemma-2). Same
+// layouts and mask as above; no workspace; deterministic (no atomics). Head dims up to 256.
+// 1 when the soft-cap kernels handle the shape (softcap > 0 among the rest); else 0 with a reason.
+int attention_softcap_supported(const AttentionShape *shape, char *why, size_t why_len);
+// out (B*S, Hq hd) bf16 and stats (B, Hq, S) fp32 log-sum-exp of the capped scores, from qkv.
+void attention_softcap_forward(bf16 *out, float *stats, const bf16 *qkv, const AttentionShape *shape,
+                               cudaStream_t stream);
+// dqkv (B*S, (Hq + 2 Hkv) hd): every element written.
+void attention_softcap_backward(bf16 *dqkv, const bf16 *dout, const bf16 *out, const float *stats, const bf16 *qkv,
+                                const AttentionShape *shape, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -4,7 +4,8 @@
 // One training micro step, N = B*S tokens, chunks of c rows, vocabulary tiles of vc columns:
 //   embedding -> x_0
 //   layer l: save x_l (device slot, or pinned host slot copied on the side stream)
-//            attention part: ln1 = norm(x_l), qkv = ln1 [Wq|Wk|Wv]^T + b, RoPE, cuDNN SDPA -> att,
+//            attention part: ln1 = norm(x_l), qkv = ln1 [Wq|Wk|Wv]^T + b, RoPE, SDPA (cuDNN; soft-capped:
+//            attention_softcap.cu) -> att,
 //            h1 = x_l + att Wo^T (Gemma-2: x_l + post_norm(att Wo^T))
 //            MLP in M chunks: out_c = h1_c + mlp(norm(h1_c)) (only one chunk's (c, 2F), (c, F) live)
 //   LM head per token chunk: xf = norm(x_L chunk); pass 1 over vocabulary tiles: logits tile
@@ -70,6 +71,28 @@ static AttentionShape attention_shape(const ModelConfig *c, int layer, int B, in
     return sh;
 }
 
+// 1 when cuDNN would take the shape but for its soft-cap (Gemma-2): such layers run the soft-cap
+// kernels of attention_softcap.cu instead; every other shape goes to cuDNN.
+static int attention_via_softcap(const AttentionShape *sh) {
+    if (!(sh->softcap > 0.0f)) return 0;
+    AttentionShape plain = *sh;
+    plain.softcap = 0.0f;
+    return attention_supported(&plain, NULL, 0);
+}
+
+// Layer attention forward / backward through the path attention_via_softcap picks (attention.h).
+static void layer_attention_forward(bf16 *out, float *stats, const bf16 *qkv, const AttentionShape *sh,
+                                    void *workspace, cudaStream_t st) {
+    if (attention_via_softcap(sh)) attention_softcap_forward(out, stats, qkv, sh, st);
+    else attention_forward(out, stats, qkv, sh, workspace, st);
+}
+
+static void layer_attention_backward(bf16 *dqkv, const bf16 *dout, const bf16 *out, const float *stats,
+                                     const bf16 *qkv, const AttentionShape *sh, void *workspace, cudaStream_t st) {
+    if (attention_via_softcap(sh)) attention_softcap_backward(dqkv, dout, out, stats, qkv, sh, st);
+    else attention_backward(dqkv, dout, out, stats, qkv, sh, workspace, st);
+}
+
 // Pointer to slice `slice` of a plan entry (entries with one slice serve every slice), or NULL
 // when the plan has no such entry (e.g. post-norm buffers of a family without post-norms).
 static void *plan_ptr(const GpuModel *m, const char *name, int slice) {
@@ -96,7 +119,7 @@ static void attention_block_forward(GpuModel *m, int l, const LayerActs *a, cons
     linear_forward(a->qkv, DT_BF16, a->ln1, W(m, l, LT_WQ), c->qkv_bias ? W(m, l, LT_BQ) : NULL, N, d, qkv_features(c), 0, st);
     rope_apply(a->qkv, m->rope, N, Sn, 0, c->n_heads, c->n_kv_heads, c->head_dim, 0, st);
     AttentionShape sh = attention_shape(c, l, Bn, Sn);
-    attention_forward(a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
+    layer_attention_forward(a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
     cudaCheck(cudaMemcpyAsync(a->h1, in, (size_t)N * d * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
     if (c->post_norms) {
         linear_forward(a->ao, DT_BF16, a->att, W(m, l, LT_WO), NULL, N, q, d, 0, st);
@@ -294,7 +317,7 @@ static void attention_block_backward(GpuModel *m, int l, const LayerActs *a, con
     linear_backward_weight(G(m, l, LT_WO), DT_FP32, dao, a->att, N, q, d, st);
     linear_backward_input(m->datt, dao, W(m, l, LT_WO), N, q, d, 0, st);
     AttentionShape sh = attention_shape(c, l, m->settings.B, m->settings.S);
-    attention_backward(m->dqkv, m->datt, a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
+    layer_attention_backward(m->dqkv, m->datt, a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
     rope_apply(m->dqkv, m->rope, N, m->settings.S, 0, c->n_heads, c->n_kv_heads, c->head_dim, 1, st);
     linear_backward_weight(G(m, l, LT_WQ), DT_FP32, m->dqkv, a->ln1, N, d, qkv, st);
     if (c->qkv_bias) bias_backward(G(m, l, LT_BQ), m->reduce_scratch, m->dqkv, N, qkv, st);
@@ -535,19 +558,23 @@ static void check_supported(const ModelConfig *c, const GpuSettings *s) {
         if (layer < 0) continue;
         char why[256];
         AttentionShape sh = attention_shape(c, layer, s->B, s->S);
-        if (!attention_supported(&sh, why, sizeof(why)))
+        int ok = attention_via_softcap(&sh) ? attention_softcap_supported(&sh, why, sizeof(why))
+                                            : attention_supported(&sh, why, sizeof(why));
+        if (!ok)
             die("%s: attention of layer %d is not supported on this GPU path: %s", family_name(c->family), layer, why);
     }
 }
 
 // The kernel modules' own figures for this shape: cuDNN workspace (largest over the layer kinds
-// and the (1, S) sampling shape), reduction scratch over N rows, grad-norm partials.
+// and the (1, S) sampling shape; the soft-cap kernels need none), reduction scratch over N rows,
+// grad-norm partials.
 static MstKernelFigures kernel_figures(const ModelConfig *c, const GpuSettings *s) {
     MstKernelFigures f;
     f.attn_workspace = 0;
     for (int l = 0; l < c->n_layers && l < 2; l++) {
         for (int b = 0; b < 2; b++) {
             AttentionShape sh = attention_shape(c, l, b == 0 ? s->B : 1, s->S);
+            if (attention_via_softcap(&sh)) continue;
             size_t w = attention_workspace_bytes(&sh);
             if (w > f.attn_workspace) f.attn_workspace = w;
         }

@@ -349,7 +349,9 @@ static void run_case(const char *name) {
     const ModelConfig *c = &cs.config;
     AttentionShape sh = {cs.B, cs.S, c->n_heads, c->n_kv_heads, c->head_dim, c->query_scale, c->sliding_window, c->attn_softcap};
     char why[256];
-    if (!attention_supported(&sh, why, sizeof(why))) {
+    int supported = sh.softcap > 0.0f ? attention_softcap_supported(&sh, why, sizeof(why))
+                                      : attention_supported(&sh, why, sizeof(why));
+    if (!supported) {
         printf("== %s: skipped: the GPU attention path does not support this family (%s)\n", name, why);
         case_free(&cs);
         return;
