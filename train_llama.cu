@@ -7,6 +7,7 @@
 //   ./train_llama --model m.bin --train 'data/x/train_*.bin' --val data/x/val.bin --seq-len 4096
 //   ./train_llama --resume latest     continues the last checkpoint in --ckpt-dir, bit for bit
 //   ./train_llama --plan-only --preset llama3-8b --seq-len 65536 --gpu-mem 80
+//   ./train_llama --preset llama3-8b --synthetic-data --seq-len 8192 --batch 1 --steps 8 --bench
 //
 // No kernels here: the GPU model lives in gpu_model.cu, the CPU model in cpu_model.h.
 #include <float.h>
@@ -46,7 +47,14 @@ typedef struct {
     uint64_t seed;
     int stop_after;           // 0: run to --steps; else stop (with a checkpoint) after this step
     int cpu, skip_nonfinite, plan_only;
+    int synthetic;            // 1: uniformly random tokens instead of shards (no tokenizer)
+    int bench;                // 1: print a BENCH {json} line after the run
+    int checkpoints;          // 0: write none (synthetic data without --ckpt-every / --stop-after)
+    int eval_given, sample_given, ckpt_given;  // the flags were on the command line
 } Options;
+
+#define SYNTHETIC_DEFAULT_VOCAB 8192  // vocab of the default model with --synthetic-data (no tokenizer)
+#define BENCH_WARMUP 2                // steps --bench leaves out of the median
 
 static Options options_default(void) {
     Options o;
@@ -80,6 +88,7 @@ static Options options_default(void) {
     o.ckpt_every = 50;
     o.keep_last = 2;
     o.seed = 1337;
+    o.checkpoints = 1;
     return o;
 }
 
@@ -134,12 +143,21 @@ static void usage(FILE *f) {
             "planning\n"
             "  --plan-only           print the memory plan (no GPU, no weights) and exit 0 if it fits, 1 if not;\n"
             "                        uses --preset or --model, --seq-len, --batch, --gpu-mem and the flags above\n"
-            "  --preset NAME         llama3-8b | llama2-7b | mistral-7b | qwen2-7b | gemma2-9b (with --plan-only)\n"
+            "  --preset NAME         llama3-8b | llama2-7b | mistral-7b | qwen2-7b | gemma2-9b: with --plan-only, plan\n"
+            "                        that config; else train it from a random init (std 0.02; GPU only)\n"
+            "benchmarks\n"
+            "  --synthetic-data      uniformly random tokens of the model's vocabulary (seeded) instead of shards;\n"
+            "                        no tokenizer (the default model then has vocab %d), no sampling, and no\n"
+            "                        evaluation or checkpoints unless --eval-every/--eval-batches or\n"
+            "                        --ckpt-every/--stop-after ask for them\n"
+            "  --bench               after the run print one line 'BENCH {json}': settings, median step ms over\n"
+            "                        the steps after the first %d (of --steps >= 2: at least the last step), tok/s,\n"
+            "                        TFLOP/s, MFU, peak and planned memory\n"
             "  --help                this text\n",
             d.tokenizer, d.train, d.val, d.seq_len, d.batch, d.grad_accum, d.steps, d.lr, d.min_lr_frac, d.warmup,
             d.schedule, d.weight_decay, d.beta1, d.beta2, d.eps, d.clip, d.moments, d.recompute, d.offload,
             d.eval_every, d.eval_batches, d.sample_every, d.sample_tokens, d.prompt, d.temperature, d.top_p,
-            d.ckpt_dir, d.ckpt_every, d.keep_last, (unsigned long long)d.seed);
+            d.ckpt_dir, d.ckpt_every, d.keep_last, (unsigned long long)d.seed, SYNTHETIC_DEFAULT_VOCAB, BENCH_WARMUP);
 }
 
 static long long parse_int(const char *flag, const char *s, long long lo, long long hi) {
@@ -194,6 +212,8 @@ static Options options_parse(int argc, char **argv) {
         if (strcmp(a, "--cpu") == 0) { o.cpu = 1; continue; }
         if (strcmp(a, "--skip-nonfinite") == 0) { o.skip_nonfinite = 1; continue; }
         if (strcmp(a, "--plan-only") == 0) { o.plan_only = 1; continue; }
+        if (strcmp(a, "--synthetic-data") == 0) { o.synthetic = 1; continue; }
+        if (strcmp(a, "--bench") == 0) { o.bench = 1; continue; }
         if (strncmp(a, "--", 2) != 0) die("unexpected argument '%s' (see --help)", a);
         if (!is_value_flag(a)) die("unknown option '%s' (see --help)", a);
         if (i + 1 >= argc) die("%s needs a value (see --help)", a);
@@ -222,23 +242,30 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--recompute") == 0) o.recompute = (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--offload") == 0) o.offload = (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--gpu-mem") == 0) o.gpu_mem_gib = parse_float(a, v, 0.0f, 1e6f);
-        else if (strcmp(a, "--eval-every") == 0) o.eval_every = (int)parse_int(a, v, 0, INT32_MAX);
-        else if (strcmp(a, "--eval-batches") == 0) o.eval_batches = (int)parse_int(a, v, 0, 1 << 20);
-        else if (strcmp(a, "--sample-every") == 0) o.sample_every = (int)parse_int(a, v, 0, INT32_MAX);
-        else if (strcmp(a, "--sample-tokens") == 0) o.sample_tokens = (int)parse_int(a, v, 0, 1 << 20);
+        else if (strcmp(a, "--eval-every") == 0) { o.eval_every = (int)parse_int(a, v, 0, INT32_MAX); o.eval_given = 1; }
+        else if (strcmp(a, "--eval-batches") == 0) { o.eval_batches = (int)parse_int(a, v, 0, 1 << 20); o.eval_given = 1; }
+        else if (strcmp(a, "--sample-every") == 0) { o.sample_every = (int)parse_int(a, v, 0, INT32_MAX); o.sample_given = 1; }
+        else if (strcmp(a, "--sample-tokens") == 0) { o.sample_tokens = (int)parse_int(a, v, 0, 1 << 20); o.sample_given = 1; }
         else if (strcmp(a, "--prompt") == 0) o.prompt = v;
         else if (strcmp(a, "--temperature") == 0) o.temperature = parse_float(a, v, 0.0f, 100.0f);
         else if (strcmp(a, "--top-p") == 0) o.top_p = parse_float(a, v, 1e-6f, 1.0f);
         else if (strcmp(a, "--ckpt-dir") == 0) o.ckpt_dir = v;
-        else if (strcmp(a, "--ckpt-every") == 0) o.ckpt_every = (int)parse_int(a, v, 0, INT32_MAX);
+        else if (strcmp(a, "--ckpt-every") == 0) { o.ckpt_every = (int)parse_int(a, v, 0, INT32_MAX); o.ckpt_given = 1; }
         else if (strcmp(a, "--keep-last") == 0) o.keep_last = (int)parse_int(a, v, 1, 1 << 20);
         else if (strcmp(a, "--resume") == 0) o.resume = v;
-        else if (strcmp(a, "--stop-after") == 0) o.stop_after = (int)parse_int(a, v, 1, INT32_MAX);
+        else if (strcmp(a, "--stop-after") == 0) { o.stop_after = (int)parse_int(a, v, 1, INT32_MAX); o.ckpt_given = 1; }
         else if (strcmp(a, "--seed") == 0) o.seed = (uint64_t)parse_int(a, v, 0, INT64_MAX);
         else if (strcmp(a, "--log") == 0) o.log = v;
         else die("internal: option '%s' has no handler", a);
     }
-    if (o.preset && !o.plan_only) die("--preset NAME plans a published config without weights: use it with --plan-only");
+    if (o.preset && (o.model || o.resume)) die("--preset NAME builds a random-init model: it does not go with --model or --resume");
+    if (o.synthetic) {
+        if (o.sample_given && o.sample_tokens > 0) die("--synthetic-data runs without a tokenizer: it cannot sample (drop --sample-tokens/--sample-every)");
+        o.sample_tokens = 0;
+        if (!o.eval_given) { o.eval_every = 0; o.eval_batches = 0; }
+        o.checkpoints = o.ckpt_given;
+    }
+    if (o.bench && o.steps < 2) die("--bench needs --steps >= 2 (the first step is always warm-up)");
     if (o.recompute == 0 && o.offload == 1) die("--offload 1 needs --recompute 1 (only recomputed layers can keep their inputs on the host)");
     return o;
 }
@@ -299,6 +326,149 @@ static uint16_t *random_init_model(ModelConfig *c, ParamLayout *layout, int voca
     return params;
 }
 
+// A published config (--preset) with a random init for benchmarks: matrices N(0, 0.02), biases 0,
+// norm weights 1 (0 where the family scales by 1 + w). Tensors are cut into PRESET_INIT_CHUNK
+// pieces, each with its own seed from (seed, tensor, piece), filled in parallel (OpenMP), so 8B
+// parameters take seconds and the result does not depend on the thread count.
+#define PRESET_INIT_CHUNK ((size_t)1 << 20)
+
+typedef struct { size_t offset, n; float value; int normal; } InitTensor;  // value: when not normal
+typedef struct { InitTensor *t; int n; int norm_offset; } InitList;
+
+static void list_tensor(const char *name, size_t offset, size_t rows, size_t cols, void *ctx) {
+    InitList *l = (InitList *)ctx;
+    InitTensor *x = &l->t[l->n++];
+    x->offset = offset;
+    x->n = rows * cols;
+    x->normal = rows > 1;
+    x->value = strstr(name, "norm") != NULL ? (l->norm_offset ? 0.0f : 1.0f) : 0.0f;  // norms, biases
+}
+
+// c: the preset's config (mst_preset); fills *layout, returns the bf16 parameters (malloc'd).
+static uint16_t *random_init_preset(const ModelConfig *c, ParamLayout *layout, uint64_t seed) {
+    param_layout_init(layout, c);
+    InitList list;
+    list.t = (InitTensor *)mallocCheck((size_t)(c->n_layers * LT_COUNT + 3) * sizeof(InitTensor));
+    list.n = 0;
+    list.norm_offset = c->norm_offset;
+    param_layout_visit(layout, c, list_tensor, &list);
+    // work items: (tensor, piece) pairs, numbered by a prefix sum of the pieces per tensor
+    size_t *first = (size_t *)mallocCheck((size_t)(list.n + 1) * sizeof(size_t));
+    first[0] = 0;
+    for (int i = 0; i < list.n; i++) first[i + 1] = first[i] + (list.t[i].n + PRESET_INIT_CHUNK - 1) / PRESET_INIT_CHUNK;
+    uint16_t *params = (uint16_t *)mallocCheck(layout->total * sizeof(uint16_t));
+    long long items = (long long)first[list.n];
+#pragma omp parallel for schedule(dynamic, 4)
+    for (long long w = 0; w < items; w++) {
+        int ti = 0;
+        while (first[ti + 1] <= (size_t)w) ti++;  // a few hundred tensors: a scan is cheap next to 1M normals
+        const InitTensor *x = &list.t[ti];
+        size_t piece = (size_t)w - first[ti], lo = piece * PRESET_INIT_CHUNK;
+        size_t hi = lo + PRESET_INIT_CHUNK < x->n ? lo + PRESET_INIT_CHUNK : x->n;
+        uint16_t *out = params + x->offset;
+        if (!x->normal) {
+            for (size_t i = lo; i < hi; i++) out[i] = float_to_bf16_bits(x->value);
+            continue;
+        }
+        uint64_t rng = rng_seed(seed ^ ((uint64_t)ti << 40) ^ piece);
+        for (size_t i = lo; i < hi; i += 2) {  // Box-Muller: two normals per pair of uniforms
+            float u1 = rng_uniform(&rng), u2 = rng_uniform(&rng);
+            if (u1 < 1e-7f) u1 = 1e-7f;
+            float r = 0.02f * sqrtf(-2.0f * logf(u1)), a = 6.2831853f * u2;
+            out[i] = float_to_bf16_bits(r * cosf(a));
+            if (i + 1 < hi) out[i + 1] = float_to_bf16_bits(r * sinf(a));
+        }
+    }
+    free(first);
+    free(list.t);
+    return params;
+}
+
+// ----------------------------------------------------------------------------
+// Batches: token shards through the DataLoader, or --synthetic-data: rows of uniformly random
+// tokens, batch k drawn from its own seed (seed, k), so a position is just k.
+
+typedef struct {
+    int synthetic;
+    DataLoader dl;                 // shards
+    int B, S, V;                   // synthetic
+    uint64_t seed;
+    int64_t next;                  // synthetic: index of the next batch
+    int *synth_inputs, *synth_targets;
+    const int *inputs, *targets;   // (B, S) of the last batch_next
+} Batches;
+
+static void batches_init(Batches *b, const Options *o, const char *glob_pattern, int vocab, int shuffle, uint64_t seed) {
+    memset(b, 0, sizeof(*b));
+    b->synthetic = o->synthetic;
+    if (!b->synthetic) {
+        dataloader_init(&b->dl, glob_pattern, o->batch, o->seq_len, vocab, shuffle, seed);
+        return;
+    }
+    b->B = o->batch;
+    b->S = o->seq_len;
+    b->V = vocab;
+    b->seed = seed;
+    b->synth_inputs = (int *)mallocCheck((size_t)b->B * b->S * sizeof(int));
+    b->synth_targets = (int *)mallocCheck((size_t)b->B * b->S * sizeof(int));
+}
+
+// Next batch into b->inputs / b->targets. Synthetic rows: S + 1 random tokens, targets shifted by one.
+static void batches_next(Batches *b) {
+    if (!b->synthetic) {
+        dataloader_next_batch(&b->dl);
+        b->inputs = b->dl.inputs;
+        b->targets = b->dl.targets;
+        return;
+    }
+    uint64_t rng = rng_seed(b->seed ^ 0x5E7D0000ULL ^ ((uint64_t)b->next << 20));
+    for (int r = 0; r < b->B; r++) {
+        int prev = (int)(rng_next(&rng) % (uint64_t)b->V);
+        for (int i = 0; i < b->S; i++) {
+            int tok = (int)(rng_next(&rng) % (uint64_t)b->V);
+            b->synth_inputs[(size_t)r * b->S + i] = prev;
+            b->synth_targets[(size_t)r * b->S + i] = tok;
+            prev = tok;
+        }
+    }
+    b->next++;
+    b->inputs = b->synth_inputs;
+    b->targets = b->synth_targets;
+}
+
+static void batches_reset(Batches *b) {
+    if (b->synthetic) b->next = 0;
+    else dataloader_reset(&b->dl);
+}
+
+// Synthetic positions: cursor = batch index, n_shards = 0 (a shard position always has n_shards >= 1).
+static DataPosition batches_get_position(const Batches *b) {
+    if (!b->synthetic) return dataloader_get_position(&b->dl);
+    DataPosition p = {0, 0, b->next, b->S, 0};
+    return p;
+}
+
+static void batches_set_position(Batches *b, DataPosition p) {
+    if ((p.n_shards == 0) != (b->synthetic != 0))
+        die("the checkpoint was taken with %s, this run uses %s: resume with the same data",
+            p.n_shards == 0 ? "--synthetic-data" : "token shards", b->synthetic ? "--synthetic-data" : "token shards");
+    if (!b->synthetic) {
+        dataloader_set_position(&b->dl, p);
+        return;
+    }
+    if (p.seq_len != b->S) die("the checkpoint's synthetic data had --seq-len %lld, this run %d", (long long)p.seq_len, b->S);
+    b->next = p.cursor;
+}
+
+static void batches_free(Batches *b) {
+    if (!b->synthetic) {
+        dataloader_free(&b->dl);
+        return;
+    }
+    free(b->synth_inputs);
+    free(b->synth_targets);
+}
+
 // ----------------------------------------------------------------------------
 // The two backends behind one Trainer: a switch on the backend in each call.
 
@@ -316,6 +486,7 @@ typedef struct {
     GpuModel gpu;
     GpuSettings gs;
     double peak_flops;  // device peak bf16 FLOP/s for MFU (0: unknown)
+    char device[256];   // GPU name, or "cpu"
 } Trainer;
 
 typedef struct {
@@ -334,10 +505,23 @@ static size_t cpu_path_bytes(const ModelConfig *c, int B, int S) {
     return cpu_model_bytes(c, B, S) + 2 * l.total * sizeof(float);
 }
 
+// Dies when the CPU path would need more than half of this machine's memory for c at B x S.
+static void cpu_path_check(const ModelConfig *c, int B, int S) {
+    size_t need = cpu_path_bytes(c, B, S), limit = physical_memory() / 2;
+    ParamLayout l;
+    param_layout_init(&l, c);
+    if (need > limit)
+        die("this model is too large for the CPU reference path: %s with %zu parameters at B=%d S=%d needs %.2f GiB "
+            "(fp32 params, grads, activations, AdamW moments), more than half of this machine's %.2f GiB; "
+            "train it on a GPU, or use a smaller model, --batch or --seq-len",
+            family_name(c->family), l.total, B, S, gib(need), gib(physical_memory()));
+}
+
 // Dense bf16 tensor-core peak of the device, from its compute capability (H100/H200 SXM: 989 TFLOP/s).
-static double gpu_peak_flops(void) {
+static double gpu_peak_flops(char *name, size_t name_len) {
     cudaDeviceProp p;
     cudaCheck(cudaGetDeviceProperties(&p, 0));
+    snprintf(name, name_len, "%s", p.name);
     if (p.major == 9) return 989e12;
     if (p.major == 8 && p.minor == 0) return 312e12;
     if (p.major == 10) return 2250e12;
@@ -352,13 +536,9 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     t->B = o->batch;
     t->S = o->seq_len;
     t->grad_accum = o->grad_accum;
+    snprintf(t->device, sizeof(t->device), "cpu");
     if (backend == BACKEND_CPU) {
-        size_t need = cpu_path_bytes(c, t->B, t->S), limit = physical_memory() / 2;
-        if (need > limit)
-            die("this model is too large for the CPU reference path: %s with %zu parameters at B=%d S=%d needs %.2f GiB "
-                "(fp32 params, grads, activations, AdamW moments), more than half of this machine's %.2f GiB; "
-                "train it on a GPU, or use a smaller model, --batch or --seq-len",
-                family_name(c->family), t->layout.total, t->B, t->S, gib(need), gib(physical_memory()));
+        cpu_path_check(c, t->B, t->S);
         cpu_model_init(&t->cpu, c, t->B, t->S);
         cpu_model_load_bf16(&t->cpu, params);
         t->mom1 = (float *)callocCheck(t->layout.total, sizeof(float));
@@ -378,13 +558,13 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     s->gpu_mem_budget = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0);
     gpu_model_init(&t->gpu, c, params, s);
     gpu_model_print_plan(&t->gpu, stdout);
-    t->peak_flops = gpu_peak_flops();
+    t->peak_flops = gpu_peak_flops(t->device, sizeof(t->device));
 }
 
 // One optimizer step: grad_accum micro-batches from the train loader, then AdamW with clipping.
 // CPU: the update is applied only when the loss and the norm are finite (or the run stops).
 // GPU: the update runs inside the backward pass (gpu_model.h), so it cannot be held back.
-static void trainer_step(Trainer *t, DataLoader *dl, const OptimizerStep *opt, StepOut *out) {
+static void trainer_step(Trainer *t, Batches *dl, const OptimizerStep *opt, StepOut *out) {
     out->loss = 0.0f;
     out->grad_norm = 0.0f;
     out->applied = 1;
@@ -392,7 +572,7 @@ static void trainer_step(Trainer *t, DataLoader *dl, const OptimizerStep *opt, S
         StepResult r;
         double loss = 0.0;
         for (int k = 0; k < t->grad_accum; k++) {
-            dataloader_next_batch(dl);
+            batches_next(dl);
             gpu_model_train_micro_step(&t->gpu, dl->inputs, dl->targets, k, opt, &r);
             loss += r.loss;
         }
@@ -404,7 +584,7 @@ static void trainer_step(Trainer *t, DataLoader *dl, const OptimizerStep *opt, S
     cpu_model_zero_grad(m);
     double loss = 0.0;
     for (int k = 0; k < t->grad_accum; k++) {
-        dataloader_next_batch(dl);
+        batches_next(dl);
         loss += cpu_model_forward(m, dl->inputs, dl->targets, t->B, t->S);
         cpu_model_backward(m);
     }
@@ -761,12 +941,12 @@ static void sample_text(Trainer *t, const Tokenizer *tok, const Options *o, uint
 // ----------------------------------------------------------------------------
 // Evaluation: mean loss over the first eval_batches batches of the validation loader.
 
-static void evaluate(Trainer *t, DataLoader *val, int n_batches, int step, FILE *log) {
+static void evaluate(Trainer *t, Batches *val, int n_batches, int step, FILE *log) {
     if (n_batches == 0) return;
-    dataloader_reset(val);
+    batches_reset(val);
     double sum = 0.0;
     for (int i = 0; i < n_batches; i++) {
-        dataloader_next_batch(val);
+        batches_next(val);
         sum += trainer_eval_loss(t, val->inputs, val->targets);
     }
     double loss = sum / n_batches;
@@ -841,6 +1021,52 @@ static void log_step(Trainer *t, int step, int steps, const StepOut *r, float lr
     fflush(log);
 }
 
+// --bench: prints a JSON string value with quotes, backslashes and control characters escaped.
+static void json_string(FILE *f, const char *v) {
+    fputc('"', f);
+    for (const unsigned char *p = (const unsigned char *)v; *p; p++) {
+        if (*p == '"' || *p == '\\') fprintf(f, "\\%c", *p);
+        else if (*p < 0x20) fprintf(f, "\\u%04x", *p);
+        else fputc(*p, f);
+    }
+    fputc('"', f);
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : (x > y ? 1 : 0);
+}
+
+// --bench: one line "BENCH {json}" from the step times ms[0..n) of this run, n >= 2 (the first
+// BENCH_WARMUP left out, or all but the last when n <= BENCH_WARMUP): the median step, tok/s,
+// TFLOP/s and MFU from it, the resolved memory settings, the peak device memory seen
+// (cudaMemGetInfo: includes the CUDA context) and the planned arena.
+static void print_bench(Trainer *t, const Options *o, double *ms, int n) {
+    if (n < 2) die("--bench: only %d step ran in this run, need 2 or more (the first is warm-up)", n);
+    int warm = n > BENCH_WARMUP ? BENCH_WARMUP : n - 1, k = n - warm;
+    double *x = ms + warm;
+    qsort(x, k, sizeof(double), cmp_double);
+    double med = k % 2 ? x[k / 2] : 0.5 * (x[k / 2 - 1] + x[k / 2]);
+    double tok_s = (double)t->B * t->S * t->grad_accum / (med / 1e3), fpt = flops_per_token(&t->c, t->S);
+    int gpu = t->backend == BACKEND_GPU;
+    MemLine m = trainer_memory(t);
+    printf("BENCH {\"model\": ");
+    json_string(stdout, o->preset ? o->preset : o->model ? o->model : "default");
+    printf(", \"backend\": \"%s\", \"device\": ", gpu ? "gpu" : "cpu");
+    json_string(stdout, t->device);
+    printf(", \"B\": %d, \"S\": %d, \"grad_accum\": %d, \"M\": %d, \"vocab_chunk\": %d, \"recompute\": %d, "
+           "\"offload\": %d, \"host_layers\": %d, \"moments\": \"%s\", \"master_weights\": %d, \"synthetic\": %d, "
+           "\"steps_timed\": %d, \"warmup\": %d, \"median_ms\": %.3f, \"tok_s\": %.1f, \"tflops\": %.4f, \"mfu\": ",
+           t->B, t->S, t->grad_accum, gpu ? t->gs.mst_chunks : 1, gpu ? t->gs.vocab_chunk : t->c.vocab_size,
+           gpu ? t->gs.recompute : 0, gpu ? t->gs.offload : 0, gpu ? t->gs.host_layers : 0, o->moments,
+           o->master_weights, o->synthetic, k, warm, med, tok_s, fpt * tok_s / 1e12);
+    if (gpu && t->peak_flops > 0) printf("%.6f", fpt * tok_s / t->peak_flops);
+    else printf("null");
+    printf(", \"peak_gib\": %.4f, \"planned_gib\": %.4f, \"params\": %zu, \"flops_per_token\": %.6e, \"oom\": false}\n",
+           m.peak, m.plan, t->layout.total, fpt);
+    fflush(stdout);
+}
+
 static volatile sig_atomic_t g_stop = 0;  // set by SIGINT / SIGTERM; checked at the end of each step
 
 static void on_signal(int sig) { g_stop = sig; }
@@ -899,9 +1125,18 @@ int main(int argc, char **argv) {
     if (o.plan_only) return plan_only(&o);
     setvbuf(stdout, NULL, _IOLBF, 0);
 
-    // model: a checkpoint to resume, a model.bin, or the default random init
+    // backend first: a --preset model is built only where it can be trained
+    int backend = BACKEND_CPU;
+    if (!o.cpu && cuda_device_count() > 0) backend = BACKEND_GPU;
+    else if (!o.cpu) printf("no GPU found: training on the CPU reference path (fp32, OpenMP)\n");
+    else printf("--cpu: training on the CPU reference path (fp32, OpenMP)\n");
+    if (backend == BACKEND_GPU && o.skip_nonfinite)
+        printf("note: on the GPU the update runs inside the backward pass, so a non-finite step stops the run even with --skip-nonfinite\n");
+
+    // model: a checkpoint to resume, a model.bin, a --preset or the default random init;
+    // --synthetic-data needs no tokenizer
     Tokenizer tok;
-    tokenizer_init(&tok, o.tokenizer);
+    if (!o.synthetic) tokenizer_init(&tok, o.tokenizer);
     ModelConfig c;
     ParamLayout layout;
     uint16_t *params;
@@ -912,39 +1147,45 @@ int main(int argc, char **argv) {
         params = model_load_bf16(&c, &layout, model_file);
     } else if (o.model) {
         params = model_load_bf16(&c, &layout, o.model);
+    } else if (o.preset) {
+        if (!mst_preset(o.preset, &c)) {
+            fprintf(stderr, "error: unknown --preset '%s'; known: ", o.preset);
+            mst_preset_list(stderr);
+            return 1;
+        }
+        if (backend == BACKEND_CPU)
+            die("--preset %s is a full-size model for GPU benchmarks: the CPU reference path does not train it "
+                "(use a GPU, or the default model / --model on the CPU)", o.preset);
+        double t0 = now_ms();
+        params = random_init_preset(&c, &layout, o.seed);
+        printf("model: --preset %s, random init (seed %llu) in %.1f s\n", o.preset, (unsigned long long)o.seed, (now_ms() - t0) / 1e3);
     } else {
-        params = random_init_model(&c, &layout, tok.vocab_size, o.seed);
+        params = random_init_model(&c, &layout, o.synthetic ? SYNTHETIC_DEFAULT_VOCAB : tok.vocab_size, o.seed);
         printf("model: none given: a small random-init Llama (seed %llu)\n", (unsigned long long)o.seed);
     }
     char n_params[32];
-    if (tok.vocab_size > c.vocab_size)
+    if (!o.synthetic && tok.vocab_size > c.vocab_size)
         die("tokenizer %s has vocab_size %d, more than the model's %d: they do not belong together", o.tokenizer, tok.vocab_size, c.vocab_size);
     printf("model: %s | vocab %d | d %d | %d layers | %d heads (%d kv) x %d | d_ff %d | %s parameters\n",
            family_name(c.family), c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff,
            commas((double)layout.total, n_params, sizeof(n_params)));
 
-    // backend
-    int backend = BACKEND_CPU;
-    if (!o.cpu && cuda_device_count() > 0) backend = BACKEND_GPU;
-    else if (!o.cpu) printf("no GPU found: training on the CPU reference path (fp32, OpenMP)\n");
-    else printf("--cpu: training on the CPU reference path (fp32, OpenMP)\n");
-    if (backend == BACKEND_GPU && o.skip_nonfinite)
-        printf("note: on the GPU the update runs inside the backward pass, so a non-finite step stops the run even with --skip-nonfinite\n");
-
     Trainer t;
     trainer_init(&t, backend, &c, params, &o);
     free(params);
 
-    // data: the loaders check every token id against the model's vocabulary
-    DataLoader train, val;
-    dataloader_init(&train, o.train, o.batch, o.seq_len, c.vocab_size, 1, o.seed);
-    dataloader_init(&val, o.val, o.batch, o.seq_len, c.vocab_size, 0, 0);
+    // data: the loaders check every token id against the model's vocabulary; synthetic batches
+    // draw from it
+    Batches train, val;
+    batches_init(&train, &o, o.train, c.vocab_size, 1, o.seed);
+    batches_init(&val, &o, o.val, c.vocab_size, 0, o.seed ^ 0xE7A1ULL);
+    if (o.synthetic) printf("data: --synthetic-data: uniformly random tokens in [0, %d)\n", c.vocab_size);
     uint64_t rng = rng_seed(o.seed);
     int start = 0;
     if (o.resume) {
         DataPosition pos;
         start = state_load(&t, state_file, &rng, &pos);
-        dataloader_set_position(&train, pos);
+        batches_set_position(&train, pos);
         printf("resumed from %s at step %d\n", state_file, start);
     }
     if (start > o.steps) die("the checkpoint is at step %d, past --steps %d", start, o.steps);
@@ -957,13 +1198,15 @@ int main(int argc, char **argv) {
            o.batch, o.seq_len, o.grad_accum, o.batch * o.seq_len * o.grad_accum, o.lr, o.schedule, o.warmup,
            backend == BACKEND_GPU ? "GPU" : "CPU");
 
-    int last_eval = -1, last_sample = -1, last_ckpt = start, stopped = 0;
+    int last_eval = -1, last_sample = -1, last_ckpt = start, stopped = 0, n_ms = 0;
+    double *step_ms = (double *)mallocCheck((size_t)(o.steps - start + 1) * sizeof(double));
     for (int step = start + 1; step <= o.steps; step++) {
         OptimizerStep opt = {lr_at(&o, step), o.beta1, o.beta2, o.eps, o.weight_decay, o.clip, step, (uint32_t)(o.seed + step)};
         double t0 = now_ms();
         StepOut r;
         trainer_step(&t, &train, &opt, &r);
         double ms = now_ms() - t0;
+        step_ms[n_ms++] = ms;
         if (!isfinite(r.loss) || !isfinite(r.grad_norm)) {
             if (!(o.skip_nonfinite && backend == BACKEND_CPU))
                 die("step %d: non-finite %s (loss %g, grad norm %g): stopping without a checkpoint of this state "
@@ -976,13 +1219,14 @@ int main(int argc, char **argv) {
         if (o.eval_every > 0 && step % o.eval_every == 0) { evaluate(&t, &val, o.eval_batches, step, log); last_eval = step; }
         if (o.sample_every > 0 && o.sample_tokens > 0 && step % o.sample_every == 0) { sample_text(&t, &tok, &o, &rng); last_sample = step; }
         int stop_here = g_stop || step == o.stop_after;
-        if ((o.ckpt_every > 0 && step % o.ckpt_every == 0) || stop_here) {
-            ckpt_save(&t, o.ckpt_dir, o.keep_last, step, rng, dataloader_get_position(&train));
+        if (o.checkpoints && ((o.ckpt_every > 0 && step % o.ckpt_every == 0) || stop_here)) {
+            ckpt_save(&t, o.ckpt_dir, o.keep_last, step, rng, batches_get_position(&train));
             last_ckpt = step;
         }
         if (stop_here && step < o.steps) {
-            printf("%s: stopped after step %d with a checkpoint; continue with --resume latest\n",
-                   g_stop == SIGINT ? "SIGINT received" : g_stop == SIGTERM ? "SIGTERM received" : "--stop-after", step);
+            printf("%s: stopped after step %d %s\n",
+                   g_stop == SIGINT ? "SIGINT received" : g_stop == SIGTERM ? "SIGTERM received" : "--stop-after", step,
+                   o.checkpoints ? "with a checkpoint; continue with --resume latest" : "(no checkpoint: --synthetic-data without --ckpt-every)");
             stopped = 1;
             break;
         }
@@ -990,15 +1234,17 @@ int main(int argc, char **argv) {
     // the end: a final checkpoint, then evaluation and a sample (after it, so the saved RNG state
     // is the one a resumed run continues with)
     if (!stopped) {
-        if (last_ckpt != o.steps) ckpt_save(&t, o.ckpt_dir, o.keep_last, o.steps, rng, dataloader_get_position(&train));
+        if (o.checkpoints && last_ckpt != o.steps) ckpt_save(&t, o.ckpt_dir, o.keep_last, o.steps, rng, batches_get_position(&train));
         if (last_eval != o.steps) evaluate(&t, &val, o.eval_batches, o.steps, log);
         if (last_sample != o.steps && o.sample_tokens > 0) sample_text(&t, &tok, &o, &rng);
     }
 
+    if (o.bench) print_bench(&t, &o, step_ms, n_ms);
+    free(step_ms);
     if (log) fcloseCheck(log, o.log);
     trainer_free(&t);
-    dataloader_free(&train);
-    dataloader_free(&val);
-    tokenizer_free(&tok);
+    batches_free(&train);
+    batches_free(&val);
+    if (!o.synthetic) tokenizer_free(&tok);
     return 0;
 }

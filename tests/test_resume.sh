@@ -142,6 +142,32 @@ else
 fi
 expect_fail "model too large for the CPU path" "too large for the CPU reference path" "$BIN" --cpu --seq-len 65536 --steps 1
 expect_fail "unknown flag" "unknown option '--frobnicate'" "$BIN" --frobnicate 3
+expect_fail "--preset on the CPU path" "the CPU reference path does not train it" "$BIN" --cpu --preset llama3-8b --synthetic-data --steps 3
+expect_fail "unknown --preset" "unknown --preset 'llama9'" "$BIN" --cpu --preset llama9 --synthetic-data
+expect_fail "--bench with too few steps" "--bench needs --steps >= 2" "$BIN" --cpu --synthetic-data --steps 1 --bench
+expect_fail "--synthetic-data cannot sample" "cannot sample" "$BIN" --cpu --synthetic-data --sample-tokens 8
+
+# --synthetic-data on the CPU path: no tokenizer, no checkpoint, no eval/sample; --bench prints one
+# BENCH line whose JSON parses and whose numbers agree with the step lines
+Y="$TMP/y"
+"$BIN" --cpu --synthetic-data --tokenizer "$TMP/no_such_tokenizer.bin" --seq-len 32 --batch 2 --steps 5 --bench \
+    --ckpt-dir "$Y" > "$TMP/y.txt" 2>&1
+rc=$?
+bench_ok=$(grep '^BENCH ' "$TMP/y.txt" | sed 's/^BENCH //' | python3 -c '
+import json, sys
+lines = sys.stdin.read().splitlines()
+b = json.loads(lines[0]) if len(lines) == 1 else {}
+ok = (b.get("model") == "default" and b.get("backend") == "cpu" and b.get("B") == 2 and b.get("S") == 32
+      and b.get("steps_timed") == 3 and b.get("median_ms", 0) > 0 and b.get("oom") is False
+      and abs(b["tok_s"] - 64 / (b["median_ms"] / 1e3)) < 1e-3 * b["tok_s"] + 0.1)
+print(1 if ok else 0)' 2>/dev/null)
+if [ $rc -eq 0 ] && [ "$bench_ok" = 1 ] && [ "$(step_lines "$TMP/y.txt" | wc -l)" -eq 5 ] && [ ! -e "$Y" ] \
+    && ! grep -q '^eval step\|^sample: ' "$TMP/y.txt" && grep -q 'tokens in \[0, 8192)' "$TMP/y.txt"; then
+    ok "--synthetic-data --bench (CPU): 5 steps, no tokenizer/checkpoint/eval/sample, $(grep -o '"median_ms": [0-9.]*' "$TMP/y.txt")"
+else
+    bad "--synthetic-data --bench (exit $rc, BENCH ok '$bench_ok')"
+    tail -3 "$TMP/y.txt"
+fi
 expect_fail "--seq-len 0" "--seq-len: 0 is out of range" "$BIN" --cpu --seq-len 0
 expect_fail "--lr abc" "--lr: 'abc' is not a number" "$BIN" --cpu --lr abc
 expect_fail "--resume latest in an empty dir" "no checkpoint" "$BIN" "${TINY[@]}" --ckpt-dir "$TMP/empty" --resume latest
