@@ -26,7 +26,10 @@
 #include "matmul.h"
 #include "mst_kernels.h"
 
-#define GPU_MEM_MARGIN ((size_t)1 << 30)  // left free for the CUDA context, cuBLAS/cuDNN handles and graphs
+// Left free below the memory free at init (measured after the CUDA context exists) for the cuBLASLt
+// and cuDNN handles and graphs: on an H100 the peak in use ran 0.56 GiB above the plan, the context
+// (~0.5 GiB, outside this budget) included.
+#define GPU_MEM_MARGIN ((size_t)512 << 20)
 
 // ---- small accessors ----
 
@@ -115,11 +118,14 @@ static void attention_block_forward(GpuModel *m, int l, const LayerActs *a, cons
     const ModelConfig *c = &m->config;
     int N = Bn * Sn, d = c->d_model, q = c->n_heads * c->head_dim;
     cudaStream_t st = m->stream;
+    step_profile_mark(m->profile, PROF_ATTN_IN, st);
     rmsnorm_forward(a->ln1, a->ln1_rstd, in, W(m, l, LT_ATTN_NORM), N, d, c->norm_eps, norm_w_offset(m), st);
     linear_forward(a->qkv, DT_BF16, a->ln1, W(m, l, LT_WQ), c->qkv_bias ? W(m, l, LT_BQ) : NULL, N, d, qkv_features(c), 0, st);
     rope_apply(a->qkv, m->rope, N, Sn, 0, c->n_heads, c->n_kv_heads, c->head_dim, 0, st);
     AttentionShape sh = attention_shape(c, l, Bn, Sn);
+    step_profile_mark(m->profile, PROF_SDPA_FWD, st);
     layer_attention_forward(a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
+    step_profile_mark(m->profile, PROF_ATTN_OUT, st);
     cudaCheck(cudaMemcpyAsync(a->h1, in, (size_t)N * d * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
     if (c->post_norms) {
         linear_forward(a->ao, DT_BF16, a->att, W(m, l, LT_WO), NULL, N, q, d, 0, st);
@@ -204,6 +210,7 @@ static void forward_layers(GpuModel *m, int Bn, int Sn, int save) {
     int N = Bn * Sn, L = c->n_layers;
     cudaStream_t st = m->stream;
     if (is_host_layer(m, 0)) cudaCheck(cudaStreamWaitEvent(st, m->ev_saved[0], 0));
+    step_profile_mark(m->profile, PROF_EMBEDDING, st);
     embedding_forward(layer_input(m, 0), m->tokens, m->params + m->layout.embed, N, c->d_model, c->embed_scale, st);
     for (int l = 0; l < L; l++) {
         if (save && is_host_layer(m, l)) save_to_host(m, l);
@@ -213,6 +220,7 @@ static void forward_layers(GpuModel *m, int Bn, int Sn, int save) {
         const LayerActs *a = &m->acts[l];
         attention_block_forward(m, l, a, layer_input(m, l), Bn, Sn);
         cudaCheck(cudaMemcpyAsync(out, a->h1, (size_t)N * c->d_model * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
+        step_profile_mark(m->profile, PROF_MLP_FWD, st);
         mlp_forward(m, l, a, out, N);
     }
     for (int b = 0; b < 2; b++) cudaCheck(cudaEventRecord(m->ev_free[b], st));
@@ -237,6 +245,7 @@ static void lm_head_pass(GpuModel *m, int N, float grad_scale, int backward) {
     const bf16 *Wfinal = m->params + m->layout.final_norm;
     const bf16 *Wh = m->params + m->layout.lm_head;
     float *dWh = backward ? grad_head(m) : NULL;
+    step_profile_mark(m->profile, PROF_LM_HEAD, st);
     for (int r0 = 0; r0 < N; r0 += rows) {
         int n = N - r0 < rows ? N - r0 : rows;
         const int32_t *tg = m->targets + r0;
@@ -260,7 +269,7 @@ static void lm_head_pass(GpuModel *m, int N, float grad_scale, int backward) {
             } else {  // dxf accumulates over tiles in fp32: dxf_acc (n, d) (+)= dlogits (n, vt) W_tile (vt, d)
                 gemm(m->dxf_acc, DT_FP32, m->dlogits, 0, Wt, 0, n, d, vt, 1.0f, t > 0 ? 1.0f : 0.0f, NULL, st);
             }
-            linear_backward_weight(dWh + (size_t)v0 * d, DT_FP32, m->dlogits, m->xf, n, d, vt, st);
+            linear_backward_weight(dWh + (size_t)v0 * d, DT_FP32, m->dlogits, m->xf, n, d, vt, r0 > 0 || m->grads != NULL, st);
         }
         if (tiles > 1) cast_fp32_to_bf16(m->dxf, m->dxf_acc, (size_t)n * d, st);
         rmsnorm_backward(m->dresid + (size_t)r0 * d, grad_final_norm(m), m->reduce_scratch, m->dxf, x, Wfinal, m->xf_rstd,
@@ -272,11 +281,13 @@ static void lm_head_pass(GpuModel *m, int N, float grad_scale, int backward) {
 // ---- layer backward ----
 
 // MLP backward, chunk by chunk (recomputing the chunk's intermediates unless kept):
-// dresid (N, d) += d mlp(h1) / d h1 . dresid; weight gradients accumulate (beta = 1).
-static void mlp_backward(GpuModel *m, int l, const LayerActs *a) {
+// dresid (N, d) += d mlp(h1) / d h1 . dresid; the matrices' gradients are written by the first
+// chunk when `fresh` (this step's first gradient of the layer), else accumulated.
+static void mlp_backward(GpuModel *m, int l, const LayerActs *a, int fresh) {
     const ModelConfig *c = &m->config;
     int N = m->plan.n_tokens, d = c->d_model, F = c->d_ff, rows = m->plan.chunk_rows;
     cudaStream_t st = m->stream;
+    step_profile_mark(m->profile, PROF_MLP_BWD, st);
     for (int r0 = 0; r0 < N; r0 += rows) {
         int n = N - r0 < rows ? N - r0 : rows;
         MlpChunk b = mlp_chunk(m, a, r0);
@@ -293,33 +304,45 @@ static void mlp_backward(GpuModel *m, int l, const LayerActs *a) {
                              b.dn_rstd, n, d, norm_w_offset(m), 0, st);
             dy = b.tmp;
         }
-        linear_backward_weight(G(m, l, LT_W_DOWN), DT_FP32, dy, b.glu, n, F, d, st);
+        int acc = !(fresh && r0 == 0);
+        linear_backward_weight(G(m, l, LT_W_DOWN), DT_FP32, dy, b.glu, n, F, d, acc, st);
         linear_backward_input(b.glu, dy, W(m, l, LT_W_DOWN), n, F, d, 0, st);       // glu := d glu
         glu_backward(b.gate_up, b.glu, b.gate_up, n, F, c->activation, st);          // gate_up := d gate_up
-        linear_backward_weight(G(m, l, LT_W_GATE), DT_FP32, b.gate_up, b.ln2, n, d, 2 * F, st);
+        linear_backward_weight(G(m, l, LT_W_GATE), DT_FP32, b.gate_up, b.ln2, n, d, 2 * F, acc, st);
         linear_backward_input(b.ln2, b.gate_up, W(m, l, LT_W_GATE), n, d, 2 * F, 0, st);  // ln2 := d ln2
         rmsnorm_backward(dres, G(m, l, LT_MLP_NORM), m->reduce_scratch, b.ln2, x, W(m, l, LT_MLP_NORM), b.ln2_rstd,
                          n, d, norm_w_offset(m), 1, st);
     }
 }
 
-// Attention-part backward: dresid (N, d) holds d h1 on entry and d in on exit.
-static void attention_block_backward(GpuModel *m, int l, const LayerActs *a, const bf16 *in) {
+// Attention-part backward: dresid (N, d) holds d h1 on entry and d in on exit. The gradient of the
+// attention output goes to h1's buffer (dead once the MLP backward is done) unless datt has its own
+// (when Hq * hd > d). `fresh` as in mlp_backward.
+static void attention_block_backward(GpuModel *m, int l, const LayerActs *a, const bf16 *in, int fresh) {
     const ModelConfig *c = &m->config;
     int N = m->plan.n_tokens, d = c->d_model, q = c->n_heads * c->head_dim, qkv = qkv_features(c);
     cudaStream_t st = m->stream;
     const bf16 *dao = m->dresid;  // gradient of the o-projection output
+    step_profile_mark(m->profile, PROF_ATTN_OUT_BWD, st);
     if (c->post_norms) {
         rmsnorm_backward(m->attn_tmp, G(m, l, LT_POST_ATTN_NORM), m->reduce_scratch, m->dresid, a->ao,
                          W(m, l, LT_POST_ATTN_NORM), a->ao_rstd, N, d, norm_w_offset(m), 0, st);
         dao = m->attn_tmp;
     }
-    linear_backward_weight(G(m, l, LT_WO), DT_FP32, dao, a->att, N, q, d, st);
-    linear_backward_input(m->datt, dao, W(m, l, LT_WO), N, q, d, 0, st);
+    bf16 *datt = m->datt != NULL ? m->datt : a->h1;
+    linear_backward_weight(G(m, l, LT_WO), DT_FP32, dao, a->att, N, q, d, !fresh, st);
+    linear_backward_input(datt, dao, W(m, l, LT_WO), N, q, d, 0, st);
     AttentionShape sh = attention_shape(c, l, m->settings.B, m->settings.S);
-    layer_attention_backward(m->dqkv, m->datt, a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
+    step_profile_mark(m->profile, PROF_SDPA_BWD, st);
+    layer_attention_backward(m->dqkv, datt, a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
+    step_profile_mark(m->profile, PROF_ATTN_IN_BWD, st);
     rope_apply(m->dqkv, m->rope, N, m->settings.S, 0, c->n_heads, c->n_kv_heads, c->head_dim, 1, st);
-    linear_backward_weight(G(m, l, LT_WQ), DT_FP32, m->dqkv, a->ln1, N, d, qkv, st);
+    const bf16 *ln1 = a->ln1;
+    if (m->settings.recompute) {  // ln1 shared h1's buffer in the forward: recompute it where q, k, v were
+        rmsnorm_forward(a->qkv, a->ln1_rstd, in, W(m, l, LT_ATTN_NORM), N, d, c->norm_eps, norm_w_offset(m), st);
+        ln1 = a->qkv;
+    }
+    linear_backward_weight(G(m, l, LT_WQ), DT_FP32, m->dqkv, ln1, N, d, qkv, !fresh, st);
     if (c->qkv_bias) bias_backward(G(m, l, LT_BQ), m->reduce_scratch, m->dqkv, N, qkv, st);
     linear_backward_input(a->ln1, m->dqkv, W(m, l, LT_WQ), N, d, qkv, 0, st);  // ln1 := d ln1
     rmsnorm_backward(m->dresid, G(m, l, LT_ATTN_NORM), m->reduce_scratch, a->ln1, in, W(m, l, LT_ATTN_NORM), a->ln1_rstd,
@@ -342,7 +365,8 @@ static int final_norm_id(const ModelConfig *c) { return 1 + c->n_layers * LT_COU
 static int lm_head_id(const ModelConfig *c) { return 2 + c->n_layers * LT_COUNT; }
 
 // AdamW on one tensor (offset, rows x cols elements of the flat layout) with gradient `grad`.
-// Weight decay only on matrices (rows > 1): not on norms and biases.
+// Weight decay only on matrices (rows > 1): not on norms and biases. Optimizer-in-backward adds the
+// gradient's squares to the norm partials in the same pass.
 static void adamw_tensor(GpuModel *m, size_t offset, size_t rows, size_t cols, const float *grad, int tensor_id,
                          const OptimizerStep *opt, float clip_scale) {
     AdamWParams p;
@@ -355,8 +379,9 @@ static void adamw_tensor(GpuModel *m, size_t offset, size_t rows, size_t cols, c
     p.step = opt->step;
     p.seed = tensor_seed(opt->seed, tensor_id, opt->step);
     size_t mb = dtype_bytes(m->settings.moment_type);
+    float *norm_partials = m->grads == NULL ? m->grad_norm_partials : NULL;
     adamw_update(m->params + offset, m->master ? m->master + offset : NULL, grad, DT_FP32, (char *)m->adam_m + offset * mb,
-                 (char *)m->adam_v + offset * mb, m->settings.moment_type, rows * cols, &p, m->stream);
+                 (char *)m->adam_v + offset * mb, m->settings.moment_type, rows * cols, &p, norm_partials, m->stream);
 }
 
 static void adamw_layer(GpuModel *m, int l, const OptimizerStep *opt, float clip_scale) {
@@ -377,6 +402,7 @@ static float optimizer_step_full(GpuModel *m, const OptimizerStep *opt) {
     const ModelConfig *c = &m->config;
     const ParamLayout *p = &m->layout;
     cudaStream_t st = m->stream;
+    step_profile_mark(m->profile, PROF_OPTIMIZER, st);
     cudaCheck(cudaMemsetAsync(m->grad_norm_partials, 0, (size_t)m->plan.figures.grad_norm_partials * sizeof(float), st));
     grad_norm_accumulate(m->grad_norm_partials, m->grads, DT_FP32, p->total, st);
     grad_norm_finish(m->scalars + 1, m->grad_norm_partials, st);
@@ -434,28 +460,51 @@ static int upload_batch(GpuModel *m, const int32_t *tokens, const int32_t *targe
 
 // ---- training step ----
 
+// Whole-layer recompute: the attention part's forward again (its inner regions count as recompute).
+static void recompute_attention_block(GpuModel *m, int l, const LayerActs *a, const bf16 *in) {
+    step_profile_mark(m->profile, PROF_RECOMPUTE, m->stream);
+    if (m->profile) m->profile->muted++;
+    attention_block_forward(m, l, a, in, m->settings.B, m->settings.S);
+    if (m->profile) m->profile->muted--;
+}
+
+// Optimizer-in-backward: the layer's norm and bias gradients are sums added into their buffers, so
+// they start at zero; the matrices' gradients are overwritten by their first GEMM of the step.
+static void zero_layer_vector_grads(GpuModel *m) {
+    const ParamLayout *p = &m->layout;
+    for (int t = 0; t < LT_COUNT; t++) {
+        if (p->layer.offset[t] == SIZE_MAX || p->layer.rows[t] != 1) continue;
+        cudaCheck(cudaMemsetAsync(m->layer_grads + p->layer.offset[t], 0, p->layer.cols[t] * sizeof(float), m->stream));
+    }
+}
+
 // The backward pass through every layer (reverse order) and the embedding, with the offload
 // prefetch pipeline and, with optimizer-in-backward, each layer's AdamW right after its backward.
 static void backward_layers(GpuModel *m, const OptimizerStep *opt, float clip_scale, int opt_in_backward) {
     const ModelConfig *c = &m->config;
     int L = c->n_layers;
     cudaStream_t st = m->stream;
-    size_t layer_bytes = m->layout.layer_size * sizeof(float);
     for (int l = L - 1; l >= 0; l--) {
         if (l > 0 && is_host_layer(m, l - 1)) fetch_from_host(m, l - 1);  // prefetch while layer l runs
         if (is_host_layer(m, l)) cudaCheck(cudaStreamWaitEvent(st, m->ev_fetched[l % 2], 0));
-        if (opt_in_backward) cudaCheck(cudaMemsetAsync(m->layer_grads, 0, layer_bytes, st));
+        if (opt_in_backward) zero_layer_vector_grads(m);
         const LayerActs *a = &m->acts[l];
         const bf16 *in = layer_input(m, l);
-        if (m->settings.recompute) attention_block_forward(m, l, a, in, m->settings.B, m->settings.S);
-        mlp_backward(m, l, a);
-        attention_block_backward(m, l, a, in);
+        if (m->settings.recompute) recompute_attention_block(m, l, a, in);
+        mlp_backward(m, l, a, opt_in_backward);
+        attention_block_backward(m, l, a, in, opt_in_backward);
         if (is_host_layer(m, l)) cudaCheck(cudaEventRecord(m->ev_free[l % 2], st));
         if (opt_in_backward) {
-            grad_norm_accumulate(m->grad_norm_partials, m->layer_grads, DT_FP32, m->layout.layer_size, st);
+            step_profile_mark(m->profile, PROF_OPTIMIZER, st);
             adamw_layer(m, l, opt, clip_scale);
         }
     }
+    step_profile_mark(m->profile, PROF_EMBEDDING, st);
+    // Untied optimizer-in-backward: the head's gradient was applied and its buffer (shared with the
+    // layer working set) is reused; absent tokens' rows must read zero. Tied: the head's gradient is
+    // there and the embedding's adds to it.
+    if (opt_in_backward && !c->tied_embeddings)
+        cudaCheck(cudaMemsetAsync(m->embed_head_grads, 0, (size_t)c->vocab_size * c->d_model * sizeof(float), st));
     embedding_backward(grad_embed(m), DT_FP32, m->dresid, m->embed_unique, m->embed_offsets, m->embed_positions,
                        m->n_unique, c->d_model, c->embed_scale, st);
 }
@@ -468,13 +517,11 @@ void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_
     if (micro_index < 0 || micro_index >= accum) die("micro step %d outside [0, grad_accum_steps = %d)", micro_index, accum);
     int opt_in_backward = accum == 1;
     cudaStream_t st = m->stream;
-    size_t vd = (size_t)c->vocab_size * c->d_model;
     int n_valid = upload_batch(m, tokens, targets, N);
     float grad_scale = n_valid > 0 ? 1.0f / ((float)n_valid * (float)accum) : 0.0f;
     // Optimizer-in-backward clips with the previous step's norm (this step's is known only at the end).
     float clip_scale = (opt_in_backward && m->has_prev_norm) ? clip_scale_for(m->prev_grad_norm, opt->clip) : 1.0f;
     if (opt_in_backward) {
-        cudaCheck(cudaMemsetAsync(m->embed_head_grads, 0, vd * sizeof(float), st));
         cudaCheck(cudaMemsetAsync(m->final_norm_grads, 0, (size_t)c->d_model * sizeof(float), st));
         cudaCheck(cudaMemsetAsync(m->grad_norm_partials, 0, m->plan.figures.grad_norm_partials * sizeof(float), st));
     }
@@ -482,18 +529,17 @@ void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_
     if (is_host_layer(m, L - 1)) fetch_from_host(m, L - 1);  // overlaps the LM head
     lm_head_pass(m, N, grad_scale, 1);
     if (opt_in_backward && !c->tied_embeddings) {  // the untied head is complete: update it, reuse its buffer
-        grad_norm_accumulate(m->grad_norm_partials, m->embed_head_grads, DT_FP32, vd, st);
+        step_profile_mark(m->profile, PROF_OPTIMIZER, st);
         adamw_tensor(m, m->layout.lm_head, (size_t)c->vocab_size, (size_t)c->d_model, m->embed_head_grads, lm_head_id(c), opt, clip_scale);
-        cudaCheck(cudaMemsetAsync(m->embed_head_grads, 0, vd * sizeof(float), st));
     }
     backward_layers(m, opt, clip_scale, opt_in_backward);
     if (opt_in_backward) {
-        grad_norm_accumulate(m->grad_norm_partials, m->embed_head_grads, DT_FP32, vd, st);
-        grad_norm_accumulate(m->grad_norm_partials, m->final_norm_grads, DT_FP32, (size_t)c->d_model, st);
+        step_profile_mark(m->profile, PROF_OPTIMIZER, st);
         adamw_tensor(m, m->layout.embed, (size_t)c->vocab_size, (size_t)c->d_model, m->embed_head_grads, 0, opt, clip_scale);
         adamw_tensor(m, m->layout.final_norm, 1, (size_t)c->d_model, m->final_norm_grads, final_norm_id(c), opt, clip_scale);
         grad_norm_finish(m->scalars + 1, m->grad_norm_partials, st);
     }
+    step_profile_end_step(m->profile, st);
     float sums[2];
     cudaCheck(cudaMemcpyAsync(sums, m->scalars, 2 * sizeof(float), cudaMemcpyDeviceToHost, st));
     cudaCheck(cudaStreamSynchronize(st));
@@ -506,15 +552,20 @@ void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_
         m->has_prev_norm = 1;
     } else if (micro_index == accum - 1) {
         out->grad_norm = optimizer_step_full(m, opt);
+        step_profile_end_step(m->profile, st);
         cudaCheck(cudaStreamSynchronize(st));
     }
 }
 
+// Evaluation and sampling are left out of --profile's step figures.
 float gpu_model_eval_loss(GpuModel *m, const int32_t *tokens, const int32_t *targets) {
     int N = m->plan.n_tokens;
+    StepProfile *profile = m->profile;
+    m->profile = NULL;
     int n_valid = upload_batch(m, tokens, targets, N);
     forward_layers(m, m->settings.B, m->settings.S, 0);
     lm_head_pass(m, N, 0.0f, 0);
+    m->profile = profile;
     float sum;
     cudaCheck(cudaMemcpyAsync(&sum, m->scalars, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
     cudaCheck(cudaStreamSynchronize(m->stream));
@@ -530,7 +581,10 @@ void gpu_model_next_token_logits(GpuModel *m, const int32_t *tokens, int n_token
     memset(m->h_tokens, 0, (size_t)S * sizeof(int32_t));
     memcpy(m->h_tokens, tokens, (size_t)n_tokens * sizeof(int32_t));
     upload_batch(m, m->h_tokens, NULL, S);
+    StepProfile *profile = m->profile;
+    m->profile = NULL;
     forward_layers(m, 1, S, 0);
+    m->profile = profile;
     cudaStream_t st = m->stream;
     rmsnorm_forward(m->xf, m->xf_rstd, m->x_final + (size_t)(n_tokens - 1) * d, m->params + m->layout.final_norm, 1, d,
                     c->norm_eps, norm_w_offset(m), st);
@@ -549,6 +603,9 @@ void gpu_model_next_token_logits(GpuModel *m, const int32_t *tokens, int n_token
 
 // Device and host shape requirements of the kernels: 16-byte aligned rows for cuBLASLt.
 static void check_supported(const ModelConfig *c, const GpuSettings *s) {
+    if (s->recompute && qkv_features(c) < c->d_model)  // the backward recomputes the normed input into qkv's buffer
+        die("%s config: with recompute the GPU path needs (Hq + 2 Hkv) * head_dim (%d) >= d_model (%d)",
+            family_name(c->family), qkv_features(c), c->d_model);
     if (c->d_model % 8 || c->d_ff % 8 || c->head_dim % 8)
         die("%s config: d_model (%d), d_ff (%d) and head_dim (%d) must be multiples of 8 on the GPU path",
             family_name(c->family), c->d_model, c->d_ff, c->head_dim);
@@ -610,9 +667,9 @@ static void bind_buffers(GpuModel *m) {
     m->layer_inputs = (bf16 *)plan_ptr(m, "layer_inputs", 0);
     m->layer_inputs_host = (bf16 *)plan_ptr(m, "layer_inputs_host", 0);
     m->x_offload = (bf16 *)plan_ptr(m, "x_offload", 0);
-    m->x_final = (bf16 *)plan_req(m, "x_final", 0);
-    m->dresid = (bf16 *)plan_req(m, "dresid", 0);
-    m->datt = (bf16 *)plan_req(m, "datt", 0);
+    m->x_final = (bf16 *)plan_req(m, "x_final_dresid", 0);
+    m->dresid = m->x_final;  // the LM head's backward turns x_final into d(loss)/d(x_final) row by row
+    m->datt = (bf16 *)plan_ptr(m, "datt", 0);
     m->dqkv = (bf16 *)plan_req(m, "dqkv", 0);
     m->attn_tmp = (bf16 *)plan_ptr(m, "attn_tmp", 0);
     m->mlp_tmp = (bf16 *)plan_ptr(m, "mlp_tmp", 0);
@@ -632,12 +689,12 @@ static void bind_buffers(GpuModel *m) {
     m->acts = (LayerActs *)callocCheck((size_t)c->n_layers, sizeof(LayerActs));
     for (int l = 0; l < c->n_layers; l++) {
         LayerActs *a = &m->acts[l];
-        a->ln1 = (bf16 *)plan_req(m, "ln1", l);
         a->ln1_rstd = (float *)plan_req(m, "ln1_rstd", l);
         a->qkv = (bf16 *)plan_req(m, "qkv", l);
         a->att = (bf16 *)plan_req(m, "att", l);
         a->att_stats = (float *)plan_req(m, "att_stats", l);
         a->h1 = (bf16 *)plan_req(m, "h1", l);
+        a->ln1 = m->settings.recompute ? a->h1 : (bf16 *)plan_req(m, "ln1", l);  // mst.h: plan_attention_acts
         a->ao = (bf16 *)plan_ptr(m, "ao", l);
         a->ao_rstd = (float *)plan_ptr(m, "ao_rstd", l);
         a->ln2 = (bf16 *)plan_req(m, "ln2", l);
@@ -747,6 +804,22 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
 
 void gpu_model_print_plan(const GpuModel *m, FILE *f) { mst_plan_print(&m->plan, f); }
 
+// Room for the marks of one step: about ten per layer, with MsT chunks adding none (regions
+// enclose the chunk loops).
+void gpu_model_profile_enable(GpuModel *m) {
+    if (m->profile != NULL) return;
+    m->profile = (StepProfile *)mallocCheck(sizeof(StepProfile));
+    step_profile_init(m->profile, 64 + 16 * m->config.n_layers);
+}
+
+void gpu_model_profile_reset(GpuModel *m) {
+    if (m->profile != NULL) step_profile_reset(m->profile);
+}
+
+void gpu_model_profile_print(const GpuModel *m, FILE *f) {
+    if (m->profile != NULL) step_profile_print(m->profile, f);
+}
+
 void gpu_model_get_params(GpuModel *m, uint16_t *params_bf16_host) {
     cudaCheck(cudaStreamSynchronize(m->stream));
     cudaCheck(cudaMemcpy(params_bf16_host, m->params, m->layout.total * sizeof(uint16_t), cudaMemcpyDeviceToHost));
@@ -822,6 +895,11 @@ void gpu_model_free(GpuModel *m) {
     }
     cudaCheck(cudaStreamDestroy(m->stream));
     cudaCheck(cudaStreamDestroy(m->copy_stream));
+    if (m->profile != NULL) {
+        step_profile_free(m->profile);
+        free(m->profile);
+        m->profile = NULL;
+    }
     cudaCheck(cudaFree(m->arena));
     if (m->host_block) cudaCheck(cudaFreeHost(m->host_block));
     free(m->acts);

@@ -11,6 +11,7 @@
 #include "cuda_utils.h"
 #include "model_config.h"
 #include "mst.h"
+#include "step_profile.h"
 
 typedef struct {
     int B, S;
@@ -87,12 +88,17 @@ typedef struct {
     float prev_grad_norm;  // optimizer-in-backward clips with the previous step's norm
     int has_prev_norm;
     size_t peak_used;
+    StepProfile *profile;  // NULL unless gpu_model_profile_enable
 } GpuModel;
 
 // Resolves the auto settings in *s, plans, refuses (dies with the plan breakdown and what would
 // fit) before allocating if it cannot fit, allocates the arena, uploads the weights.
 void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf16, GpuSettings *s);
 void gpu_model_print_plan(const GpuModel *m, FILE *f);
+// --profile: GPU time of each training step by region (step_profile.h); reset drops the steps so far.
+void gpu_model_profile_enable(GpuModel *m);
+void gpu_model_profile_reset(GpuModel *m);
+void gpu_model_profile_print(const GpuModel *m, FILE *f);
 // tokens, targets: host arrays (B*S), targets < 0 ignored. Loss = mean CE over valid targets of this
 // micro-batch; gradients are of loss / grad_accum_steps. On micro_index == grad_accum_steps - 1
 // applies AdamW (global-norm clipping when opt->clip > 0) and zeroes the gradients.

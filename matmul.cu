@@ -185,8 +185,8 @@ void linear_backward_input(bf16 *dinp, const bf16 *dout, const bf16 *W, int N, i
 }
 
 void linear_backward_weight(void *dW, DType dw_type, const bf16 *dout, const bf16 *inp, int N, int in,
-                            int out_features, cudaStream_t stream) {
-    gemm(dW, dw_type, dout, 1, inp, 0, out_features, in, N, 1.0f, 1.0f, NULL, stream);
+                            int out_features, int accumulate, cudaStream_t stream) {
+    gemm(dW, dw_type, dout, 1, inp, 0, out_features, in, N, 1.0f, accumulate ? 1.0f : 0.0f, NULL, stream);
 }
 
 // ---- bias gradient: column sums of dout (N, out), deterministic ----

@@ -23,10 +23,10 @@ void linear_forward(void *out, DType out_type, const bf16 *inp, const bf16 *W, c
 // dinp (N, in) = dout (N, out) W [+ dinp when accumulate].
 void linear_backward_input(bf16 *dinp, const bf16 *dout, const bf16 *W, int N, int in, int out_features,
                            int accumulate, cudaStream_t stream);
-// dW (out, in) += dout^T (out, N) inp (N, in) ; dW fp32 or bf16. Always accumulates (beta = 1):
-// the caller zeroes gradients once per optimizer step.
+// dW (out, in) = dout^T (out, N) inp (N, in) [+ dW when accumulate] ; dW fp32 or bf16. The first
+// write of a step overwrites, so nothing needs zeroing (and the GEMM does not read dW).
 void linear_backward_weight(void *dW, DType dw_type, const bf16 *dout, const bf16 *inp, int N, int in,
-                            int out_features, cudaStream_t stream);
+                            int out_features, int accumulate, cudaStream_t stream);
 // dbias (out) fp32 += column sums of dout (N, out); `scratch` holds at least
 // bias_grad_scratch_floats(N, out) floats (deterministic, no atomics).
 void bias_backward(float *dbias, float *scratch, const bf16 *dout, int N, int out_features, cudaStream_t stream);

@@ -13,14 +13,18 @@
 //   optimizer      AdamW moments m, v (bf16 or fp32), optional fp32 master weights
 //   gradients      fp32: the full model with gradient accumulation; with optimizer-in-backward
 //                  (grad_accum_steps = 1) one layer's block + embedding/LM head + final norm;
-//                  grad-norm partial sums
+//                  grad-norm partial sums. An untied model's embedding/LM-head gradient buffer
+//                  lives in the shared region (below): it is in use only when no layer is
+//                  (counted there, as intermediates)
 //   activations    saved layer inputs (N, d) bf16 per device-resident layer; without recompute
 //                  also each layer's attention activations (and with M = 1 its MLP ones)
-//   intermediates  residual stream ends (x_final, dresid), batch ids, offload staging buffers,
-//                  and one shared region holding either one layer's working buffers (attention
-//                  part over N rows + one MLP chunk over c rows) or the LM-head working buffers
-//                  (one token chunk: normed rows, logits tile (c, vc) fp32, dlogits, CE state):
-//                  the two never live at the same time, so they share the same bytes
+//   intermediates  the residual stream's end (x_final, which the LM head's backward overwrites
+//                  with dresid row by row), batch ids, offload staging buffers, and one shared
+//                  region holding either one layer's working buffers (attention part over N rows
+//                  + one MLP chunk over c rows; the attention output's gradient reuses h1) or the
+//                  LM-head working buffers (one token chunk: normed rows, logits tile (c, vc)
+//                  fp32, dlogits, CE state): the two never live at the same time, so they share
+//                  the same bytes
 //   workspace      cuDNN attention workspace, fp32 scratch of the norm/bias gradient reductions
 //                  (the cuBLASLt workspace is allocated by matmul_init: device_external)
 //   host           pinned host slots of offloaded layer inputs (the first host_layers layers)
@@ -177,11 +181,14 @@ static inline void plan_share_end(PlanBuilder *b) {
 
 // The attention part of one layer over n rows: norm, fused QKV, attention output and its
 // log-sum-exp statistics, the residual after attention (h1), and with post-norms the o-proj output.
+// Without keep_ln1 (recompute) the normed input has no buffer of its own: the forward writes it to
+// h1's (read only by the QKV projection, before h1 is written) and the backward recomputes it into
+// qkv's (dead once the attention backward is done).
 static inline void plan_attention_acts(PlanBuilder *b, const ModelConfig *c, size_t n, size_t B, size_t S,
-                                       int count, int category) {
+                                       int count, int category, int keep_ln1) {
     size_t d = (size_t)c->d_model, q = (size_t)c->n_heads * c->head_dim;
     size_t qkv = q + 2 * (size_t)c->n_kv_heads * c->head_dim;
-    plan_add(b, "ln1", n * d * 2, count, category);
+    if (keep_ln1) plan_add(b, "ln1", n * d * 2, count, category);
     plan_add(b, "ln1_rstd", n * 4, count, category);
     plan_add(b, "qkv", n * qkv * 2, count, category);
     plan_add(b, "att", n * q * 2, count, category);
@@ -243,14 +250,14 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
         plan_add(&b, "grads", lay.total * 4, 1, MEM_GRADIENTS);
     } else {
         plan_add(&b, "layer_grads", lay.layer_size * 4, 1, MEM_GRADIENTS);
-        plan_add(&b, "embed_head_grads", V * d * 4, 1, MEM_GRADIENTS);
+        if (c->tied_embeddings) plan_add(&b, "embed_head_grads", V * d * 4, 1, MEM_GRADIENTS);
         plan_add(&b, "final_norm_grads", d * 4, 1, MEM_GRADIENTS);
     }
     plan_add(&b, "grad_norm_partials", fig->grad_norm_partials * 4, 1, MEM_GRADIENTS);
     if (p->device_layers > 0) plan_add(&b, "layer_inputs", N * d * 2, p->device_layers, MEM_ACTIVATIONS);
     if (p->host_layers > 0) plan_add(&b, "layer_inputs_host", N * d * 2, p->host_layers, MEM_HOST);
     if (!s->recompute) {
-        plan_attention_acts(&b, c, N, B, S, L, MEM_ACTIVATIONS);
+        plan_attention_acts(&b, c, N, B, S, L, MEM_ACTIVATIONS, 1);
         if (p->mlp_saved) plan_mlp_acts(&b, c, N, L, MEM_ACTIVATIONS);
     }
     plan_add(&b, "tokens", N * 4, 1, MEM_INTERMEDIATES);
@@ -259,18 +266,21 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     plan_add(&b, "embed_offsets", (N + 1) * 4, 1, MEM_INTERMEDIATES);
     plan_add(&b, "embed_positions", N * 4, 1, MEM_INTERMEDIATES);
     plan_add(&b, "scalars", 4 * 4, 1, MEM_INTERMEDIATES);
-    plan_add(&b, "x_final", N * d * 2, 1, MEM_INTERMEDIATES);
-    plan_add(&b, "dresid", N * d * 2, 1, MEM_INTERMEDIATES);
+    plan_add(&b, "x_final_dresid", N * d * 2, 1, MEM_INTERMEDIATES);
     if (p->host_layers > 0) plan_add(&b, "x_offload", N * d * 2, 2, MEM_INTERMEDIATES);
 
     plan_share_begin(&b, SHARE_LAYER);
-    if (s->recompute) plan_attention_acts(&b, c, N, B, S, 1, MEM_INTERMEDIATES);
-    plan_add(&b, "datt", N * q * 2, 1, MEM_INTERMEDIATES);
+    if (s->recompute) plan_attention_acts(&b, c, N, B, S, 1, MEM_INTERMEDIATES, 0);
+    if (q > d) plan_add(&b, "datt", N * q * 2, 1, MEM_INTERMEDIATES);
     plan_add(&b, "dqkv", N * qkv * 2, 1, MEM_INTERMEDIATES);
     if (c->post_norms) plan_add(&b, "attn_tmp", N * d * 2, 1, MEM_INTERMEDIATES);
     if (!p->mlp_saved) plan_mlp_acts(&b, c, rows, 1, MEM_INTERMEDIATES);
     if (c->post_norms) plan_add(&b, "mlp_tmp", (p->mlp_saved ? N : rows) * d * 2, 1, MEM_INTERMEDIATES);
     plan_share_begin(&b, SHARE_LMHEAD);
+    // Untied optimizer-in-backward: the head's gradient lives from the LM-head pass to its update
+    // right after it, and the embedding's from the end of the layers' backward to its update, both
+    // times when no layer's working buffers are in use.
+    if (s->grad_accum_steps == 1 && !c->tied_embeddings) plan_add(&b, "embed_head_grads", V * d * 4, 1, MEM_GRADIENTS);
     plan_add(&b, "xf", rows * d * 2, 1, MEM_INTERMEDIATES);
     plan_add(&b, "xf_rstd", rows * 4, 1, MEM_INTERMEDIATES);
     plan_add(&b, "dxf", rows * d * 2, 1, MEM_INTERMEDIATES);

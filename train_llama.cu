@@ -49,6 +49,7 @@ typedef struct {
     int cpu, skip_nonfinite, plan_only;
     int synthetic;            // 1: uniformly random tokens instead of shards (no tokenizer)
     int bench;                // 1: print a BENCH {json} line after the run
+    int profile;              // 1: GPU time by region of the steps after the first (GPU path)
     int checkpoints;          // 0: write none (synthetic data without --ckpt-every / --stop-after)
     int eval_given, sample_given, ckpt_given;  // the flags were on the command line
 } Options;
@@ -153,6 +154,8 @@ static void usage(FILE *f) {
             "  --bench               after the run print one line 'BENCH {json}': settings, median step ms over\n"
             "                        the steps after the first %d (of --steps >= 2: at least the last step), tok/s,\n"
             "                        TFLOP/s, MFU, peak and planned memory\n"
+            "  --profile             GPU path: after the run, a table of GPU time per step by region (attention,\n"
+            "                        MLP, LM head, optimizer, ...), the mean over the steps after the first\n"
             "  --help                this text\n",
             d.tokenizer, d.train, d.val, d.seq_len, d.batch, d.grad_accum, d.steps, d.lr, d.min_lr_frac, d.warmup,
             d.schedule, d.weight_decay, d.beta1, d.beta2, d.eps, d.clip, d.moments, d.recompute, d.offload,
@@ -214,6 +217,7 @@ static Options options_parse(int argc, char **argv) {
         if (strcmp(a, "--plan-only") == 0) { o.plan_only = 1; continue; }
         if (strcmp(a, "--synthetic-data") == 0) { o.synthetic = 1; continue; }
         if (strcmp(a, "--bench") == 0) { o.bench = 1; continue; }
+        if (strcmp(a, "--profile") == 0) { o.profile = 1; continue; }
         if (strncmp(a, "--", 2) != 0) die("unexpected argument '%s' (see --help)", a);
         if (!is_value_flag(a)) die("unknown option '%s' (see --help)", a);
         if (i + 1 >= argc) die("%s needs a value (see --help)", a);
@@ -1173,6 +1177,10 @@ int main(int argc, char **argv) {
     Trainer t;
     trainer_init(&t, backend, &c, params, &o);
     free(params);
+    if (o.profile) {
+        if (backend != BACKEND_GPU) die("--profile measures GPU time: it needs the GPU path");
+        gpu_model_profile_enable(&t.gpu);
+    }
 
     // data: the loaders check every token id against the model's vocabulary; synthetic batches
     // draw from it
@@ -1206,6 +1214,7 @@ int main(int argc, char **argv) {
         StepOut r;
         trainer_step(&t, &train, &opt, &r);
         double ms = now_ms() - t0;
+        if (o.profile && step == start + 1) gpu_model_profile_reset(&t.gpu);  // the first step warms up
         step_ms[n_ms++] = ms;
         if (!isfinite(r.loss) || !isfinite(r.grad_norm)) {
             if (!(o.skip_nonfinite && backend == BACKEND_CPU))
@@ -1239,6 +1248,7 @@ int main(int argc, char **argv) {
         if (last_sample != o.steps && o.sample_tokens > 0) sample_text(&t, &tok, &o, &rng);
     }
 
+    if (o.profile) gpu_model_profile_print(&t.gpu, stdout);
     if (o.bench) print_bench(&t, &o, step_ms, n_ms);
     free(step_ms);
     if (log) fcloseCheck(log, o.log);

@@ -846,11 +846,13 @@ static void test_sum_reduce(TestReport *rep, int N, uint64_t seed) {
 // Optimizer
 // ---------------------------------------------------------------------------------------------
 
-static void test_adamw(TestReport *rep, size_t n, DType grad_t, DType mom_t, int use_master, size_t off, uint64_t seed) {
+// with_norm: the fused gradient-norm partials too (checked against the sum of grad^2 in double).
+static void test_adamw(TestReport *rep, size_t n, DType grad_t, DType mom_t, int use_master, size_t off, int with_norm,
+                       uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
-    snprintf(tcase, sizeof(tcase), "n=%zu g=%s m=%s %s off=%zu", n, dtype_name(grad_t), dtype_name(mom_t),
-             use_master ? "master" : "sr", off);
+    snprintf(tcase, sizeof(tcase), "n=%zu g=%s m=%s %s off=%zu%s", n, dtype_name(grad_t), dtype_name(mom_t),
+             use_master ? "master" : "sr", off, with_norm ? " +norm" : "");
     AdamWParams hp = {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, 7, 1234u};
     float *master = use_master ? rand_f32(&rng, n, -1.0, 1.0) : NULL;
     uint16_t *param = rand_bf16(&rng, n, -1.0, 1.0);
@@ -863,7 +865,23 @@ static void test_adamw(TestReport *rep, size_t n, DType grad_t, DType mom_t, int
     DBuf d_p = dbuf_from(param, n * 2, off * 2), d_g = dbuf_from(grad, n * gsz, off * gsz);
     DBuf d_m = dbuf_from(m, n * msz, off * msz), d_v = dbuf_from(v, n * msz, off * msz);
     DBuf d_master = use_master ? dbuf_from(master, n * 4, off * 4) : dbuf_alloc(4, 0);
-    adamw_update((bf16 *)d_p.p, use_master ? (float *)d_master.p : NULL, d_g.p, grad_t, d_m.p, d_v.p, mom_t, n, &hp, 0);
+    int P = grad_norm_partials();
+    DBuf d_part = dbuf_alloc((size_t)P * 4, 0), d_norm = dbuf_alloc(4, 0);
+    cudaCheck(cudaMemset(d_part.p, 0, (size_t)P * 4));
+    adamw_update((bf16 *)d_p.p, use_master ? (float *)d_master.p : NULL, d_g.p, grad_t, d_m.p, d_v.p, mom_t, n, &hp,
+                 with_norm ? (float *)d_part.p : NULL, 0);
+    if (with_norm) {
+        float got_sumsq;
+        dbuf_poison(&d_norm);
+        grad_norm_finish((float *)d_norm.p, (const float *)d_part.p, 0);
+        dbuf_download(&got_sumsq, &d_norm);
+        double ref_sumsq = 0.0;
+        for (size_t i = 0; i < n; i++) ref_sumsq += typed_at(grad, grad_t, i) * typed_at(grad, grad_t, i);
+        Cmp cs;  // all terms positive: as test_grad_norm's bound
+        cmp_begin(&cs, "adamw_update", tcase, "sum sq", "(n/(P*256)+40)eps|ref|");
+        cmp_add(&cs, got_sumsq, ref_sumsq, ((double)n / (P * 256.0) + 40.0) * F32_EPS * ref_sumsq);
+        cmp_end(rep, &cs);
+    }
     uint16_t *gp = (uint16_t *)mallocCheck(n * 2);
     void *gm = mallocCheck(n * msz), *gv = mallocCheck(n * msz);
     float *gmaster = (float *)mallocCheck(n * 4);
@@ -917,9 +935,9 @@ static void test_adamw(TestReport *rep, size_t n, DType grad_t, DType mom_t, int
                "-", "-", "-", "param == bf16_rn(master)", n_rn_mismatch ? "FAIL" : "PASS");
         test_record(rep, !n_rn_mismatch);
     }
-    DBuf *bufs[] = {&d_p, &d_g, &d_m, &d_v, &d_master};
-    check_guards(rep, "adamw_update", tcase, bufs, 5);
-    for (int i = 0; i < 5; i++) dbuf_free(bufs[i]);
+    DBuf *bufs[] = {&d_p, &d_g, &d_m, &d_v, &d_master, &d_part, &d_norm};
+    check_guards(rep, "adamw_update", tcase, bufs, 7);
+    for (int i = 0; i < 7; i++) dbuf_free(bufs[i]);
     free(master); free(param); free(grad); free(m); free(v); free(gp); free(gm); free(gv); free(gmaster);
 }
 
@@ -944,7 +962,7 @@ static void test_adamw_stochastic(TestReport *rep, size_t n) {
         dbuf_upload(&d_p, param);
         dbuf_upload(&d_m, zeros);
         dbuf_upload(&d_v, zeros);
-        adamw_update((bf16 *)d_p.p, NULL, d_g.p, DT_FP32, d_m.p, d_v.p, DT_FP32, n, &hp, 0);
+        adamw_update((bf16 *)d_p.p, NULL, d_g.p, DT_FP32, d_m.p, d_v.p, DT_FP32, n, &hp, NULL, 0);
         got[k] = (uint16_t *)mallocCheck(n * 2);
         dbuf_download(got[k], &d_p);
     }
@@ -1090,11 +1108,16 @@ static void b_ce_backward(const Bench *b) {
 static void b_sum_reduce(const Bench *b) { sum_reduce(b->out, b->losses, b->N, 0); }
 static void b_adamw_bf16_sr(const Bench *b) {
     AdamWParams hp = {1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 3, 5u};
-    adamw_update(b->p_bf16, NULL, b->g_bf16, DT_BF16, b->m_bf16, b->v_bf16, DT_BF16, b->n_opt, &hp, 0);
+    adamw_update(b->p_bf16, NULL, b->g_bf16, DT_BF16, b->m_bf16, b->v_bf16, DT_BF16, b->n_opt, &hp, NULL, 0);
+}
+// The model's default: fp32 layer gradients, bf16 moments, stochastic rounding, fused norm partials.
+static void b_adamw_model(const Bench *b) {
+    AdamWParams hp = {1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 3, 5u};
+    adamw_update(b->p_bf16, NULL, b->g_f32, DT_FP32, b->m_bf16, b->v_bf16, DT_BF16, b->n_opt, &hp, b->partials, 0);
 }
 static void b_adamw_fp32_master(const Bench *b) {
     AdamWParams hp = {1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 3, 5u};
-    adamw_update(b->p_bf16, b->master, b->g_f32, DT_FP32, b->m_f32, b->v_f32, DT_FP32, b->n_opt, &hp, 0);
+    adamw_update(b->p_bf16, b->master, b->g_f32, DT_FP32, b->m_f32, b->v_f32, DT_FP32, b->n_opt, &hp, NULL, 0);
 }
 static void b_grad_norm(const Bench *b) { grad_norm_accumulate(b->partials, b->g_f32, DT_FP32, b->n_opt, 0); }
 
@@ -1226,6 +1249,7 @@ static void run_timing(void) {
     bench_row("sum_reduce", s_nv, N * 4 + 4, b_sum_reduce, &b);
     bench_row("adamw bf16 g/m/v, sr", s_opt, nopt * 14, b_adamw_bf16_sr, &b);
     bench_row("adamw fp32 g/m/v + master", s_opt, nopt * 30, b_adamw_fp32_master, &b);
+    bench_row("adamw g fp32 m/v bf16 +norm", s_opt, nopt * 16, b_adamw_model, &b);
     bench_row("grad_norm_accumulate fp32", s_opt, nopt * 4, b_grad_norm, &b);
 
     void *dev_ptrs[] = {b.tokens, b.targets, b.uniq, b.offsets, b.positions, b.embed, b.x, b.y, b.dx, b.dy, b.w,
@@ -1290,11 +1314,11 @@ static void run_gpu_tests(TestReport *rep) {
     test_sum_reduce(rep, 37, 75);
     test_sum_reduce(rep, 100003, 76);
 
-    test_adamw(rep, (size_t)37 * 4099, DT_FP32, DT_FP32, 1, 0, 80);
-    test_adamw(rep, (size_t)37 * 4099, DT_BF16, DT_BF16, 0, 0, 81);
-    test_adamw(rep, (size_t)1 << 20, DT_FP32, DT_BF16, 0, 0, 82);
-    test_adamw(rep, (size_t)1 << 20, DT_BF16, DT_FP32, 1, 0, 83);
-    test_adamw(rep, 1003, DT_FP32, DT_FP32, 0, 1, 84);
+    test_adamw(rep, (size_t)37 * 4099, DT_FP32, DT_FP32, 1, 0, 0, 80);
+    test_adamw(rep, (size_t)37 * 4099, DT_BF16, DT_BF16, 0, 0, 1, 81);
+    test_adamw(rep, (size_t)1 << 20, DT_FP32, DT_BF16, 0, 0, 1, 82);
+    test_adamw(rep, (size_t)1 << 20, DT_BF16, DT_FP32, 1, 0, 0, 83);
+    test_adamw(rep, 1003, DT_FP32, DT_FP32, 0, 1, 1, 84);
     test_adamw_stochastic(rep, 100000);
     test_grad_norm(rep, (size_t)37 * 4099, (size_t)1 << 20, 0, 90);
     test_grad_norm(rep, 1003, 77777, 3, 91);

@@ -245,16 +245,17 @@ static void check_linear_helpers(TestReport *t, int N, int in, int out) {
     compare(t, name, got, ref, n_inp, TOL_BF16_OUT);
     cudaCheck(cudaFree(d_dinp));
 
-    // dW (out, in) += dout^T inp, fp32 and bf16.
-    for (int dt = 0; dt < 2; dt++) {
-        DType dw_type = dt == 0 ? DT_FP32 : DT_BF16;
+    // dW (out, in) = dout^T inp [+ dW], fp32 and bf16, overwrite and accumulate.
+    for (int dt = 0; dt < 4; dt++) {
+        DType dw_type = dt % 2 == 0 ? DT_FP32 : DT_BF16;
+        int accumulate = dt / 2;
         void *d_dw = make_initial_d(dw_type, n_w, d0);
-        linear_backward_weight(d_dw, dw_type, (const bf16 *)d_dout, (const bf16 *)d_inp, N, in, out, 0);
+        linear_backward_weight(d_dw, dw_type, (const bf16 *)d_dout, (const bf16 *)d_inp, N, in, out, accumulate, 0);
         cudaCheck(cudaDeviceSynchronize());
         download_d(got, d_dw, dw_type, n_w);
-        reference_gemm(ref, h_dout, 1, h_inp, 0, out, in, N, 1.0, 1.0, d0, NULL);
-        snprintf(name, sizeof(name), "linear_backward_weight %dx%d->%d %s", N, in, out,
-                 dw_type == DT_FP32 ? "fp32" : "bf16");
+        reference_gemm(ref, h_dout, 1, h_inp, 0, out, in, N, 1.0, accumulate ? 1.0 : 0.0, d0, NULL);
+        snprintf(name, sizeof(name), "linear_backward_weight %dx%d->%d %s %s", N, in, out,
+                 dw_type == DT_FP32 ? "fp32" : "bf16", accumulate ? "+=" : "=");
         compare(t, name, got, ref, n_w, dw_type == DT_FP32 ? TOL_FP32_OUT : TOL_BF16_OUT);
         cudaCheck(cudaFree(d_dw));
     }
