@@ -11,7 +11,8 @@ and prints ONE table (device, date, the exact command; model, method, B, S, tok/
 peak GiB or OOM, ratio of tok/s to HF vanilla, or to HF --gc where vanilla is OOM, marked 'gc')
 and writes it as CSV, with the raw BENCH records as JSONL next to it.
 
-A run counts as OOM when it prints a BENCH record with "oom": true (hf_peer.py), or exits non-zero
+A run counts as 'refused' when train_llama's planner refuses it before allocating ("does not fit"),
+and as OOM when it prints a BENCH record with "oom": true (hf_peer.py), or exits non-zero
 saying "does not fit" (train_llama's planner refuses before allocating) or "out of memory".
 
 Helpers here (parse_bench, classify, run_command, format_table, write_csv) are shared with max_seq.py.
@@ -48,7 +49,8 @@ def parse_bench(text):
 
 
 def classify(rc, text, timed_out):
-    """A run's outcome: ('ok', record) | ('oom', record or None) | ('timeout', None) | ('error', last line)."""
+    """A run's outcome: ('ok', record) | ('oom', record or None) | ('refused', None) | ('timeout', None) |
+    ('error', last line). 'refused': train_llama's planner said it does not fit, before allocating."""
     rec = parse_bench(text)
     if rec is not None and rec.get("oom"):
         return "oom", rec
@@ -57,7 +59,9 @@ def classify(rc, text, timed_out):
     if timed_out:
         return "timeout", None
     low = text.lower()
-    if "does not fit" in low or "out of memory" in low or "outofmemoryerror" in low:
+    if "does not fit" in low:
+        return "refused", None
+    if "out of memory" in low or "outofmemoryerror" in low:
         return "oom", None
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return "error", (lines[-1][:300] if lines else f"exit {rc}, no output")
@@ -148,7 +152,7 @@ def fmt_cell(r, col):
     if col in ("B", "S"):
         return str(r[col])
     if not ok:
-        return {"oom": "OOM", "timeout": "timeout", "error": "error"}.get(r["status"], r["status"]) if col == "peak GiB" else "-"
+        return {"oom": "OOM", "refused": "does not fit", "timeout": "timeout", "error": "error"}.get(r["status"], r["status"]) if col == "peak GiB" else "-"
     if col == "tok/s":
         return f"{r['tok_s']:,.0f}"
     if col == "TFLOP/s":

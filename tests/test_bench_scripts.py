@@ -36,7 +36,7 @@ def test_parse_bench_takes_the_last_valid_line():
 @pytest.mark.parametrize("rc,text,timed_out,expected", [
     (0, OURS_LINE, False, "ok"),
     (0, 'BENCH {"oom": true, "model": "llama3-8b"}', False, "oom"),
-    (1, "error: llama 1x65536: refusing to start: does not fit: B=1 S=65536 needs 99 GiB", False, "oom"),
+    (1, "error: llama 1x65536: refusing to start: does not fit: B=1 S=65536 needs 99 GiB", False, "refused"),
     (1, "error: CUDA error: out of memory at gpu_model.cu:700", False, "oom"),
     (1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate", False, "oom"),
     (124, "step 1/6 | loss 11.9\n", True, "timeout"),
