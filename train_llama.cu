@@ -122,7 +122,7 @@ static void usage(FILE *f) {
             "  --vocab-chunk auto|N  LM-head columns per tile (default auto)\n"
             "  --recompute 0|1       recompute layers in backward (default %d)\n"
             "  --offload 0|1         layer inputs may live in pinned host memory (default %d)\n"
-            "  --gpu-mem GiB         device budget (default: free memory minus 1 GiB)\n"
+            "  --gpu-mem GiB         device budget (default: free memory at start minus 0.5 GiB)\n"
             "  --cpu                 train on the CPU reference path even with a GPU\n"
             "evaluation and sampling\n"
             "  --eval-every N        evaluate every N steps, 0 = only at the end (default %d)\n"

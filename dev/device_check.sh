@@ -10,7 +10,10 @@
 #   train    ./train_llama (the default run, plus --log $OUT/train.jsonl) on the GPU path, then the
 #            final checkpoint exported with scripts/export_hf.py --to-hf and loaded by transformers
 #            (its loss on val.bin must beat a uniform guess)
-#   all      build, kernels, model, hf, train in order, stopping at the first failure
+#   finetune the LongAlpaca-style sample (data/longalpaca_sample.jsonl) made into masked shards with
+#            the default tokenizer (loss on the answers only), then 60 GPU steps of the default model
+#            on them; the mean loss of the last 10 steps must be below that of the first 10
+#   all      build, kernels, model, hf, train, finetune in order, stopping at the first failure
 #
 # Each stage writes $OUT/<stage>.log (nvidia-smi -L and the date first) and the script ends with one
 # line per stage that ran: PASS or FAIL and its seconds. Exit status 0 only when every stage passed.
@@ -34,7 +37,7 @@ DEADLINE=$((SECONDS + TIME_BUDGET))
 SUMMARY=()
 
 usage() {
-    echo "usage: bash dev/device_check.sh build|kernels|model|hf|train|all" >&2
+    echo "usage: bash dev/device_check.sh build|kernels|model|hf|train|finetune|all" >&2
     exit 2
 }
 
@@ -163,6 +166,30 @@ if not (math.isfinite(loss) and loss < uniform):
 EOF
 }
 
+stage_finetune() {
+    require_gpu || return 1
+    local data="$OUT/longalpaca_shards"
+    rm -rf "$data"
+    timed python3 scripts/prepare_longalpaca.py --tokenizer data/default/tokenizer.json --out-dir "$data" \
+        data/longalpaca_sample.jsonl || return 1
+    echo "--- ./train_llama on $data ($(date -u +%H:%M:%S))"
+    timed ./train_llama --train "$data/train_*.bin" --val "$data/val.bin" --seq-len 512 --batch 4 --steps 60 \
+        --lr 2e-3 --warmup 5 --eval-every 20 --ckpt-dir "$OUT/finetune_ckpt" --log "$OUT/finetune.jsonl" \
+        2>&1 | tee "$OUT/finetune.out" || return 1
+    grep -q '^training: .* | GPU$' "$OUT/finetune.out" || { echo "error: the fine-tune did not run on the GPU path" >&2; return 1; }
+    timed python3 - "$OUT/finetune.jsonl" <<'EOF'
+# The answer-only loss must fall: mean of the last 10 logged steps below the mean of the first 10.
+import json
+import sys
+
+steps = [r for r in map(json.loads, open(sys.argv[1])) if "loss" in r]
+first = sum(r["loss"] for r in steps[:10]) / 10
+last = sum(r["loss"] for r in steps[-10:]) / 10
+print(f"fine-tune: {len(steps)} steps, mean loss of the first 10 {first:.4f}, of the last 10 {last:.4f}")
+sys.exit(0 if len(steps) >= 20 and last < first else 1)
+EOF
+}
+
 # Runs stage NAME: header, the stage's function teed to $OUT/NAME.log, then its summary line.
 run_stage() {
     local name=$1
@@ -177,6 +204,7 @@ run_stage() {
             model) stage_model ;;
             hf) stage_hf ;;
             train) stage_train ;;
+            finetune) stage_finetune ;;
         esac
     } 2>&1 | tee "$OUT/$name.log"
     local rc=$?
@@ -189,8 +217,8 @@ run_stage() {
 
 [ $# -eq 1 ] || usage
 case "$1" in
-    build | kernels | model | hf | train) stages=("$1") ;;
-    all) stages=(build kernels model hf train) ;;
+    build | kernels | model | hf | train | finetune) stages=("$1") ;;
+    all) stages=(build kernels model hf train finetune) ;;
     *) usage ;;
 esac
 
