@@ -753,7 +753,7 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     ms.moment_bytes = (int)dtype_bytes(s->moment_type);
     ms.master_weights = s->master_weights;
     if (s->gpu_mem_budget == 0) s->gpu_mem_budget = free_b > GPU_MEM_MARGIN ? free_b - GPU_MEM_MARGIN : 0;
-    if (s->host_mem_budget == 0) s->host_mem_budget = physical_memory_bytes() / 4 * 3;
+    if (s->host_mem_budget == 0) s->host_mem_budget = mst_default_host_budget(physical_memory_bytes());
     char msg[4096];
     if (!mst_plan_auto(&m->plan, c, &ms, &fig, s->gpu_mem_budget, s->host_mem_budget, msg, sizeof(msg)))
         die("%s %dx%d: refusing to start: %s", family_name(c->family), s->B, s->S, msg);

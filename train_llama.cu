@@ -1106,10 +1106,10 @@ static int plan_only(const Options *o) {
     s.master_weights = o->master_weights;
     MstKernelFigures fig;
     mst_kernel_figures_estimate(&c, s.B, s.S, &fig);
-    size_t device = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0), host = physical_memory() / 4 * 3;
+    size_t device = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0), host = mst_default_host_budget(physical_memory());
     MemoryPlan p;
     char msg[8192];
-    printf("plan for %s (%s), B=%d S=%d, device budget %.1f GiB, host budget %.1f GiB (3/4 of this machine's memory)\n",
+    printf("plan for %s (%s), B=%d S=%d, device budget %.1f GiB, host budget %.1f GiB (this machine's memory less 16 GiB, at least 3/4 of it)\n",
            o->preset ? o->preset : o->model, family_name(c.family), s.B, s.S, gib(device), gib(host));
     if (!mst_plan_auto(&p, &c, &s, &fig, device, host, msg, sizeof(msg))) {
         printf("%s", msg);

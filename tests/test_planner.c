@@ -301,7 +301,17 @@ static void print_llama3_plan(int S) {
     if (ok) mst_plan_print(&p, stdout);
 }
 
+// Default pinned-host budget: all but 16 GiB, at least 3/4 of the machine.
+static void test_host_budget(void) {
+    size_t G = (size_t)1 << 30;
+    CHECK(mst_default_host_budget(125 * G) == 109 * G, "125 GiB machine: %zu", mst_default_host_budget(125 * G));
+    CHECK(mst_default_host_budget(24 * G) == 18 * G, "24 GiB machine: %zu", mst_default_host_budget(24 * G));
+    CHECK(mst_default_host_budget(8 * G) == 6 * G, "8 GiB machine: %zu", mst_default_host_budget(8 * G));
+    CHECK(mst_default_host_budget(0) == 0, "no memory: %zu", mst_default_host_budget(0));
+}
+
 int main(void) {
+    test_host_budget();
     test_hand_figures();
     test_layouts();
     test_monotonic();
