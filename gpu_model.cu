@@ -729,6 +729,22 @@ static size_t physical_memory_bytes(void) {
     return (pages > 0 && page > 0) ? (size_t)pages * (size_t)page : 0;
 }
 
+typedef struct { GpuModel *m; uint64_t seed; cudaStream_t stream; } RandomInitCtx;
+
+static void random_init_tensor(const char *name, size_t offset, size_t rows, size_t cols, void *ctx) {
+    RandomInitCtx *x = (RandomInitCtx *)ctx;
+    bf16 *out = x->m->params + offset;
+    if (rows > 1) random_normal_fill(out, rows * cols, x->seed, offset, 0.02f, x->stream);
+    else if (strstr(name, "norm")) constant_fill(out, cols, x->m->config.norm_offset ? 0.0f : 1.0f, x->stream);
+    else constant_fill(out, cols, 0.0f, x->stream);  // biases
+}
+
+// The benchmark init of gpu_model_init (gpu_model.h), on the device: no host copy of the weights.
+static void random_init_params(GpuModel *m, uint64_t seed, cudaStream_t stream) {
+    RandomInitCtx ctx = {m, seed, stream};
+    param_layout_visit(&m->layout, &m->config, random_init_tensor, &ctx);
+}
+
 void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf16, GpuSettings *s) {
     memset(m, 0, sizeof(*m));
     m->config = *c;
@@ -781,7 +797,8 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
 
     const ParamLayout *p = &m->layout;
     cudaStream_t st = m->stream;
-    cudaCheck(cudaMemcpyAsync(m->params, params_bf16, p->total * sizeof(uint16_t), cudaMemcpyHostToDevice, st));
+    if (params_bf16) cudaCheck(cudaMemcpyAsync(m->params, params_bf16, p->total * sizeof(uint16_t), cudaMemcpyHostToDevice, st));
+    else random_init_params(m, s->init_seed, st);
     float *rope = (float *)mallocCheck((size_t)s->S * c->head_dim * sizeof(float));
     rope_table_fill(rope, s->S, c->head_dim, c->rope_theta, c->rope_scaling, c->rope_factor, c->rope_low_freq_factor,
                     c->rope_high_freq_factor, c->rope_orig_max_pos);

@@ -25,6 +25,7 @@ typedef struct {
     int master_weights;     // 1: fp32 master weights (bf16 weights are round-to-nearest copies)
     size_t gpu_mem_budget;  // bytes for arena + cuBLASLt workspace; 0: free memory minus a 1 GiB margin
     size_t host_mem_budget; // pinned bytes for offloaded layer inputs; 0: 3/4 of physical memory
+    uint64_t init_seed;     // gpu_model_init with no parameters: the seed of the random init
 } GpuSettings;
 
 typedef struct {
@@ -92,7 +93,10 @@ typedef struct {
 } GpuModel;
 
 // Resolves the auto settings in *s, plans, refuses (dies with the plan breakdown and what would
-// fit) before allocating if it cannot fit, allocates the arena, uploads the weights.
+// fit) before allocating if it cannot fit, allocates the arena, uploads the weights. params_bf16
+// NULL: a random init on the device instead (benchmark presets): matrices N(0, 0.02) from
+// random_normal_at(s->init_seed, parameter offset), biases 0, norm weights 1 (0 where the family
+// scales by 1 + w).
 void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf16, GpuSettings *s);
 void gpu_model_print_plan(const GpuModel *m, FILE *f);
 // --profile: GPU time of each training step by region (step_profile.h); reset drops the steps so far.

@@ -650,6 +650,30 @@ void cast_bf16_to_fp32(float *out, const bf16 *in, size_t n, cudaStream_t stream
     cudaCheckLaunch();
 }
 
+// out (n) bf16 = std * random_normal_at(seed, first + i), grid-stride over the elements.
+__global__ void random_normal_fill_kernel(bf16 *out, size_t n, uint64_t seed, uint64_t first, float std) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16(std * random_normal_at(seed, first + i));
+}
+
+void random_normal_fill(bf16 *out, size_t n, uint64_t seed, uint64_t first, float std, cudaStream_t stream) {
+    if (n == 0) return;
+    random_normal_fill_kernel<<<flat_blocks(n), FLAT_BLOCK, 0, stream>>>(out, n, seed, first, std);
+    cudaCheckLaunch();
+}
+
+// out (n) bf16 = value.
+__global__ void constant_fill_kernel(bf16 *out, size_t n, float value) {
+    bf16 v = __float2bfloat16(value);
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) out[i] = v;
+}
+
+void constant_fill(bf16 *out, size_t n, float value, cudaStream_t stream) {
+    if (n == 0) return;
+    constant_fill_kernel<<<flat_blocks(n), FLAT_BLOCK, 0, stream>>>(out, n, value);
+    cudaCheckLaunch();
+}
+
 // dst (n) fp32 or bf16 += src (n) bf16 (sum in fp32, one rounding when dst is bf16).
 __global__ void accumulate_into_kernel(void *dst, DType dst_type, const bf16 *src, size_t n, int vec) {
     size_t units = (n + UNIT - 1) / UNIT;

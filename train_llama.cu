@@ -330,64 +330,6 @@ static uint16_t *random_init_model(ModelConfig *c, ParamLayout *layout, int voca
     return params;
 }
 
-// A published config (--preset) with a random init for benchmarks: matrices N(0, 0.02), biases 0,
-// norm weights 1 (0 where the family scales by 1 + w). Tensors are cut into PRESET_INIT_CHUNK
-// pieces, each with its own seed from (seed, tensor, piece), filled in parallel (OpenMP), so 8B
-// parameters take seconds and the result does not depend on the thread count.
-#define PRESET_INIT_CHUNK ((size_t)1 << 20)
-
-typedef struct { size_t offset, n; float value; int normal; } InitTensor;  // value: when not normal
-typedef struct { InitTensor *t; int n; int norm_offset; } InitList;
-
-static void list_tensor(const char *name, size_t offset, size_t rows, size_t cols, void *ctx) {
-    InitList *l = (InitList *)ctx;
-    InitTensor *x = &l->t[l->n++];
-    x->offset = offset;
-    x->n = rows * cols;
-    x->normal = rows > 1;
-    x->value = strstr(name, "norm") != NULL ? (l->norm_offset ? 0.0f : 1.0f) : 0.0f;  // norms, biases
-}
-
-// c: the preset's config (mst_preset); fills *layout, returns the bf16 parameters (malloc'd).
-static uint16_t *random_init_preset(const ModelConfig *c, ParamLayout *layout, uint64_t seed) {
-    param_layout_init(layout, c);
-    InitList list;
-    list.t = (InitTensor *)mallocCheck((size_t)(c->n_layers * LT_COUNT + 3) * sizeof(InitTensor));
-    list.n = 0;
-    list.norm_offset = c->norm_offset;
-    param_layout_visit(layout, c, list_tensor, &list);
-    // work items: (tensor, piece) pairs, numbered by a prefix sum of the pieces per tensor
-    size_t *first = (size_t *)mallocCheck((size_t)(list.n + 1) * sizeof(size_t));
-    first[0] = 0;
-    for (int i = 0; i < list.n; i++) first[i + 1] = first[i] + (list.t[i].n + PRESET_INIT_CHUNK - 1) / PRESET_INIT_CHUNK;
-    uint16_t *params = (uint16_t *)mallocCheck(layout->total * sizeof(uint16_t));
-    long long items = (long long)first[list.n];
-#pragma omp parallel for schedule(dynamic, 4)
-    for (long long w = 0; w < items; w++) {
-        int ti = 0;
-        while (first[ti + 1] <= (size_t)w) ti++;  // a few hundred tensors: a scan is cheap next to 1M normals
-        const InitTensor *x = &list.t[ti];
-        size_t piece = (size_t)w - first[ti], lo = piece * PRESET_INIT_CHUNK;
-        size_t hi = lo + PRESET_INIT_CHUNK < x->n ? lo + PRESET_INIT_CHUNK : x->n;
-        uint16_t *out = params + x->offset;
-        if (!x->normal) {
-            for (size_t i = lo; i < hi; i++) out[i] = float_to_bf16_bits(x->value);
-            continue;
-        }
-        uint64_t rng = rng_seed(seed ^ ((uint64_t)ti << 40) ^ piece);
-        for (size_t i = lo; i < hi; i += 2) {  // Box-Muller: two normals per pair of uniforms
-            float u1 = rng_uniform(&rng), u2 = rng_uniform(&rng);
-            if (u1 < 1e-7f) u1 = 1e-7f;
-            float r = 0.02f * sqrtf(-2.0f * logf(u1)), a = 6.2831853f * u2;
-            out[i] = float_to_bf16_bits(r * cosf(a));
-            if (i + 1 < hi) out[i + 1] = float_to_bf16_bits(r * sinf(a));
-        }
-    }
-    free(first);
-    free(list.t);
-    return params;
-}
-
 // ----------------------------------------------------------------------------
 // Batches: token shards through the DataLoader, or --synthetic-data: rows of uniformly random
 // tokens, batch k drawn from its own seed (seed, k), so a position is just k.
@@ -560,6 +502,7 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     s->moment_type = strcmp(o->moments, "fp32") == 0 ? DT_FP32 : DT_BF16;
     s->master_weights = o->master_weights;
     s->gpu_mem_budget = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0);
+    s->init_seed = o->seed;
     gpu_model_init(&t->gpu, c, params, s);
     gpu_model_print_plan(&t->gpu, stdout);
     t->peak_flops = gpu_peak_flops(t->device, sizeof(t->device));
@@ -1160,9 +1103,9 @@ int main(int argc, char **argv) {
         if (backend == BACKEND_CPU)
             die("--preset %s is a full-size model for GPU benchmarks: the CPU reference path does not train it "
                 "(use a GPU, or the default model / --model on the CPU)", o.preset);
-        double t0 = now_ms();
-        params = random_init_preset(&c, &layout, o.seed);
-        printf("model: --preset %s, random init (seed %llu) in %.1f s\n", o.preset, (unsigned long long)o.seed, (now_ms() - t0) / 1e3);
+        param_layout_init(&layout, &c);
+        params = NULL;  // gpu_model_init draws the random init on the device
+        printf("model: --preset %s, random init on the GPU (seed %llu)\n", o.preset, (unsigned long long)o.seed);
     } else {
         params = random_init_model(&c, &layout, o.synthetic ? SYNTHETIC_DEFAULT_VOCAB : tok.vocab_size, o.seed);
         printf("model: none given: a small random-init Llama (seed %llu)\n", (unsigned long long)o.seed);

@@ -671,6 +671,44 @@ static void test_casts(TestReport *rep, size_t n, size_t off, uint64_t seed) {
     free(f); free(h); free(expect); free(back); free(back_ref);
 }
 
+// random_normal_fill against random_normal_at on the host (one bf16 step: the rounding plus float
+// differences of logf/sinf between host and device), its moments (5 standard errors), and constant_fill.
+static void test_random_fill(TestReport *rep, size_t n, uint64_t seed, uint64_t first, size_t off) {
+    char tcase[48];
+    snprintf(tcase, sizeof(tcase), "n=%zu first=%llu off=%zu el", n, (unsigned long long)first, off);
+    const float std = 0.02f;
+    DBuf d = dbuf_alloc(n * 2, off * 2);  // off elements: a 2-byte aligned but not 16-byte aligned start
+    dbuf_poison(&d);
+    random_normal_fill((bf16 *)d.p, n, seed, first, std, 0);
+    uint16_t *h = (uint16_t *)mallocCheck(n * 2);
+    dbuf_download(h, &d);
+    Cmp c;
+    cmp_begin(&c, "random_normal_fill", tcase, "out", "1 bf16 step of host twin");
+    double sum = 0.0, sq = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double ref = (double)(std * random_normal_at(seed, first + i)), got = bf(h[i]);
+        cmp_add(&c, got, ref, bf16_spacing(ref));
+        sum += got;
+        sq += got * got;
+    }
+    cmp_end(rep, &c);
+    double mean = sum / n, sd = sqrt(sq / n - mean * mean);
+    cmp_begin(&c, "random_normal_fill", tcase, "moments", "5 standard errors");
+    cmp_add(&c, mean / std, 0.0, 5.0 / sqrt((double)n));
+    cmp_add(&c, sd / std, 1.0, 5.0 * sqrt(0.5 / n) + 1.0 / 256.0);  // plus the bf16 rounding of each value
+    cmp_end(rep, &c);
+    constant_fill((bf16 *)d.p, n, 1.0f, 0);
+    dbuf_download(h, &d);
+    uint16_t *expect = (uint16_t *)mallocCheck(n * 2);
+    for (size_t i = 0; i < n; i++) expect[i] = float_to_bf16_bits(1.0f);
+    check_exact(rep, "constant_fill", tcase, "out", h, expect, n * 2);
+    DBuf *bufs[] = {&d};
+    check_guards(rep, "random/constant fill", tcase, bufs, 1);
+    dbuf_free(&d);
+    free(h);
+    free(expect);
+}
+
 static void test_accumulate_into(TestReport *rep, size_t n, DType dt, size_t off, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
@@ -1301,6 +1339,8 @@ static void run_gpu_tests(TestReport *rep) {
     test_casts(rep, (size_t)37 * 4099, 0, 54);
     test_casts(rep, (size_t)1 << 20, 0, 55);
     test_casts(rep, 1000, 1, 56);
+    test_random_fill(rep, (size_t)1 << 20, 61, 0, 0);
+    test_random_fill(rep, 4099, 62, 12345, 1);
     test_accumulate_into(rep, (size_t)37 * 4099, DT_FP32, 0, 57);
     test_accumulate_into(rep, (size_t)37 * 4099, DT_BF16, 0, 58);
     test_accumulate_into(rep, (size_t)1 << 20, DT_BF16, 0, 59);

@@ -96,6 +96,16 @@ def rows_example():
     return bench_step.add_ratios(rows)
 
 
+def test_a_cell_dominated_by_a_failure_is_skipped():
+    failures = [(1, 8192)]
+    assert bench_step.dominated_by_failure(failures, 1, 16384) == (1, 8192)
+    assert bench_step.dominated_by_failure(failures, 2, 8192) == (1, 8192)
+    assert bench_step.dominated_by_failure(failures, 8, 4096) is None
+    assert bench_step.dominated_by_failure([], 1, 2048) is None
+    row = bench_step.row_of("m", "hf", 1, 16384, "skipped", None)
+    assert bench_step.fmt_cell(row, "peak GiB") == "OOM*"
+
+
 def test_ratios_against_hf_then_hf_gc():
     rows = rows_example()
     assert rows[0]["ratio"] == pytest.approx(2.0) and rows[0]["ratio_ref"] == "hf"
