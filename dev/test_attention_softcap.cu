@@ -2,8 +2,8 @@
 // CPU reference of dev/attention_reference.h: causal GQA attention with optional sliding window, query
 // scale and logit soft-cap z = cap tanh(scale q.k / cap); forward (out, log-sum-exp stats) and backward
 // (dq, dk, dv in the packed dqkv layout) on random bf16 inputs for the cases of attention_reference.h
-// (the same ones dev/test_attention_softcap_emu.cu runs on the CPU emulator), plus a bitwise rerun of
-// the backward (the kernels use no atomics). Then times forward and backward at the Gemma-2-9B shape,
+// (the same ones dev/test_attention_softcap_emu.cu runs on the CPU emulator) and a few longer ones,
+// plus a bitwise rerun of the backward (the kernels use no atomics). Then times forward and backward at the Gemma-2-9B shape,
 // next to cuDNN's SDPA on the same shape without the cap (what the kernels are measured against).
 //
 // Build: make build/test_attention_softcap     Run: ./build/test_attention_softcap [--no-timing]
@@ -168,6 +168,14 @@ static void check_case(TestReport *t, const SoftcapCase *c) {
     free(second);
 }
 
+// GPU-only cases (too slow for the emulator): many tiles per block, a window spanning several key tiles
+// that starts and ends inside tiles, full causal with GQA groups of 4, and B = 2.
+static const SoftcapCase long_cases[] = {
+    {"long: Gemma-2-9B heads, S 1000, window 300", {1, 1000, 16, 8, 256, 0.0625f, 300, 50.0f}},
+    {"long: GQA 4, hd 128, S 777, no window", {1, 777, 8, 2, 128, 0.125f, 0, 30.0f}},
+    {"long: B 2, hd 64, S 513, window 129", {2, 513, 4, 2, 64, 0.25f, 129, 10.0f}},
+};
+
 // ---- timing at the Gemma-2-9B shape (B=1, Hq=16, Hkv=8, hd=256, scale 1/16, cap 50) ----
 // Mean milliseconds of the forward and the backward of `s` over `iters` runs after `warmup`, through
 // the soft-cap kernels (softcap > 0) or cuDNN (softcap == 0; ws: its workspace).
@@ -253,6 +261,7 @@ int main(int argc, char **argv) {
         return test_report_finish(&t, "test_attention_softcap");
     }
     for (int i = 0; i < N_SOFTCAP_CASES; i++) check_case(&t, &softcap_cases[i]);
+    for (size_t i = 0; i < sizeof(long_cases) / sizeof(long_cases[0]); i++) check_case(&t, &long_cases[i]);
     printf("%d checks, %d failed\n", t.passed + t.failed, t.failed);
     if (t.failed == 0 && timing) {
         attention_init();
