@@ -92,7 +92,7 @@ static void layer_attention_forward(bf16 *out, float *stats, const bf16 *qkv, co
 
 static void layer_attention_backward(bf16 *dqkv, const bf16 *dout, const bf16 *out, const float *stats,
                                      const bf16 *qkv, const AttentionShape *sh, void *workspace, cudaStream_t st) {
-    if (attention_via_softcap(sh)) attention_softcap_backward(dqkv, dout, out, stats, qkv, sh, st);
+    if (attention_via_softcap(sh)) attention_softcap_backward(dqkv, dout, out, stats, qkv, sh, workspace, st);
     else attention_backward(dqkv, dout, out, stats, qkv, sh, workspace, st);
 }
 
@@ -622,17 +622,17 @@ static void check_supported(const ModelConfig *c, const GpuSettings *s) {
     }
 }
 
-// The kernel modules' own figures for this shape: cuDNN workspace (largest over the layer kinds
-// and the (1, S) sampling shape; the soft-cap kernels need none), reduction scratch over N rows,
-// grad-norm partials.
+// The kernel modules' own figures for this shape: attention workspace (cuDNN's, or the soft-cap
+// kernels' B Hq S floats; largest over the layer kinds and the (1, S) sampling shape), reduction
+// scratch over N rows, grad-norm partials.
 static MstKernelFigures kernel_figures(const ModelConfig *c, const GpuSettings *s) {
     MstKernelFigures f;
     f.attn_workspace = 0;
     for (int l = 0; l < c->n_layers && l < 2; l++) {
         for (int b = 0; b < 2; b++) {
             AttentionShape sh = attention_shape(c, l, b == 0 ? s->B : 1, s->S);
-            if (attention_via_softcap(&sh)) continue;
-            size_t w = attention_workspace_bytes(&sh);
+            size_t w = attention_via_softcap(&sh) ? attention_softcap_workspace_bytes(&sh)
+                                                  : attention_workspace_bytes(&sh);
             if (w > f.attn_workspace) f.attn_workspace = w;
         }
     }

@@ -25,8 +25,9 @@
 //                  LM-head working buffers (one token chunk: normed rows, logits tile (c, vc)
 //                  fp32, dlogits, CE state): the two never live at the same time, so they share
 //                  the same bytes
-//   workspace      cuDNN attention workspace, fp32 scratch of the norm/bias gradient reductions
-//                  (the cuBLASLt workspace is allocated by matmul_init: device_external)
+//   workspace      attention workspace (cuDNN's, or the soft-cap backward's), fp32 scratch of the
+//                  norm/bias gradient reductions (the cuBLASLt workspace is allocated by
+//                  matmul_init: device_external)
 //   host           pinned host slots of offloaded layer inputs (the first host_layers layers)
 #ifndef MST_H
 #define MST_H
@@ -62,7 +63,7 @@ typedef struct {
 // Figures that only the kernels' modules know. On the GPU the model fills them from cuDNN and
 // the launchers; without a GPU mst_kernel_figures_estimate() gives documented estimates.
 typedef struct {
-    size_t attn_workspace;      // cuDNN SDPA forward + backward workspace for (B, S), bytes
+    size_t attn_workspace;      // attention workspace for (B, S), bytes: cuDNN SDPA's or the soft-cap backward's
     size_t matmul_workspace;    // cuBLASLt workspace (allocated by matmul_init, outside the arena)
     size_t reduce_scratch;      // fp32 partial sums of the norm-weight / bias gradients over N rows, bytes
     size_t grad_norm_partials;  // floats of the grad-norm partial sums
@@ -105,14 +106,17 @@ static inline size_t mst_align(size_t bytes) { return (bytes + MST_ALIGN - 1) / 
 static inline size_t mst_ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
 // Estimates for planning without a GPU. cuDNN's SDPA backward asks for about an fp32 dQ
-// accumulator (B, S, Hq, hd) plus two fp32 row statistics (B, Hq, S); the norm/bias gradient
+// accumulator (B, S, Hq, hd) plus two fp32 row statistics (B, Hq, S); with an attention soft-cap
+// every layer runs the soft-cap kernels instead, whose workspace is exactly one fp32 (B, Hq, S)
+// (attention_softcap_workspace_bytes in attention_softcap.cu); the norm/bias gradient
 // reductions keep one fp32 row of partial sums per 32 rows for the widest reduced tensor (the
 // fused QKV bias); 1024 grad-norm partials; 32 MiB of cuBLASLt workspace.
 static inline void mst_kernel_figures_estimate(const ModelConfig *c, int B, int S, MstKernelFigures *f) {
     size_t N = (size_t)B * S;
     size_t qkv = (size_t)(c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
     size_t widest = qkv > (size_t)c->d_model ? qkv : (size_t)c->d_model;
-    f->attn_workspace = N * c->n_heads * c->head_dim * 4 + 2 * N * c->n_heads * 4;
+    f->attn_workspace = c->attn_softcap > 0.0f ? N * c->n_heads * 4
+                                               : N * c->n_heads * c->head_dim * 4 + 2 * N * c->n_heads * 4;
     f->matmul_workspace = MST_MATMUL_WORKSPACE;
     f->reduce_scratch = (N + 31) / 32 * widest * 4;
     f->grad_norm_partials = 1024;

@@ -276,6 +276,13 @@ static void test_presets(void) {
     ParamLayout lay;
     param_layout_init(&lay, &c);
     CHECK(lay.total == 8030261248ull, "llama3-8b has %zu parameters, expected 8030261248", lay.total);
+    // Gemma-2's soft-capped attention runs on the soft-cap kernels: their workspace is one fp32 per
+    // (b, query head, position), the figure attention_softcap_workspace_bytes gives on the GPU.
+    mst_preset("gemma2-9b", &c);
+    MstKernelFigures f;
+    mst_kernel_figures_estimate(&c, 2, 3000, &f);
+    CHECK(f.attn_workspace == (size_t)2 * 16 * 3000 * 4, "gemma2-9b attention workspace %zu, expected 2 Hq S floats",
+          f.attn_workspace);
 }
 
 // Llama-3-8B, B=1, recompute, bf16 moments, optimizer in backward, on an 80 GiB GPU
