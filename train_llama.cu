@@ -38,11 +38,15 @@ typedef struct {
     const char *schedule;     // cosine | linear | constant
     const char *moments;      // bf16 | fp32 (GPU)
     int master_weights, mst_chunks, vocab_chunk, recompute, offload;  // mst_chunks, vocab_chunk: 0 = auto
+    int host_layers;          // with offload: layers whose inputs live on the host; 0 = as few as fit
     float gpu_mem_gib;        // 0: free device memory minus a margin
+    float host_mem_gib;       // --plan-only: host memory of the machine planned for; 0: this machine's
     int eval_every, eval_batches, sample_every, sample_tokens;
     const char *prompt;
     float temperature, top_p;
     const char *ckpt_dir, *resume, *log;
+    const char *plan_json;    // write the memory plan and its step timeline as JSON (GPU path, --plan-only)
+    const char *mem_trace;    // GPU path: device memory in use at each region boundary of every step, JSONL
     int ckpt_every, keep_last;
     uint64_t seed;
     int stop_after;           // 0: run to --steps; else stop (with a checkpoint) after this step
@@ -122,6 +126,8 @@ static void usage(FILE *f) {
             "  --vocab-chunk auto|N  LM-head columns per tile (default auto)\n"
             "  --recompute 0|1       recompute layers in backward (default %d)\n"
             "  --offload 0|1         layer inputs may live in pinned host memory (default %d)\n"
+            "  --host-layers N       with --offload 1: the first N layers keep their inputs on the host\n"
+            "                        (default: as few as fit)\n"
             "  --gpu-mem GiB         device budget (default: free memory at start minus 0.5 GiB)\n"
             "  --cpu                 train on the CPU reference path even with a GPU\n"
             "evaluation and sampling\n"
@@ -146,6 +152,10 @@ static void usage(FILE *f) {
             "                        uses --preset or --model, --seq-len, --batch, --gpu-mem and the flags above\n"
             "  --preset NAME         llama3-8b | llama2-7b | mistral-7b | qwen2-7b | gemma2-9b: with --plan-only, plan\n"
             "                        that config; else train it from a random init (std 0.02; GPU only)\n"
+            "  --host-mem GiB        with --plan-only: plan for a machine with this much host memory (default:\n"
+            "                        this machine's), e.g. 125 for the H100 device machine\n"
+            "  --plan-json FILE      write the memory plan as JSON: entries, totals by category and the bytes live\n"
+            "                        in each phase of one step (for scripts/plot_memory.py); --plan-only or GPU path\n"
             "benchmarks\n"
             "  --synthetic-data      uniformly random tokens of the model's vocabulary (seeded) instead of shards;\n"
             "                        no tokenizer (the default model then has vocab %d), no sampling, and no\n"
@@ -156,6 +166,9 @@ static void usage(FILE *f) {
             "                        TFLOP/s, MFU, peak and planned memory\n"
             "  --profile             GPU path: after the run, a table of GPU time per step by region (attention,\n"
             "                        MLP, LM head, optimizer, ...), the mean over the steps after the first\n"
+            "  --mem-trace FILE      GPU path: at each region boundary of every step, wait for the GPU and write\n"
+            "                        the device memory in use (cudaMemGetInfo) as a JSON line (slows the steps;\n"
+            "                        scripts/plot_memory.py timeline --trace draws it over the planned timeline)\n"
             "  --help                this text\n",
             d.tokenizer, d.train, d.val, d.seq_len, d.batch, d.grad_accum, d.steps, d.lr, d.min_lr_frac, d.warmup,
             d.schedule, d.weight_decay, d.beta1, d.beta2, d.eps, d.clip, d.moments, d.recompute, d.offload,
@@ -198,7 +211,7 @@ static const char *const VALUE_FLAGS[] = {
     "--min-lr-frac", "--warmup", "--schedule", "--weight-decay", "--beta1", "--beta2", "--eps", "--clip", "--moments",
     "--mst", "--vocab-chunk", "--recompute", "--offload", "--gpu-mem", "--eval-every", "--eval-batches", "--sample-every",
     "--sample-tokens", "--prompt", "--temperature", "--top-p", "--ckpt-dir", "--ckpt-every", "--keep-last", "--resume",
-    "--stop-after", "--seed", "--log"};
+    "--stop-after", "--seed", "--log", "--plan-json", "--mem-trace", "--host-mem", "--host-layers"};
 
 static int is_value_flag(const char *a) {
     for (size_t i = 0; i < sizeof(VALUE_FLAGS) / sizeof(VALUE_FLAGS[0]); i++)
@@ -245,7 +258,9 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--vocab-chunk") == 0) o.vocab_chunk = parse_auto_int(a, v);
         else if (strcmp(a, "--recompute") == 0) o.recompute = (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--offload") == 0) o.offload = (int)parse_int(a, v, 0, 1);
+        else if (strcmp(a, "--host-layers") == 0) o.host_layers = (int)parse_int(a, v, 1, INT32_MAX);
         else if (strcmp(a, "--gpu-mem") == 0) o.gpu_mem_gib = parse_float(a, v, 0.0f, 1e6f);
+        else if (strcmp(a, "--host-mem") == 0) o.host_mem_gib = parse_float(a, v, 1.0f, 1e6f);
         else if (strcmp(a, "--eval-every") == 0) { o.eval_every = (int)parse_int(a, v, 0, INT32_MAX); o.eval_given = 1; }
         else if (strcmp(a, "--eval-batches") == 0) { o.eval_batches = (int)parse_int(a, v, 0, 1 << 20); o.eval_given = 1; }
         else if (strcmp(a, "--sample-every") == 0) { o.sample_every = (int)parse_int(a, v, 0, INT32_MAX); o.sample_given = 1; }
@@ -260,8 +275,11 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--stop-after") == 0) { o.stop_after = (int)parse_int(a, v, 1, INT32_MAX); o.ckpt_given = 1; }
         else if (strcmp(a, "--seed") == 0) o.seed = (uint64_t)parse_int(a, v, 0, INT64_MAX);
         else if (strcmp(a, "--log") == 0) o.log = v;
+        else if (strcmp(a, "--plan-json") == 0) o.plan_json = v;
+        else if (strcmp(a, "--mem-trace") == 0) o.mem_trace = v;
         else die("internal: option '%s' has no handler", a);
     }
+    if (o.host_mem_gib > 0.0f && !o.plan_only) die("--host-mem plans for another machine: it goes with --plan-only");
     if (o.preset && (o.model || o.resume)) die("--preset NAME builds a random-init model: it does not go with --model or --resume");
     if (o.synthetic) {
         if (o.sample_given && o.sample_tokens > 0) die("--synthetic-data runs without a tokenizer: it cannot sample (drop --sample-tokens/--sample-every)");
@@ -270,6 +288,7 @@ static Options options_parse(int argc, char **argv) {
         o.checkpoints = o.ckpt_given;
     }
     if (o.bench && o.steps < 2) die("--bench needs --steps >= 2 (the first step is always warm-up)");
+    if (o.host_layers > 0 && o.offload == 0) die("--host-layers N needs --offload 1");
     if (o.recompute == 0 && o.offload == 1) die("--offload 1 needs --recompute 1 (only recomputed layers can keep their inputs on the host)");
     return o;
 }
@@ -474,6 +493,18 @@ static double gpu_peak_flops(char *name, size_t name_len) {
     return 0.0;
 }
 
+// The model's name in records: the preset, the model file, or "default".
+static const char *model_name(const Options *o) { return o->preset ? o->preset : o->model ? o->model : "default"; }
+
+// --plan-json: the plan, its totals and its step timeline (mst.h) as one JSON object.
+static void write_plan_json(const char *path, const MemoryPlan *p, const ModelConfig *c, const char *model,
+                            size_t device_budget, size_t host_budget, int fits) {
+    FILE *f = fopenCheck(path, "w");
+    mst_plan_write_json(p, c, model, device_budget, host_budget, fits, f);
+    fcloseCheck(f, path);
+    printf("memory plan JSON: %s\n", path);
+}
+
 static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const uint16_t *params, const Options *o) {
     memset(t, 0, sizeof(*t));
     t->backend = backend;
@@ -498,6 +529,7 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     s->vocab_chunk = o->vocab_chunk;
     s->recompute = o->recompute;
     s->offload = o->offload;
+    s->host_layers = o->host_layers;
     s->grad_accum_steps = o->grad_accum;
     s->moment_type = strcmp(o->moments, "fp32") == 0 ? DT_FP32 : DT_BF16;
     s->master_weights = o->master_weights;
@@ -505,6 +537,7 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     s->init_seed = o->seed;
     gpu_model_init(&t->gpu, c, params, s);
     gpu_model_print_plan(&t->gpu, stdout);
+    if (o->plan_json) write_plan_json(o->plan_json, &t->gpu.plan, c, model_name(o), s->gpu_mem_budget, s->host_mem_budget, 1);
     t->peak_flops = gpu_peak_flops(t->device, sizeof(t->device));
 }
 
@@ -998,7 +1031,7 @@ static void print_bench(Trainer *t, const Options *o, double *ms, int n) {
     int gpu = t->backend == BACKEND_GPU;
     MemLine m = trainer_memory(t);
     printf("BENCH {\"model\": ");
-    json_string(stdout, o->preset ? o->preset : o->model ? o->model : "default");
+    json_string(stdout, model_name(o));
     printf(", \"backend\": \"%s\", \"device\": ", gpu ? "gpu" : "cpu");
     json_string(stdout, t->device);
     printf(", \"B\": %d, \"S\": %d, \"grad_accum\": %d, \"M\": %d, \"vocab_chunk\": %d, \"recompute\": %d, "
@@ -1044,17 +1077,25 @@ static int plan_only(const Options *o) {
     s.vocab_chunk = o->vocab_chunk;
     s.recompute = o->recompute;
     s.offload = o->offload;
+    s.host_layers = o->host_layers;
     s.grad_accum_steps = o->grad_accum;
     s.moment_bytes = strcmp(o->moments, "fp32") == 0 ? 4 : 2;
     s.master_weights = o->master_weights;
     MstKernelFigures fig;
     mst_kernel_figures_estimate(&c, s.B, s.S, &fig);
-    size_t device = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0), host = mst_default_host_budget(physical_memory());
+    size_t device = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0);
+    size_t host_machine = o->host_mem_gib > 0.0f ? (size_t)(o->host_mem_gib * 1024.0 * 1024.0 * 1024.0) : physical_memory();
+    size_t host = mst_default_host_budget(host_machine);
     MemoryPlan p;
     char msg[8192];
-    printf("plan for %s (%s), B=%d S=%d, device budget %.1f GiB, host budget %.1f GiB (this machine's memory less 16 GiB, at least 3/4 of it)\n",
-           o->preset ? o->preset : o->model, family_name(c.family), s.B, s.S, gib(device), gib(host));
-    if (!mst_plan_auto(&p, &c, &s, &fig, device, host, msg, sizeof(msg))) {
+    printf("plan for %s (%s), B=%d S=%d, device budget %.1f GiB, host budget %.1f GiB (%s memory less 16 GiB, at least 3/4 of it)\n",
+           o->preset ? o->preset : o->model, family_name(c.family), s.B, s.S, gib(device), gib(host),
+           o->host_mem_gib > 0.0f ? "--host-mem" : "this machine's");
+    int valid = mst_settings_check(&c, &s, msg, sizeof(msg)) == NULL;
+    int fits = mst_plan_auto(&p, &c, &s, &fig, device, host, msg, sizeof(msg));
+    // Refused for its settings: no plan to write. Refused for its size: the most frugal plan's JSON.
+    if (o->plan_json && valid) write_plan_json(o->plan_json, &p, &c, model_name(o), device, host, fits);
+    if (!fits) {
         printf("%s", msg);
         return 1;
     }
@@ -1077,6 +1118,9 @@ int main(int argc, char **argv) {
     if (!o.cpu && cuda_device_count() > 0) backend = BACKEND_GPU;
     else if (!o.cpu) printf("no GPU found: training on the CPU reference path (fp32, OpenMP)\n");
     else printf("--cpu: training on the CPU reference path (fp32, OpenMP)\n");
+    if (backend == BACKEND_CPU && o.plan_json)
+        die("--plan-json writes the GPU memory plan: the CPU path has none (use it with --plan-only, or on a GPU)");
+    if (backend == BACKEND_CPU && o.mem_trace) die("--mem-trace measures GPU memory: it needs the GPU path");
     if (backend == BACKEND_GPU && o.skip_nonfinite)
         printf("note: on the GPU the update runs inside the backward pass, so a non-finite step stops the run even with --skip-nonfinite\n");
 
@@ -1123,6 +1167,12 @@ int main(int argc, char **argv) {
     if (o.profile) {
         if (backend != BACKEND_GPU) die("--profile measures GPU time: it needs the GPU path");
         gpu_model_profile_enable(&t.gpu);
+    }
+    FILE *mem_trace = NULL;
+    if (o.mem_trace) {
+        mem_trace = fopenCheck(o.mem_trace, "w");
+        gpu_model_profile_enable(&t.gpu);
+        step_profile_trace_memory(t.gpu.profile, mem_trace);
     }
 
     // data: the loaders check every token id against the model's vocabulary; synthetic batches
@@ -1195,6 +1245,11 @@ int main(int argc, char **argv) {
     if (o.bench) print_bench(&t, &o, step_ms, n_ms);
     free(step_ms);
     if (log) fcloseCheck(log, o.log);
+    if (mem_trace) {
+        step_profile_trace_memory(t.gpu.profile, NULL);
+        fcloseCheck(mem_trace, o.mem_trace);
+        printf("memory trace: %s\n", o.mem_trace);
+    }
     trainer_free(&t);
     batches_free(&train);
     batches_free(&val);

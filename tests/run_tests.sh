@@ -34,6 +34,7 @@ run export_py python3 -m pytest -q tests/test_export.py
 run prepare_py python3 -m pytest -q tests/test_prepare.py
 run resume bash tests/test_resume.sh
 run bench_scripts python3 -m pytest -q tests/test_bench_scripts.py
+run plot_memory_py python3 -m pytest -q tests/test_plot_memory.py
 
 if nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then
     run gpu_kernels ./build/test_kernels --no-timing
