@@ -29,6 +29,7 @@ run model_loader ./build/test_model_loader
 run tokenizer ./build/test_tokenizer
 run dataloader ./build/test_dataloader
 run planner ./build/test_planner
+run adamw8bit ./build/test_adamw8bit
 run export_py python3 -m pytest -q tests/test_export.py
 run prepare_py python3 -m pytest -q tests/test_prepare.py
 run resume bash tests/test_resume.sh
