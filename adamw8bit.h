@@ -75,12 +75,32 @@
 //                 Sorted: codes 0..126 negative, 127 is 0, 128..255 positive, 255 is +1.
 //   unsigned (v): f = 7 - e: 128 + 64 + ... + 2 = 254 tree values, plus 0 (code 0) and 1 (code 255).
 // thr[k] is the fp32 midpoint of codes k and k+1 (computed in double): x encodes to the number of
-// thresholds below it, the nearest code.
+// thresholds below it, the nearest code. To find that number in O(1), y falls in one of ADAM8_BUCKETS
+// buckets by its sign, exponent and top ADAM8_BUCKET_MANT mantissa bits (adam8_bucket: non-decreasing
+// in y); lo[b] counts the thresholds of the buckets below b, and a short scan adds those of y's own
+// bucket that are below y (at most 1 of the signed book's, 2 of the unsigned one's).
+
+#define ADAM8_BUCKET_MANT 6       // mantissa bits of a bucket: 64 buckets per binade
+#define ADAM8_BUCKET_EXP_LO 103   // biased exponent of 2^-24: smaller magnitudes share one bucket
+#define ADAM8_BUCKET_EXP_HI 127   // of 2^0: magnitudes from 2 up share the top bucket
+#define ADAM8_BUCKETS_HALF (((ADAM8_BUCKET_EXP_HI - ADAM8_BUCKET_EXP_LO + 1) << ADAM8_BUCKET_MANT) + 1)
+#define ADAM8_BUCKETS (2 * ADAM8_BUCKETS_HALF)  // negative y, then positive y
 
 typedef struct {
     float m_code[ADAM8_CODES], v_code[ADAM8_CODES];          // ascending
     float m_thr[ADAM8_CODES - 1], v_thr[ADAM8_CODES - 1];    // midpoints
+    uint8_t m_lo[ADAM8_BUCKETS], v_lo[ADAM8_BUCKETS];        // thresholds in the buckets below
 } Adam8Codebooks;
+
+// The encoder's bucket of y (see above): -0 and +0 fall in neighbouring buckets, which no threshold
+// separates (none is 0).
+A8_HD static inline int adam8_bucket(float y) {
+    uint32_t u;
+    memcpy(&u, &y, sizeof(u));
+    int z = (int)((u & 0x7fffffffu) >> (23 - ADAM8_BUCKET_MANT)) - (ADAM8_BUCKET_EXP_LO << ADAM8_BUCKET_MANT) + 1;
+    z = z < 0 ? 0 : z > ADAM8_BUCKETS_HALF - 1 ? ADAM8_BUCKETS_HALF - 1 : z;
+    return (u >> 31) ? ADAM8_BUCKETS_HALF - 1 - z : ADAM8_BUCKETS_HALF + z;
+}
 
 #define ADAM8_M_ZERO 127  // the signed book's code of 0
 
@@ -101,11 +121,17 @@ static inline int adam8_tree_values(double *out, int bits_at_decade_0) {
     return n;
 }
 
-// Sorts the 256 values, stores them as fp32 codes and fills the midpoint thresholds.
-static inline void adam8_book_finish(double *vals, float *code, float *thr) {
+// Sorts the 256 values, stores them as fp32 codes and fills the midpoint thresholds and the buckets'
+// counts of the thresholds below them.
+static inline void adam8_book_finish(double *vals, float *code, float *thr, uint8_t *lo) {
     qsort(vals, ADAM8_CODES, sizeof(double), adam8_cmp_double);
     for (int k = 0; k < ADAM8_CODES; k++) code[k] = (float)vals[k];
     for (int k = 0; k + 1 < ADAM8_CODES; k++) thr[k] = (float)(0.5 * ((double)code[k] + (double)code[k + 1]));
+    int k = 0;
+    for (int b = 0; b < ADAM8_BUCKETS; b++) {
+        while (k < ADAM8_CODES - 1 && adam8_bucket(thr[k]) < b) k++;
+        lo[b] = (uint8_t)k;
+    }
 }
 
 static inline void adam8_codebooks_init(Adam8Codebooks *cb) {
@@ -117,36 +143,38 @@ static inline void adam8_codebooks_init(Adam8Codebooks *cb) {
     vals[k++] = 1.0;
     vals[k++] = -1.0;
     if (k != ADAM8_CODES) die("adam8_codebooks_init: signed book has %d codes, not %d", k, ADAM8_CODES);
-    adam8_book_finish(vals, cb->m_code, cb->m_thr);
+    adam8_book_finish(vals, cb->m_code, cb->m_thr, cb->m_lo);
     n = adam8_tree_values(tree, 7);  // 254 values
     k = 0;
     for (int i = 0; i < n; i++) vals[k++] = tree[i];
     vals[k++] = 0.0;
     vals[k++] = 1.0;
     if (k != ADAM8_CODES) die("adam8_codebooks_init: unsigned book has %d codes, not %d", k, ADAM8_CODES);
-    adam8_book_finish(vals, cb->v_code, cb->v_thr);
+    adam8_book_finish(vals, cb->v_code, cb->v_thr, cb->v_lo);
 }
 
 // ----------------------------------------------------------------------------
 // Encoding and the per-element step (shared by the kernel and the twin)
 
-// Number of thresholds thr[0..255) below y: 8 halving steps over the sorted thresholds.
-A8_HD static inline int adam8_search(float y, const float *thr) {
-    int k = 0;
-    for (int s = ADAM8_CODES / 2; s > 0; s >>= 1)
-        if (thr[k + s - 1] < y) k += s;
+// Number of thresholds thr[0..255) below y: the count below y's bucket, then the scan within it.
+A8_HD static inline int adam8_search(float y, const float *thr, const uint8_t *lo) {
+    int k = lo[adam8_bucket(y)];
+    while (k < ADAM8_CODES - 1 && thr[k] < y) k++;
     return k;
 }
+
+// max(a, b) for the block scales, a NaN b ignored (as fmaxf, which the host would call out of line).
+A8_HD static inline float adam8_max(float a, float b) { return b > a ? b : a; }
 
 // 1 / absmax, or 0 for an all-zero block (every element then encodes to the code of 0).
 A8_HD static inline float adam8_inv_scale(float absmax) { return absmax > 0.0f ? A8_DIV(1.0f, absmax) : 0.0f; }
 
-A8_HD static inline uint8_t adam8_encode_m(float m, float inv, const float *m_thr) {
-    return (uint8_t)adam8_search(A8_MUL(m, inv), m_thr);
+A8_HD static inline uint8_t adam8_encode_m(float m, float inv, const Adam8Codebooks *cb) {
+    return (uint8_t)adam8_search(A8_MUL(m, inv), cb->m_thr, cb->m_lo);
 }
 
-A8_HD static inline uint8_t adam8_encode_v(float v, float inv, const float *v_thr) {
-    int q = adam8_search(A8_MUL(v, inv), v_thr);
+A8_HD static inline uint8_t adam8_encode_v(float v, float inv, const Adam8Codebooks *cb) {
+    int q = adam8_search(A8_MUL(v, inv), cb->v_thr, cb->v_lo);
     return (uint8_t)(q == 0 && v > 0.0f ? 1 : q);
 }
 
@@ -277,14 +305,14 @@ static inline void adam8_block_cpu(uint16_t *param, float *master, const float *
         m[j] = A8_MUL(cb->m_code[s.m_codes[i]], am);
         v[j] = A8_MUL(cb->v_code[s.v_codes[i]], av);
         adam8_step(&p[j], grad[i], &m[j], &v[j], c);
-        new_am = fmaxf(new_am, fabsf(m[j]));
-        new_av = fmaxf(new_av, v[j]);
+        new_am = adam8_max(new_am, fabsf(m[j]));
+        new_av = adam8_max(new_av, v[j]);
     }
     float inv_m = adam8_inv_scale(new_am), inv_v = adam8_inv_scale(new_av);
     for (size_t j = 0; j < cnt; j++) {
         size_t i = i0 + j;
-        s.m_codes[i] = adam8_encode_m(m[j], inv_m, cb->m_thr);
-        s.v_codes[i] = adam8_encode_v(v[j], inv_v, cb->v_thr);
+        s.m_codes[i] = adam8_encode_m(m[j], inv_m, cb);
+        s.v_codes[i] = adam8_encode_v(v[j], inv_v, cb);
         if (master) {
             master[i] = p[j];
             if (param) param[i] = float_to_bf16_bits(p[j]);

@@ -985,9 +985,10 @@ void grad_norm_finish(float *out, const float *sumsq_partials, cudaStream_t stre
 // are in adamw8bit.h, shared with the CPU twin)
 // ---------------------------------------------------------------------------------------------
 
-#define ADAM8_MAX_GRID 4096  // grid cap of adamw8bit_kernel (it grid-strides; each CTA loads the books once)
+#define ADAM8_MAX_GRID 1024  // grid cap of adamw8bit_kernel (it grid-strides; each CTA loads the books once)
 
-static __constant__ Adam8Codebooks c_adam8_books;
+static __device__ Adam8Codebooks g_adam8_books;  // filled once by adam8_books_upload
+static_assert(sizeof(Adam8Codebooks) % 4 == 0, "adamw8bit_kernel copies the code books in 4-byte words");
 
 // The UNIT codes p[0..nv) packed little-endian into 64 bits (zero bytes beyond nv): one 8-byte load
 // when vec and the unit is full.
@@ -1017,15 +1018,16 @@ static __device__ __forceinline__ float warp_max(float v) {
 // param (n) bf16 or master (n) fp32, grad (n) grad_type; dequantizes, runs adam8_step per element,
 // takes the new absmax over the warp, re-encodes, and writes codes, scales and the weights (master
 // and round-to-nearest param, or param with stochastic rounding, bits from sr_hash(seed, index)).
-// Padding codes past n are neither read nor written. The code books live in shared memory.
+// Padding codes past n are neither read nor written. Each CTA copies the code books (codes, thresholds,
+// bucket counts: 10.5 KB) from g_adam8_books into shared memory first.
 __global__ void __launch_bounds__(FLAT_BLOCK)
     adamw8bit_kernel(bf16 *param, float *master, const void *grad, DType grad_type, uint8_t *m_codes,
                      float *m_absmax, uint8_t *v_codes, float *v_absmax, size_t n, Adam8Consts c, int vec,
                      int vec_codes) {
-    __shared__ Adam8Codebooks books;
-    const float *src = (const float *)&c_adam8_books;
-    float *dst = (float *)&books;
-    for (int k = threadIdx.x; k < (int)(sizeof(Adam8Codebooks) / sizeof(float)); k += blockDim.x) dst[k] = src[k];
+    __shared__ __align__(16) Adam8Codebooks books;
+    const uint32_t *src = (const uint32_t *)&g_adam8_books;
+    uint32_t *dst = (uint32_t *)&books;
+    for (int k = threadIdx.x; k < (int)(sizeof(Adam8Codebooks) / 4); k += blockDim.x) dst[k] = src[k];
     __syncthreads();
     int lane = threadIdx.x % WARP_SIZE, warps = blockDim.x / WARP_SIZE;
     size_t n_blocks = (n + ADAM8_BLOCK - 1) / ADAM8_BLOCK;
@@ -1055,8 +1057,8 @@ __global__ void __launch_bounds__(FLAT_BLOCK)
         qv = 0;
 #pragma unroll
         for (int k = 0; k < UNIT; k++) {
-            qm |= (uint64_t)adam8_encode_m(fm[k], inv_m, books.m_thr) << (8 * k);
-            qv |= (uint64_t)adam8_encode_v(fv[k], inv_v, books.v_thr) << (8 * k);
+            qm |= (uint64_t)adam8_encode_m(fm[k], inv_m, &books) << (8 * k);
+            qv |= (uint64_t)adam8_encode_v(fv[k], inv_v, &books) << (8 * k);
         }
         store_codes(m_codes + i, qm, nv, vec_codes);
         store_codes(v_codes + i, qv, nv, vec_codes);
@@ -1068,14 +1070,14 @@ __global__ void __launch_bounds__(FLAT_BLOCK)
     }
 }
 
-// Uploads the code books (built on the host) to constant memory on the first call, on `stream`,
-// and waits for it, so that every later launch on any stream sees them.
+// Uploads the code books (built on the host) to g_adam8_books on the first call, on `stream`, and
+// waits for it, so that every later launch on any stream sees them.
 static void adam8_books_upload(cudaStream_t stream) {
     static int uploaded = 0;
     static Adam8Codebooks books;
     if (uploaded) return;
     adam8_codebooks_init(&books);
-    cudaCheck(cudaMemcpyToSymbolAsync(c_adam8_books, &books, sizeof(books), 0, cudaMemcpyHostToDevice, stream));
+    cudaCheck(cudaMemcpyToSymbolAsync(g_adam8_books, &books, sizeof(books), 0, cudaMemcpyHostToDevice, stream));
     cudaCheck(cudaStreamSynchronize(stream));
     uploaded = 1;
 }

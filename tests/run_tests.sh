@@ -33,6 +33,7 @@ run adamw8bit ./build/test_adamw8bit
 run export_py python3 -m pytest -q tests/test_export.py
 run prepare_py python3 -m pytest -q tests/test_prepare.py
 run resume bash tests/test_resume.sh
+run adamw8bit_train bash tests/test_adamw8bit_train.sh
 run bench_scripts python3 -m pytest -q tests/test_bench_scripts.py
 
 if nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then

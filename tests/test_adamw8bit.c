@@ -61,12 +61,12 @@ static int nearest_code(const float *code, float y) {
 static void test_encoder(TestReport *r, const Adam8Codebooks *cb) {
     int self = 1, around = 1, random_ok = 1;
     for (int k = 0; k < ADAM8_CODES; k++) {
-        self &= adam8_search(cb->m_code[k], cb->m_thr) == k && adam8_search(cb->v_code[k], cb->v_thr) == k;
+        self &= adam8_search(cb->m_code[k], cb->m_thr, cb->m_lo) == k && adam8_search(cb->v_code[k], cb->v_thr, cb->v_lo) == k;
         if (k + 1 < ADAM8_CODES) {
-            around &= adam8_search(cb->m_thr[k], cb->m_thr) == k;  // a tie goes to the lower code
-            around &= adam8_search(nextafterf(cb->m_thr[k], 2.0f), cb->m_thr) == k + 1;
-            around &= adam8_search(cb->v_thr[k], cb->v_thr) == k;
-            around &= adam8_search(nextafterf(cb->v_thr[k], 2.0f), cb->v_thr) == k + 1;
+            around &= adam8_search(cb->m_thr[k], cb->m_thr, cb->m_lo) == k;  // a tie goes to the lower code
+            around &= adam8_search(nextafterf(cb->m_thr[k], 2.0f), cb->m_thr, cb->m_lo) == k + 1;
+            around &= adam8_search(cb->v_thr[k], cb->v_thr, cb->v_lo) == k;
+            around &= adam8_search(nextafterf(cb->v_thr[k], 2.0f), cb->v_thr, cb->v_lo) == k + 1;
         }
     }
     uint64_t s = 11;
@@ -74,14 +74,22 @@ static void test_encoder(TestReport *r, const Adam8Codebooks *cb) {
         // half uniform, half log-uniform magnitudes down to 1e-9
         float y = i % 2 ? (float)rng_uniform(&s, -1.0, 1.0) : (float)pow(10.0, rng_uniform(&s, -9.0, 0.0));
         float yv = fabsf(y);
-        random_ok &= adam8_search(y, cb->m_thr) == nearest_code(cb->m_code, y);
-        random_ok &= adam8_search(yv, cb->v_thr) == nearest_code(cb->v_code, yv);
+        random_ok &= adam8_search(y, cb->m_thr, cb->m_lo) == nearest_code(cb->m_code, y);
+        random_ok &= adam8_search(yv, cb->v_thr, cb->v_lo) == nearest_code(cb->v_code, yv);
     }
+    int most_m = 0, most_v = 0;  // thresholds that share a bucket: the encoder's scan length
+    for (int b = 0; b + 1 < ADAM8_BUCKETS; b++) {
+        most_m = cb->m_lo[b + 1] - cb->m_lo[b] > most_m ? cb->m_lo[b + 1] - cb->m_lo[b] : most_m;
+        most_v = cb->v_lo[b + 1] - cb->v_lo[b] > most_v ? cb->v_lo[b + 1] - cb->v_lo[b] : most_v;
+    }
+    char what[96];
+    snprintf(what, sizeof(what), "encoder buckets: at most %d (m) and %d (v) thresholds share one", most_m, most_v);
+    test_check(r, most_m <= 1 && most_v <= 2, what);
     test_check(r, self, "encoder: every code encodes to itself");
     test_check(r, around, "encoder: a threshold goes to the lower code, the next float up to the upper");
     test_check(r, random_ok, "encoder == brute-force nearest code for 200000 random y (uniform, log-uniform)");
-    test_check(r, adam8_encode_v(1e-30f, 1.0f, cb->v_thr) == 1 && adam8_encode_v(0.0f, 1.0f, cb->v_thr) == 0 &&
-                      adam8_encode_m(1e-30f, 1.0f, cb->m_thr) == ADAM8_M_ZERO,
+    test_check(r, adam8_encode_v(1e-30f, 1.0f, cb) == 1 && adam8_encode_v(0.0f, 1.0f, cb) == 0 &&
+                      adam8_encode_m(1e-30f, 1.0f, cb) == ADAM8_M_ZERO,
                "encoder: a tiny positive v takes code 1 (not 0); 0 stays 0; a tiny m rounds to 0");
 }
 
@@ -116,7 +124,7 @@ static float draw(uint64_t *s, Dist d, int j) {
 static void test_round_trip(TestReport *r, const Adam8Codebooks *cb, int is_v, Dist dist, uint64_t seed) {
     enum { BLOCKS = 2000 };
     uint64_t s = seed;
-    const float *code = is_v ? cb->v_code : cb->m_code, *thr = is_v ? cb->v_thr : cb->m_thr;
+    const float *code = is_v ? cb->v_code : cb->m_code;
     double worst_ratio = 0.0, max_err_a = 0.0, max_rel_top = 0.0;
     size_t n_bad = 0, absmax_exact = 0;
     for (int b = 0; b < BLOCKS; b++) {
@@ -129,7 +137,7 @@ static void test_round_trip(TestReport *r, const Adam8Codebooks *cb, int is_v, D
         float inv = adam8_inv_scale(a);
         int exact = 1;
         for (int j = 0; j < ADAM8_BLOCK; j++) {
-            uint8_t q = is_v ? adam8_encode_v(x[j], inv, thr) : adam8_encode_m(x[j], inv, thr);
+            uint8_t q = is_v ? adam8_encode_v(x[j], inv, cb) : adam8_encode_m(x[j], inv, cb);
             double dec = (double)(code[q] * a), err = fabs(dec - x[j]), y = x[j] / (double)a;
             double bound = a * half_gap(code, (float)y) * (1.0 + EPS) + 4.0 * EPS * fabs(x[j]);
             if (is_v && x[j] > 0.0f && y < code[1]) bound = a * code[1];  // tiny v -> code 1 (rounds up)
