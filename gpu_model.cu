@@ -378,15 +378,15 @@ static void adamw_tensor(GpuModel *m, size_t offset, size_t rows, size_t cols, c
     p.grad_scale = clip_scale;
     p.step = opt->step;
     p.seed = tensor_seed(opt->seed, tensor_id, opt->step);
+    float *norm_partials = m->grads == NULL ? m->grad_norm_partials : NULL;
     if (m->settings.moments_8bit) {
         size_t b = adam8_block_of(&m->adam8_layout, &m->layout, offset);
         adamw8bit_update(m->params + offset, m->master ? m->master + offset : NULL, grad, DT_FP32,
                          (uint8_t *)m->adam_m + b * ADAM8_BLOCK, m->adam_m_absmax + b, (uint8_t *)m->adam_v + b * ADAM8_BLOCK,
-                         m->adam_v_absmax + b, rows * cols, &p, m->stream);
+                         m->adam_v_absmax + b, rows * cols, &p, norm_partials, m->stream);
         return;
     }
     size_t mb = dtype_bytes(m->settings.moment_type);
-    float *norm_partials = m->grads == NULL ? m->grad_norm_partials : NULL;
     adamw_update(m->params + offset, m->master ? m->master + offset : NULL, grad, DT_FP32, (char *)m->adam_m + offset * mb,
                  (char *)m->adam_v + offset * mb, m->settings.moment_type, rows * cols, &p, norm_partials, m->stream);
 }

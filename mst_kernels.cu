@@ -1018,19 +1018,25 @@ static __device__ __forceinline__ float warp_max(float v) {
 // param (n) bf16 or master (n) fp32, grad (n) grad_type; dequantizes, runs adam8_step per element,
 // takes the new absmax over the warp, re-encodes, and writes codes, scales and the weights (master
 // and round-to-nearest param, or param with stochastic rounding, bits from sr_hash(seed, index)).
-// Padding codes past n are neither read nor written. Each CTA copies the code books (codes, thresholds,
-// bucket counts: 10.5 KB) from g_adam8_books into shared memory first.
+// Padding codes past n are neither read nor written. Each CTA with work copies the code books (codes,
+// thresholds, bucket counts: 10.5 KB) from g_adam8_books into shared memory first.
+// With sumsq_partials (launched with GRAD_NORM_PARTIALS blocks): sumsq_partials[block] += the block's
+// sum of grad^2 (the raw gradient, before grad_scale), as adamw_update does.
 __global__ void __launch_bounds__(FLAT_BLOCK)
     adamw8bit_kernel(bf16 *param, float *master, const void *grad, DType grad_type, uint8_t *m_codes,
-                     float *m_absmax, uint8_t *v_codes, float *v_absmax, size_t n, Adam8Consts c, int vec,
-                     int vec_codes) {
+                     float *m_absmax, uint8_t *v_codes, float *v_absmax, size_t n, Adam8Consts c,
+                     float *sumsq_partials, int vec, int vec_codes) {
     __shared__ __align__(16) Adam8Codebooks books;
-    const uint32_t *src = (const uint32_t *)&g_adam8_books;
-    uint32_t *dst = (uint32_t *)&books;
-    for (int k = threadIdx.x; k < (int)(sizeof(Adam8Codebooks) / 4); k += blockDim.x) dst[k] = src[k];
-    __syncthreads();
+    __shared__ float smem[WARP_SIZE];
     int lane = threadIdx.x % WARP_SIZE, warps = blockDim.x / WARP_SIZE;
     size_t n_blocks = (n + ADAM8_BLOCK - 1) / ADAM8_BLOCK;
+    float sumsq = 0.0f;
+    if ((size_t)blockIdx.x * warps < n_blocks) {  // uniform over the CTA: a CTA past the tensor only adds 0
+        const uint32_t *src = (const uint32_t *)&g_adam8_books;
+        uint32_t *dst = (uint32_t *)&books;
+        for (int k = threadIdx.x; k < (int)(sizeof(Adam8Codebooks) / 4); k += blockDim.x) dst[k] = src[k];
+        __syncthreads();
+    }
     for (size_t b = (size_t)blockIdx.x * warps + threadIdx.x / WARP_SIZE; b < n_blocks; b += (size_t)gridDim.x * warps) {
         size_t i = b * ADAM8_BLOCK + (size_t)lane * UNIT;
         int nv = i < n ? (int)min((size_t)UNIT, n - i) : 0;
@@ -1042,6 +1048,7 @@ __global__ void __launch_bounds__(FLAT_BLOCK)
         float am = m_absmax[b], av = v_absmax[b], new_am = 0.0f, new_av = 0.0f;
 #pragma unroll
         for (int k = 0; k < UNIT; k++) {
+            sumsq += g[k] * g[k];  // 0 past n
             fm[k] = A8_MUL(books.m_code[(qm >> (8 * k)) & 255u], am);
             fv[k] = A8_MUL(books.v_code[(qv >> (8 * k)) & 255u], av);
             adam8_step(&p[k], g[k], &fm[k], &fv[k], &c);
@@ -1068,6 +1075,10 @@ __global__ void __launch_bounds__(FLAT_BLOCK)
         }
         store8_weights(param, master, i, p, nv, vec, c.seed);
     }
+    if (sumsq_partials != NULL) {
+        sumsq = block_sum(sumsq, smem);
+        if (threadIdx.x == 0) sumsq_partials[blockIdx.x] += sumsq;
+    }
 }
 
 // Uploads the code books (built on the host) to g_adam8_books on the first call, on `stream`, and
@@ -1083,7 +1094,8 @@ static void adam8_books_upload(cudaStream_t stream) {
 }
 
 void adamw8bit_update(bf16 *param, float *master, const void *grad, DType grad_type, uint8_t *m_codes, float *m_absmax,
-                      uint8_t *v_codes, float *v_absmax, size_t n, const AdamWParams *p, cudaStream_t stream) {
+                      uint8_t *v_codes, float *v_absmax, size_t n, const AdamWParams *p, float *sumsq_partials,
+                      cudaStream_t stream) {
     Adam8Consts c = adam8_consts(p->lr, p->beta1, p->beta2, p->eps, p->weight_decay, p->grad_scale, p->step, p->seed);
     if (n == 0) return;
     adam8_books_upload(stream);
@@ -1091,7 +1103,9 @@ void adamw8bit_update(bf16 *param, float *master, const void *grad, DType grad_t
     int vec_codes = ((uintptr_t)m_codes & 7u) == 0 && ((uintptr_t)v_codes & 7u) == 0;
     size_t warps = FLAT_BLOCK / WARP_SIZE, grid = ceil_div_size(ceil_div_size(n, ADAM8_BLOCK), warps);
     if (grid > ADAM8_MAX_GRID) grid = ADAM8_MAX_GRID;
+    if (sumsq_partials != NULL) grid = GRAD_NORM_PARTIALS;
     adamw8bit_kernel<<<(unsigned int)grid, FLAT_BLOCK, 0, stream>>>(param, master, grad, grad_type, m_codes, m_absmax,
-                                                                    v_codes, v_absmax, n, c, vec, vec_codes);
+                                                                    v_codes, v_absmax, n, c, sumsq_partials, vec,
+                                                                    vec_codes);
     cudaCheckLaunch();
 }

@@ -847,6 +847,21 @@ static void test_sum_reduce(TestReport *rep, int N, uint64_t seed) {
 // Optimizer
 // ---------------------------------------------------------------------------------------------
 
+// Sums the fused gradient-norm partials (d_part, grad_norm_partials() fp32) into the poisoned d_norm
+// and compares with ref (the sum of grad^2 in double) over `terms` positive terms: relative error at
+// most (terms per thread + tree levels) eps, as test_grad_norm's bound.
+static void check_sumsq_partials(TestReport *rep, const char *kernel, const char *tcase, const DBuf *d_part,
+                                 DBuf *d_norm, double ref, double terms) {
+    float got;
+    dbuf_poison(d_norm);
+    grad_norm_finish((float *)d_norm->p, (const float *)d_part->p, 0);
+    dbuf_download(&got, d_norm);
+    Cmp c;
+    cmp_begin(&c, kernel, tcase, "sum sq", "(terms/(P*256)+40)eps|ref|");
+    cmp_add(&c, got, ref, (terms / (grad_norm_partials() * 256.0) + 40.0) * F32_EPS * ref);
+    cmp_end(rep, &c);
+}
+
 // with_norm: the fused gradient-norm partials too (checked against the sum of grad^2 in double).
 static void test_adamw(TestReport *rep, size_t n, DType grad_t, DType mom_t, int use_master, size_t off, int with_norm,
                        uint64_t seed) {
@@ -872,16 +887,9 @@ static void test_adamw(TestReport *rep, size_t n, DType grad_t, DType mom_t, int
     adamw_update((bf16 *)d_p.p, use_master ? (float *)d_master.p : NULL, d_g.p, grad_t, d_m.p, d_v.p, mom_t, n, &hp,
                  with_norm ? (float *)d_part.p : NULL, 0);
     if (with_norm) {
-        float got_sumsq;
-        dbuf_poison(&d_norm);
-        grad_norm_finish((float *)d_norm.p, (const float *)d_part.p, 0);
-        dbuf_download(&got_sumsq, &d_norm);
         double ref_sumsq = 0.0;
         for (size_t i = 0; i < n; i++) ref_sumsq += typed_at(grad, grad_t, i) * typed_at(grad, grad_t, i);
-        Cmp cs;  // all terms positive: as test_grad_norm's bound
-        cmp_begin(&cs, "adamw_update", tcase, "sum sq", "(n/(P*256)+40)eps|ref|");
-        cmp_add(&cs, got_sumsq, ref_sumsq, ((double)n / (P * 256.0) + 40.0) * F32_EPS * ref_sumsq);
-        cmp_end(rep, &cs);
+        check_sumsq_partials(rep, "adamw_update", tcase, &d_part, &d_norm, ref_sumsq, (double)n);
     }
     uint16_t *gp = (uint16_t *)mallocCheck(n * 2);
     void *gm = mallocCheck(n * msz), *gv = mallocCheck(n * msz);
@@ -1012,10 +1020,13 @@ static void test_adamw_stochastic(TestReport *rep, size_t n) {
 // tests/test_adamw8bit.c. Random weights, gradients, codes and scales; block 0 starts all zero
 // (absmax 0, as a fresh state). With master weights the bf16 param is a pure output and starts
 // poisoned. `off` misaligns every buffer by that many elements (codes by that many bytes).
-static void test_adamw8bit(TestReport *rep, size_t n, DType grad_t, int use_master, size_t off, uint64_t seed) {
+// with_norm: the fused gradient-norm partials too (both steps add; against 2 x the sum of grad^2).
+static void test_adamw8bit(TestReport *rep, size_t n, DType grad_t, int use_master, size_t off, int with_norm,
+                           uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
-    snprintf(tcase, sizeof(tcase), "n=%zu g=%s %s off=%zu", n, dtype_name(grad_t), use_master ? "master" : "sr", off);
+    snprintf(tcase, sizeof(tcase), "n=%zu g=%s %s off=%zu%s", n, dtype_name(grad_t), use_master ? "master" : "sr", off,
+             with_norm ? " +norm" : "");
     size_t nb = adam8_blocks(n), nc = nb * ADAM8_BLOCK, gsz = dtype_bytes(grad_t);
     float *master = use_master ? rand_f32(&rng, n, -1.0, 1.0) : NULL;
     uint16_t *param = rand_bf16(&rng, n, -1.0, 1.0);
@@ -1034,6 +1045,9 @@ static void test_adamw8bit(TestReport *rep, size_t n, DType grad_t, int use_mast
     DBuf d_mq = dbuf_from(codes, nc, off), d_vq = dbuf_from(codes + nc, nc, off);
     DBuf d_ma = dbuf_from(absmax, nb * 4, off * 4), d_va = dbuf_from(absmax + nb, nb * 4, off * 4);
     if (use_master) dbuf_poison(&d_p);
+    int P = grad_norm_partials();
+    DBuf d_part = dbuf_alloc((size_t)P * 4, 0), d_norm = dbuf_alloc(4, 0);
+    cudaCheck(cudaMemset(d_part.p, 0, (size_t)P * 4));
 
     Adam8Codebooks books;
     adam8_codebooks_init(&books);
@@ -1041,9 +1055,15 @@ static void test_adamw8bit(TestReport *rep, size_t n, DType grad_t, int use_mast
     for (int step = 7; step <= 8; step++) {
         AdamWParams hp = {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, step, 1234u + (uint32_t)step};
         adamw8bit_update((bf16 *)d_p.p, use_master ? (float *)d_master.p : NULL, d_g.p, grad_t, (uint8_t *)d_mq.p,
-                         (float *)d_ma.p, (uint8_t *)d_vq.p, (float *)d_va.p, n, &hp, 0);
+                         (float *)d_ma.p, (uint8_t *)d_vq.p, (float *)d_va.p, n, &hp,
+                         with_norm ? (float *)d_part.p : NULL, 0);
         Adam8Consts c = adam8_consts(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.grad_scale, hp.step, hp.seed);
         adamw8bit_update_cpu(param, master, grad_f32, host, n, &c, &books);
+    }
+    if (with_norm) {  // two steps added to the same partials
+        double ref_sumsq = 0.0;
+        for (size_t i = 0; i < n; i++) ref_sumsq += 2.0 * (double)grad_f32[i] * grad_f32[i];
+        check_sumsq_partials(rep, "adamw8bit_update", tcase, &d_part, &d_norm, ref_sumsq, 2.0 * n);
     }
     uint16_t *gp = (uint16_t *)mallocCheck(n * 2);
     uint8_t *gq = (uint8_t *)mallocCheck(nc);
@@ -1062,9 +1082,9 @@ static void test_adamw8bit(TestReport *rep, size_t n, DType grad_t, int use_mast
     check_exact(rep, "adamw8bit_update", tcase, "m absmax", gf, absmax, nb * 4);
     dbuf_download(gf, &d_va);
     check_exact(rep, "adamw8bit_update", tcase, "v absmax", gf, absmax + nb, nb * 4);
-    DBuf *bufs[] = {&d_p, &d_g, &d_master, &d_mq, &d_vq, &d_ma, &d_va};
-    check_guards(rep, "adamw8bit_update", tcase, bufs, 7);
-    for (int i = 0; i < 7; i++) dbuf_free(bufs[i]);
+    DBuf *bufs[] = {&d_p, &d_g, &d_master, &d_mq, &d_vq, &d_ma, &d_va, &d_part, &d_norm};
+    check_guards(rep, "adamw8bit_update", tcase, bufs, 9);
+    for (int i = 0; i < 9; i++) dbuf_free(bufs[i]);
     free(master); free(param); free(grad); free(grad_f32); free(codes); free(absmax); free(gp); free(gq); free(gf);
 }
 
@@ -1188,7 +1208,7 @@ static void b_adamw_fp32_master(const Bench *b) {
 static void b_adamw8bit_sr(const Bench *b) {
     AdamWParams hp = {1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 3, 5u};
     adamw8bit_update(b->p_bf16, NULL, b->g_f32, DT_FP32, b->m_codes, b->m_absmax, b->v_codes, b->v_absmax, b->n_opt,
-                     &hp, 0);
+                     &hp, b->partials, 0);
 }
 static void b_grad_norm(const Bench *b) { grad_norm_accumulate(b->partials, b->g_f32, DT_FP32, b->n_opt, 0); }
 
@@ -1328,7 +1348,7 @@ static void run_timing(void) {
     bench_row("adamw bf16 g/m/v, sr", s_opt, nopt * 14, b_adamw_bf16_sr, &b);
     bench_row("adamw fp32 g/m/v + master", s_opt, nopt * 30, b_adamw_fp32_master, &b);
     bench_row("adamw g fp32 m/v bf16 +norm", s_opt, nopt * 16, b_adamw_model, &b);
-    bench_row("adamw8bit g fp32, sr", s_opt, nopt * 12 + nopt / ADAM8_BLOCK * 16, b_adamw8bit_sr, &b);
+    bench_row("adamw8bit g fp32, sr +norm", s_opt, nopt * 12 + nopt / ADAM8_BLOCK * 16, b_adamw8bit_sr, &b);
     bench_row("grad_norm_accumulate fp32", s_opt, nopt * 4, b_grad_norm, &b);
 
     void *dev_ptrs[] = {b.tokens, b.targets, b.uniq, b.offsets, b.positions, b.embed, b.x, b.y, b.dx, b.dy, b.w,
@@ -1400,12 +1420,13 @@ static void run_gpu_tests(TestReport *rep) {
     test_adamw(rep, (size_t)1 << 20, DT_BF16, DT_FP32, 1, 0, 0, 83);
     test_adamw(rep, 1003, DT_FP32, DT_FP32, 0, 1, 1, 84);
     test_adamw_stochastic(rep, 100000);
-    test_adamw8bit(rep, (size_t)37 * 4099, DT_FP32, 0, 0, 85);
-    test_adamw8bit(rep, (size_t)37 * 4099, DT_BF16, 1, 0, 86);
-    test_adamw8bit(rep, (size_t)1 << 20, DT_FP32, 1, 0, 87);
-    test_adamw8bit(rep, 1003, DT_BF16, 0, 3, 88);
-    test_adamw8bit(rep, 256, DT_FP32, 1, 1, 89);
-    test_adamw8bit(rep, 5, DT_FP32, 0, 0, 92);
+    test_adamw8bit(rep, (size_t)37 * 4099, DT_FP32, 0, 0, 0, 85);
+    test_adamw8bit(rep, (size_t)37 * 4099, DT_BF16, 1, 0, 1, 86);
+    test_adamw8bit(rep, (size_t)1 << 20, DT_FP32, 1, 0, 0, 87);
+    test_adamw8bit(rep, (size_t)1 << 20, DT_FP32, 0, 0, 1, 93);
+    test_adamw8bit(rep, 1003, DT_BF16, 0, 3, 1, 88);
+    test_adamw8bit(rep, 256, DT_FP32, 1, 1, 0, 89);
+    test_adamw8bit(rep, 5, DT_FP32, 0, 0, 1, 92);
     test_grad_norm(rep, (size_t)37 * 4099, (size_t)1 << 20, 0, 90);
     test_grad_norm(rep, 1003, 77777, 3, 91);
 }
