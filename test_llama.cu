@@ -448,6 +448,7 @@ static void run_case(const char *name) {
     run_one(&cs, &r8, &res_oib, 0);
     compare_scalar("8bit loss@2", res_oib.loss[1], ref_losses[1], 2 * TOL_LOSS);
     compare_scalar("8bit loss@3", res_oib.loss[2], ref_losses[2], 2 * TOL_LOSS);
+    compare_scalar("8bit oib norm", res_oib.grad_norm, cs.ref_grad_norm, TOL_GRAD);  // fused in adamw8bit_update
     RunSpec r8m = {1, 3, 100, 0, 0, 2, 1, DT_BF16, 1};
     printf("  8-bit moments, master weights, gradient accumulation, twice\n");
     run_one(&cs, &r8m, &res, 0);
