@@ -17,6 +17,7 @@
 #define CPU_MODEL_H
 
 #include <math.h>
+#include "adamw8bit.h"
 #include "model_config.h"
 
 // Loops with less work than this (in multiply-adds or elements) run on one thread: for tiny
@@ -780,7 +781,10 @@ typedef struct {
 
 typedef struct {
     CpuModel *m;
-    float *mom1, *mom2;
+    float *mom1, *mom2;           // fp32 moments, or
+    const Adam8State *q;          // 8-bit moments when non-NULL (with their block layout and code books)
+    const Adam8Layout *q_layout;
+    const Adam8Codebooks *books;
     const AdamWHparams *h;
     int step;
     float grad_scale;
@@ -788,11 +792,19 @@ typedef struct {
 
 // AdamW on one tensor (PyTorch's torch.optim.AdamW): p -= lr * wd * p (decoupled; matrices only),
 // then with g = grad_scale * grad, m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2,
-// p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+// p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps). With 8-bit moments, the same step
+// through adamw8bit.h's CPU twin (the fp32 params are its master weights).
 static inline void cpu_adamw_tensor(const char *name, size_t offset, size_t rows, size_t cols, void *ctx) {
     (void)name;
     CpuAdamWCtx *a = (CpuAdamWCtx *)ctx;
     const AdamWHparams *h = a->h;
+    if (a->q) {
+        Adam8Consts c = adam8_consts(h->lr, h->beta1, h->beta2, h->eps, rows > 1 ? h->weight_decay : 0.0f,
+                                     a->grad_scale, a->step, 0u);
+        Adam8State t = adam8_state_at(*a->q, adam8_block_of(a->q_layout, &a->m->layout, offset));
+        adamw8bit_update_cpu(NULL, a->m->params + offset, a->m->grads + offset, t, rows * cols, &c, a->books);
+        return;
+    }
     float decay = rows > 1 ? 1.0f - h->lr * h->weight_decay : 1.0f;
     float step_size = (float)(h->lr / (1.0 - pow((double)h->beta1, a->step)));
     float bc2_sqrt = (float)sqrt(1.0 - pow((double)h->beta2, a->step));
@@ -813,7 +825,16 @@ static inline void cpu_adamw_tensor(const char *name, size_t offset, size_t rows
 static inline void cpu_adamw_step(CpuModel *m, float *mom1, float *mom2, const AdamWHparams *h, int step,
                                   float grad_scale) {
     if (step < 1) die("cpu_adamw_step: step %d must be >= 1", step);
-    CpuAdamWCtx ctx = {m, mom1, mom2, h, step, grad_scale};
+    CpuAdamWCtx ctx = {m, mom1, mom2, NULL, NULL, NULL, h, step, grad_scale};
+    param_layout_visit(&m->layout, &m->c, cpu_adamw_tensor, &ctx);
+}
+
+// The same step with 8-bit moments (adamw8bit.h): state (layout->total blocks of both moments)
+// starts all zero.
+static inline void cpu_adamw8bit_step(CpuModel *m, const Adam8State *state, const Adam8Layout *layout,
+                                      const Adam8Codebooks *books, const AdamWHparams *h, int step, float grad_scale) {
+    if (step < 1) die("cpu_adamw8bit_step: step %d must be >= 1", step);
+    CpuAdamWCtx ctx = {m, NULL, NULL, state, layout, books, h, step, grad_scale};
     param_layout_visit(&m->layout, &m->c, cpu_adamw_tensor, &ctx);
 }
 

@@ -378,8 +378,15 @@ static void adamw_tensor(GpuModel *m, size_t offset, size_t rows, size_t cols, c
     p.grad_scale = clip_scale;
     p.step = opt->step;
     p.seed = tensor_seed(opt->seed, tensor_id, opt->step);
-    size_t mb = dtype_bytes(m->settings.moment_type);
     float *norm_partials = m->grads == NULL ? m->grad_norm_partials : NULL;
+    if (m->settings.moments_8bit) {
+        size_t b = adam8_block_of(&m->adam8_layout, &m->layout, offset);
+        adamw8bit_update(m->params + offset, m->master ? m->master + offset : NULL, grad, DT_FP32,
+                         (uint8_t *)m->adam_m + b * ADAM8_BLOCK, m->adam_m_absmax + b, (uint8_t *)m->adam_v + b * ADAM8_BLOCK,
+                         m->adam_v_absmax + b, rows * cols, &p, norm_partials, m->stream);
+        return;
+    }
+    size_t mb = dtype_bytes(m->settings.moment_type);
     adamw_update(m->params + offset, m->master ? m->master + offset : NULL, grad, DT_FP32, (char *)m->adam_m + offset * mb,
                  (char *)m->adam_v + offset * mb, m->settings.moment_type, rows * cols, &p, norm_partials, m->stream);
 }
@@ -652,6 +659,8 @@ static void bind_buffers(GpuModel *m) {
     m->rope = (float *)plan_req(m, "rope_cos_sin", 0);
     m->adam_m = plan_req(m, "adam_m", 0);
     m->adam_v = plan_req(m, "adam_v", 0);
+    m->adam_m_absmax = (float *)plan_ptr(m, "adam_m_absmax", 0);
+    m->adam_v_absmax = (float *)plan_ptr(m, "adam_v_absmax", 0);
     m->master = (float *)plan_ptr(m, "master", 0);
     m->grads = (float *)plan_ptr(m, "grads", 0);
     m->layer_grads = (float *)plan_ptr(m, "layer_grads", 0);
@@ -706,6 +715,27 @@ static void bind_buffers(GpuModel *m) {
     }
 }
 
+// The optimizer state's device buffers in the order of the state blob (gpu_model.h): the moments (8-bit:
+// m codes, m scales, v codes, v scales), then the master weights when kept. Returns how many.
+#define OPT_STATE_PIECES 5
+
+static int opt_state_pieces(const GpuModel *m, void **ptr, size_t *bytes) {
+    size_t n = m->layout.total;
+    int k = 0;
+    if (m->settings.moments_8bit) {
+        size_t blocks = m->adam8_layout.total;
+        ptr[k] = m->adam_m; bytes[k++] = blocks * ADAM8_BLOCK;
+        ptr[k] = m->adam_m_absmax; bytes[k++] = blocks * sizeof(float);
+        ptr[k] = m->adam_v; bytes[k++] = blocks * ADAM8_BLOCK;
+        ptr[k] = m->adam_v_absmax; bytes[k++] = blocks * sizeof(float);
+    } else {
+        ptr[k] = m->adam_m; bytes[k++] = n * dtype_bytes(m->settings.moment_type);
+        ptr[k] = m->adam_v; bytes[k++] = n * dtype_bytes(m->settings.moment_type);
+    }
+    if (m->master) { ptr[k] = m->master; bytes[k++] = n * sizeof(float); }
+    return k;
+}
+
 // cuBLASLt and cuDNN handles (with cuDNN's per-shape graph cache) live for the process, shared by
 // every model it creates, so that building models one after another (tests) builds graphs once.
 static int handles_ready = 0;
@@ -749,6 +779,7 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     memset(m, 0, sizeof(*m));
     m->config = *c;
     param_layout_init(&m->layout, c);
+    adam8_layout_init(&m->adam8_layout, &m->layout, c);
     if (s->moment_type != DT_FP32 && s->moment_type != DT_BF16) die("moment type %d is not fp32 or bf16", (int)s->moment_type);
     size_t free_b, total_b;
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
@@ -766,7 +797,7 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     ms.offload = s->offload;
     ms.host_layers = s->host_layers;
     ms.grad_accum_steps = s->grad_accum_steps;
-    ms.moment_bytes = (int)dtype_bytes(s->moment_type);
+    ms.moment_bytes = s->moments_8bit ? 1 : (int)dtype_bytes(s->moment_type);
     ms.master_weights = s->master_weights;
     if (s->gpu_mem_budget == 0) s->gpu_mem_budget = free_b > GPU_MEM_MARGIN ? free_b - GPU_MEM_MARGIN : 0;
     if (s->host_mem_budget == 0) s->host_mem_budget = mst_default_host_budget(physical_memory_bytes());
@@ -803,9 +834,11 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     rope_table_fill(rope, s->S, c->head_dim, c->rope_theta, c->rope_scaling, c->rope_factor, c->rope_low_freq_factor,
                     c->rope_high_freq_factor, c->rope_orig_max_pos);
     cudaCheck(cudaMemcpyAsync(m->rope, rope, (size_t)s->S * c->head_dim * sizeof(float), cudaMemcpyHostToDevice, st));
-    size_t mb = dtype_bytes(s->moment_type);
-    cudaCheck(cudaMemsetAsync(m->adam_m, 0, p->total * mb, st));
-    cudaCheck(cudaMemsetAsync(m->adam_v, 0, p->total * mb, st));
+    // the moments start at zero (the master weights, the last piece, come from the weights below)
+    void *state[OPT_STATE_PIECES];
+    size_t state_bytes[OPT_STATE_PIECES];
+    int n_moments = opt_state_pieces(m, state, state_bytes) - (m->master != NULL);
+    for (int i = 0; i < n_moments; i++) cudaCheck(cudaMemsetAsync(state[i], 0, state_bytes[i], st));
     if (m->master) cast_bf16_to_fp32(m->master, m->params, p->total, st);
     if (m->grads) cudaCheck(cudaMemsetAsync(m->grads, 0, p->total * sizeof(float), st));
     cudaCheck(cudaStreamSynchronize(st));
@@ -845,20 +878,22 @@ void gpu_model_get_params(GpuModel *m, uint16_t *params_bf16_host) {
 #define OPT_STATE_TRAILER 16
 
 size_t gpu_model_optimizer_state_bytes(const GpuModel *m) {
-    size_t n = m->layout.total;
-    return 2 * n * dtype_bytes(m->settings.moment_type) + (m->master ? n * sizeof(float) : 0) + OPT_STATE_TRAILER;
+    void *ptr[OPT_STATE_PIECES];
+    size_t bytes[OPT_STATE_PIECES], total = OPT_STATE_TRAILER;
+    int n = opt_state_pieces(m, ptr, bytes);
+    for (int i = 0; i < n; i++) total += bytes[i];
+    return total;
 }
 
 void gpu_model_get_optimizer_state(GpuModel *m, void *host) {
-    size_t mom = m->layout.total * dtype_bytes(m->settings.moment_type);
+    void *ptr[OPT_STATE_PIECES];
+    size_t bytes[OPT_STATE_PIECES], at = 0;
+    int n = opt_state_pieces(m, ptr, bytes);
     char *h = (char *)host;
     cudaCheck(cudaStreamSynchronize(m->stream));
-    cudaCheck(cudaMemcpy(h, m->adam_m, mom, cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(h + mom, m->adam_v, mom, cudaMemcpyDeviceToHost));
-    size_t at = 2 * mom;
-    if (m->master) {
-        cudaCheck(cudaMemcpy(h + at, m->master, m->layout.total * sizeof(float), cudaMemcpyDeviceToHost));
-        at += m->layout.total * sizeof(float);
+    for (int i = 0; i < n; i++) {
+        cudaCheck(cudaMemcpy(h + at, ptr[i], bytes[i], cudaMemcpyDeviceToHost));
+        at += bytes[i];
     }
     int32_t trailer[4] = {0, m->has_prev_norm, 0, 0};
     memcpy(&trailer[0], &m->prev_grad_norm, sizeof(float));
@@ -866,15 +901,14 @@ void gpu_model_get_optimizer_state(GpuModel *m, void *host) {
 }
 
 void gpu_model_set_optimizer_state(GpuModel *m, const void *host) {
-    size_t mom = m->layout.total * dtype_bytes(m->settings.moment_type);
+    void *ptr[OPT_STATE_PIECES];
+    size_t bytes[OPT_STATE_PIECES], at = 0;
+    int n = opt_state_pieces(m, ptr, bytes);
     const char *h = (const char *)host;
     cudaCheck(cudaStreamSynchronize(m->stream));
-    cudaCheck(cudaMemcpy(m->adam_m, h, mom, cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(m->adam_v, h + mom, mom, cudaMemcpyHostToDevice));
-    size_t at = 2 * mom;
-    if (m->master) {
-        cudaCheck(cudaMemcpy(m->master, h + at, m->layout.total * sizeof(float), cudaMemcpyHostToDevice));
-        at += m->layout.total * sizeof(float);
+    for (int i = 0; i < n; i++) {
+        cudaCheck(cudaMemcpy(ptr[i], h + at, bytes[i], cudaMemcpyHostToDevice));
+        at += bytes[i];
     }
     int32_t trailer[4];
     memcpy(trailer, h + at, sizeof(trailer));

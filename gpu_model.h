@@ -21,7 +21,8 @@ typedef struct {
     int offload;            // 1: layer inputs may live in pinned host memory (needs recompute)
     int host_layers;        // with offload: layers whose inputs go to the host (the first ones); 0 = auto
     int grad_accum_steps;   // 1 enables optimizer-in-backward
-    DType moment_type;      // AdamW moments: DT_FP32 or DT_BF16
+    DType moment_type;      // AdamW moments: DT_FP32 or DT_BF16 (unused with moments_8bit)
+    int moments_8bit;       // 1: 8-bit block-wise moments (--optimizer adamw8bit; adamw8bit.h)
     int master_weights;     // 1: fp32 master weights (bf16 weights are round-to-nearest copies)
     size_t gpu_mem_budget;  // bytes for arena + cuBLASLt workspace; 0: free memory minus a 1 GiB margin
     size_t host_mem_budget; // pinned bytes for offloaded layer inputs; 0: 3/4 of physical memory
@@ -72,6 +73,8 @@ typedef struct {
     cudaEvent_t ev_written[2], ev_saved[2], ev_free[2], ev_fetched[2];
     // weights and optimizer state
     bf16 *params; float *master; void *adam_m, *adam_v; float *rope;
+    float *adam_m_absmax, *adam_v_absmax;  // moments_8bit: adam_m, adam_v hold the codes, these the block scales
+    Adam8Layout adam8_layout;              // moments_8bit: where each tensor's blocks start
     // gradients: full model (gradient accumulation), or one layer + embedding/head + final norm
     float *grads, *layer_grads, *embed_head_grads, *final_norm_grads, *grad_norm_partials;
     // batch and residual stream
@@ -115,6 +118,8 @@ float gpu_model_eval_loss(GpuModel *m, const int32_t *tokens, const int32_t *tar
 void gpu_model_next_token_logits(GpuModel *m, const int32_t *tokens, int n_tokens, float *logits_host);
 void gpu_model_get_params(GpuModel *m, uint16_t *params_bf16_host);
 // Optimizer state blob: m | v (moment_type) | [master fp32] | float prev_grad_norm | int32 has_prev | 8 zero bytes.
+// With moments_8bit, m and v are each codes (adam8_layout.total * ADAM8_BLOCK bytes, uint8) | scales
+// (adam8_layout.total fp32): m codes | m scales | v codes | v scales | [master] | the same trailer.
 size_t gpu_model_optimizer_state_bytes(const GpuModel *m);
 void gpu_model_get_optimizer_state(GpuModel *m, void *host);
 void gpu_model_set_optimizer_state(GpuModel *m, const void *host);

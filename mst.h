@@ -10,7 +10,8 @@
 //
 // Buffers (N = B*S tokens, c = chunk rows = ceil(N / M), vc = vocabulary columns per tile):
 //   weights        params bf16, RoPE cos/sin table (S, hd) fp32
-//   optimizer      AdamW moments m, v (bf16 or fp32), optional fp32 master weights
+//   optimizer      AdamW moments m, v (bf16 or fp32; or 8-bit codes + an fp32 scale per 256-element
+//                  block, adamw8bit.h), optional fp32 master weights
 //   gradients      fp32: the full model with gradient accumulation; with optimizer-in-backward
 //                  (grad_accum_steps = 1) one layer's block + embedding/LM head + final norm;
 //                  grad-norm partial sums. An untied model's embedding/LM-head gradient buffer
@@ -32,6 +33,7 @@
 #ifndef MST_H
 #define MST_H
 
+#include "adamw8bit.h"
 #include "model_config.h"
 
 #define MST_ALIGN 256
@@ -56,7 +58,8 @@ typedef struct {
     int offload;           // 1: the first host_layers layers keep their inputs in pinned host memory
     int host_layers;       // with offload: how many layers; 0 = auto (as few as fit)
     int grad_accum_steps;  // 1: optimizer-in-backward (no full-model gradient buffer)
-    int moment_bytes;      // bytes per AdamW moment element: 2 (bf16) or 4 (fp32)
+    int moment_bytes;      // bytes per AdamW moment element: 2 (bf16), 4 (fp32), or 1: 8-bit block-wise
+                           // (adamw8bit.h: 1 byte + an fp32 scale per ADAM8_BLOCK elements)
     int master_weights;    // 1: fp32 master copy of the weights
 } MstSettings;
 
@@ -135,7 +138,7 @@ static inline const char *mst_settings_check(const ModelConfig *c, const MstSett
         snprintf(buf, len, "host layers %d must be in [0, %d] and needs offload", s->host_layers, c->n_layers); return buf;
     }
     if (s->grad_accum_steps < 1) { snprintf(buf, len, "grad_accum_steps %d must be >= 1", s->grad_accum_steps); return buf; }
-    if (s->moment_bytes != 2 && s->moment_bytes != 4) { snprintf(buf, len, "moment bytes %d must be 2 (bf16) or 4 (fp32)", s->moment_bytes); return buf; }
+    if (s->moment_bytes != 1 && s->moment_bytes != 2 && s->moment_bytes != 4) { snprintf(buf, len, "moment bytes %d must be 1 (8-bit), 2 (bf16) or 4 (fp32)", s->moment_bytes); return buf; }
     return NULL;
 }
 
@@ -247,8 +250,17 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     b.p = p;
     plan_add(&b, "params", lay.total * 2, 1, MEM_WEIGHTS);
     plan_add(&b, "rope_cos_sin", S * c->head_dim * 4, 1, MEM_WEIGHTS);
-    plan_add(&b, "adam_m", lay.total * s->moment_bytes, 1, MEM_OPTIMIZER);
-    plan_add(&b, "adam_v", lay.total * s->moment_bytes, 1, MEM_OPTIMIZER);
+    if (s->moment_bytes == 1) {  // codes (every tensor padded to whole blocks) and block scales
+        Adam8Layout a8;
+        adam8_layout_init(&a8, &lay, c);
+        plan_add(&b, "adam_m", a8.total * ADAM8_BLOCK, 1, MEM_OPTIMIZER);
+        plan_add(&b, "adam_v", a8.total * ADAM8_BLOCK, 1, MEM_OPTIMIZER);
+        plan_add(&b, "adam_m_absmax", a8.total * sizeof(float), 1, MEM_OPTIMIZER);
+        plan_add(&b, "adam_v_absmax", a8.total * sizeof(float), 1, MEM_OPTIMIZER);
+    } else {
+        plan_add(&b, "adam_m", lay.total * s->moment_bytes, 1, MEM_OPTIMIZER);
+        plan_add(&b, "adam_v", lay.total * s->moment_bytes, 1, MEM_OPTIMIZER);
+    }
     if (s->master_weights) plan_add(&b, "master", lay.total * 4, 1, MEM_OPTIMIZER);
     if (s->grad_accum_steps > 1) {
         plan_add(&b, "grads", lay.total * 4, 1, MEM_GRADIENTS);
@@ -416,6 +428,11 @@ static inline void plan_appendf(char *buf, size_t len, const char *fmt, ...) {
     va_end(args);
 }
 
+// The moment format of a moment_bytes setting, as the plan prints it.
+static inline const char *mst_moments_name(int moment_bytes) {
+    return moment_bytes == 4 ? "fp32" : moment_bytes == 2 ? "bf16" : "8-bit block-wise";
+}
+
 #define MST_GIB(x) ((double)(x) / (1024.0 * 1024.0 * 1024.0))
 
 // A byte count as (value, unit) for "%.2f %s": GiB, MiB, KiB or bytes, whichever reads best.
@@ -465,11 +482,12 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     else plan_appendf(msg, msg_len, "  with these settings nothing fits, not even S=1 (the weights and optimizer state alone are too large)\n");
 
     // Single settings changes that would make it fit.
-    struct { const char *what; MstSettings t; } alt[5];
+    struct { const char *what; MstSettings t; } alt[6];
     int n_alt = 0;
     if (!s->recompute) { alt[n_alt].what = "recompute on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; n_alt++; }
     if (!s->offload) { alt[n_alt].what = "recompute + offload on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; alt[n_alt].t.offload = 1; alt[n_alt].t.host_layers = 0; n_alt++; }
     if (s->moment_bytes == 4) { alt[n_alt].what = "bf16 optimizer moments"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 2; n_alt++; }
+    if (s->moment_bytes > 1) { alt[n_alt].what = "8-bit optimizer moments (--optimizer adamw8bit)"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 1; n_alt++; }
     if (s->master_weights) { alt[n_alt].what = "no fp32 master weights"; alt[n_alt].t = *s; alt[n_alt].t.master_weights = 0; n_alt++; }
     if (s->grad_accum_steps > 1) { alt[n_alt].what = "grad_accum_steps=1 (optimizer in backward)"; alt[n_alt].t = *s; alt[n_alt].t.grad_accum_steps = 1; n_alt++; }
     int any = 0;
@@ -693,7 +711,7 @@ static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
             p->vocab_tiles == 1 ? "" : "s", p->vocab_tiles == 1 ? "one pass" : "two passes", s->recompute ? "on" : "off",
             s->offload ? "on" : "off", p->host_layers, p->host_layers + p->device_layers,
             s->grad_accum_steps > 1 ? "gradient accumulation (fp32 full-model gradients)" : "optimizer in backward (fp32 gradients of one layer)",
-            s->moment_bytes == 4 ? "fp32" : "bf16", s->master_weights ? " + fp32 master weights" : "");
+            mst_moments_name(s->moment_bytes), s->master_weights ? " + fp32 master weights" : "");
     fprintf(f, "  %-20s %12s  %-13s %s\n", "buffer", "MiB", "category", "region");
     for (int i = 0; i < p->n_entries; i++) {
         const PlanEntry *e = &p->entries[i];

@@ -106,6 +106,13 @@ typedef struct {
 // the gradient's squares to them, as grad_norm_accumulate does (one read of the gradient, not two).
 void adamw_update(bf16 *param, float *master, const void *grad, DType grad_type, void *m, void *v,
                   DType moment_type, size_t n, const AdamWParams *p, float *sumsq_partials, cudaStream_t stream);
+// The same step with 8-bit moments (adamw8bit.h: format, code books, math; adamw8bit_update_cpu
+// is its CPU twin, bit for bit): m_codes, v_codes (n) uint8 and m_absmax, v_absmax (ceil(n / 256))
+// fp32 of one tensor are decoded, updated and re-encoded with new block scales in place.
+// sumsq_partials as adamw_update's.
+void adamw8bit_update(bf16 *param, float *master, const void *grad, DType grad_type, uint8_t *m_codes, float *m_absmax,
+                      uint8_t *v_codes, float *v_absmax, size_t n, const AdamWParams *p, float *sumsq_partials,
+                      cudaStream_t stream);
 // sumsq_partials[0 .. grad_norm_partials()) += per-block partial sums of grad^2 (deterministic);
 // grad_norm_finish sums them into out[0]. The caller zeroes the partials once per step.
 void grad_norm_accumulate(float *sumsq_partials, const void *grad, DType grad_type, size_t n, cudaStream_t stream);

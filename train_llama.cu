@@ -36,7 +36,9 @@ typedef struct {
     float lr, min_lr_frac, weight_decay, beta1, beta2, eps, clip;
     int warmup;
     const char *schedule;     // cosine | linear | constant
-    const char *moments;      // bf16 | fp32 (GPU)
+    const char *optimizer;    // adamw | adamw8bit
+    const char *moments;      // bf16 | fp32 (GPU, adamw)
+    int moments_given;
     int master_weights, mst_chunks, vocab_chunk, recompute, offload;  // mst_chunks, vocab_chunk: 0 = auto
     int host_layers;          // with offload: layers whose inputs live on the host; 0 = as few as fit
     float gpu_mem_gib;        // 0: free device memory minus a margin
@@ -80,6 +82,7 @@ static Options options_default(void) {
     o.beta2 = 0.95f;
     o.eps = 1e-8f;
     o.clip = 1.0f;
+    o.optimizer = "adamw";
     o.moments = "bf16";
     o.recompute = 1;
     o.eval_every = 25;
@@ -112,6 +115,8 @@ static void usage(FILE *f) {
             "  --grad-accum K        micro-batches per optimizer step (default %d)\n"
             "  --steps N             optimizer steps (default %d)\n"
             "optimizer\n"
+            "  --optimizer NAME      adamw | adamw8bit: AdamW with 8-bit block-wise moments, on the GPU and\n"
+            "                        the CPU path (default %s)\n"
             "  --lr LR               peak learning rate (default %g)\n"
             "  --min-lr-frac F       final lr = F * lr (default %g)\n"
             "  --warmup N            linear warmup steps (default %d)\n"
@@ -120,7 +125,7 @@ static void usage(FILE *f) {
             "  --beta1 B1 --beta2 B2 --eps E   AdamW (defaults %g, %g, %g)\n"
             "  --clip C              global gradient-norm clip, 0 = none (default %g)\n"
             "GPU memory (Mini-Sequence Transformer)\n"
-            "  --moments bf16|fp32   AdamW moment type (default %s)\n"
+            "  --moments bf16|fp32   AdamW moment type (--optimizer adamw; default %s)\n"
             "  --master-weights      keep fp32 master weights (default off)\n"
             "  --mst auto|M          token chunks of the MLP and LM head (default auto)\n"
             "  --vocab-chunk auto|N  LM-head columns per tile (default auto)\n"
@@ -170,7 +175,7 @@ static void usage(FILE *f) {
             "                        the device memory in use (cudaMemGetInfo) as a JSON line (slows the steps;\n"
             "                        scripts/plot_memory.py timeline --trace draws it over the planned timeline)\n"
             "  --help                this text\n",
-            d.tokenizer, d.train, d.val, d.seq_len, d.batch, d.grad_accum, d.steps, d.lr, d.min_lr_frac, d.warmup,
+            d.tokenizer, d.train, d.val, d.seq_len, d.batch, d.grad_accum, d.steps, d.optimizer, d.lr, d.min_lr_frac, d.warmup,
             d.schedule, d.weight_decay, d.beta1, d.beta2, d.eps, d.clip, d.moments, d.recompute, d.offload,
             d.eval_every, d.eval_batches, d.sample_every, d.sample_tokens, d.prompt, d.temperature, d.top_p,
             d.ckpt_dir, d.ckpt_every, d.keep_last, (unsigned long long)d.seed, SYNTHETIC_DEFAULT_VOCAB, BENCH_WARMUP);
@@ -208,7 +213,7 @@ static const char *parse_choice(const char *flag, const char *s, const char *a, 
 // Options that take a value.
 static const char *const VALUE_FLAGS[] = {
     "--model", "--tokenizer", "--train", "--val", "--preset", "--seq-len", "--batch", "--grad-accum", "--steps", "--lr",
-    "--min-lr-frac", "--warmup", "--schedule", "--weight-decay", "--beta1", "--beta2", "--eps", "--clip", "--moments",
+    "--min-lr-frac", "--warmup", "--schedule", "--weight-decay", "--beta1", "--beta2", "--eps", "--clip", "--moments", "--optimizer",
     "--mst", "--vocab-chunk", "--recompute", "--offload", "--gpu-mem", "--eval-every", "--eval-batches", "--sample-every",
     "--sample-tokens", "--prompt", "--temperature", "--top-p", "--ckpt-dir", "--ckpt-every", "--keep-last", "--resume",
     "--stop-after", "--seed", "--log", "--plan-json", "--mem-trace", "--host-mem", "--host-layers"};
@@ -253,7 +258,8 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--beta2") == 0) o.beta2 = parse_float(a, v, 0.0f, 0.999999f);
         else if (strcmp(a, "--eps") == 0) o.eps = parse_float(a, v, 1e-30f, 1.0f);
         else if (strcmp(a, "--clip") == 0) o.clip = parse_float(a, v, 0.0f, FLT_MAX);
-        else if (strcmp(a, "--moments") == 0) o.moments = parse_choice(a, v, "bf16", "fp32", NULL);
+        else if (strcmp(a, "--moments") == 0) { o.moments = parse_choice(a, v, "bf16", "fp32", NULL); o.moments_given = 1; }
+        else if (strcmp(a, "--optimizer") == 0) o.optimizer = parse_choice(a, v, "adamw", "adamw8bit", NULL);
         else if (strcmp(a, "--mst") == 0) o.mst_chunks = parse_auto_int(a, v);
         else if (strcmp(a, "--vocab-chunk") == 0) o.vocab_chunk = parse_auto_int(a, v);
         else if (strcmp(a, "--recompute") == 0) o.recompute = (int)parse_int(a, v, 0, 1);
@@ -287,6 +293,8 @@ static Options options_parse(int argc, char **argv) {
         if (!o.eval_given) { o.eval_every = 0; o.eval_batches = 0; }
         o.checkpoints = o.ckpt_given;
     }
+    if (strcmp(o.optimizer, "adamw8bit") == 0 && o.moments_given)
+        die("--moments sets the moment type of --optimizer adamw; adamw8bit keeps 8-bit moments (drop --moments)");
     if (o.bench && o.steps < 2) die("--bench needs --steps >= 2 (the first step is always warm-up)");
     if (o.host_layers > 0 && o.offload == 0) die("--host-layers N needs --offload 1");
     if (o.recompute == 0 && o.offload == 1) die("--offload 1 needs --recompute 1 (only recomputed layers can keep their inputs on the host)");
@@ -444,9 +452,13 @@ typedef struct {
     ModelConfig c;
     ParamLayout layout;
     int B, S, grad_accum;
-    // CPU: fp32 params are the master weights; fp32 AdamW moments
+    int adam8;  // --optimizer adamw8bit
+    // CPU: fp32 params are the master weights; fp32 AdamW moments, or 8-bit ones (adam8)
     CpuModel cpu;
     float *mom1, *mom2;
+    Adam8Layout a8;
+    Adam8State q;
+    Adam8Codebooks books;
     // GPU
     GpuModel gpu;
     GpuSettings gs;
@@ -463,16 +475,19 @@ static double gib(size_t b) { return (double)b / (1024.0 * 1024.0 * 1024.0); }
 
 static size_t physical_memory(void) { return (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE); }
 
-// Bytes the CPU path allocates: the model (params, grads, activations) and two fp32 moments.
-static size_t cpu_path_bytes(const ModelConfig *c, int B, int S) {
+// Bytes the CPU path allocates: the model (params, grads, activations) and two fp32 moments (adam8:
+// the 8-bit codes and block scales).
+static size_t cpu_path_bytes(const ModelConfig *c, int B, int S, int adam8) {
     ParamLayout l;
     param_layout_init(&l, c);
-    return cpu_model_bytes(c, B, S) + 2 * l.total * sizeof(float);
+    Adam8Layout a;
+    adam8_layout_init(&a, &l, c);
+    return cpu_model_bytes(c, B, S) + (adam8 ? adam8_state_bytes(&a) : 2 * l.total * sizeof(float));
 }
 
 // Dies when the CPU path would need more than half of this machine's memory for c at B x S.
-static void cpu_path_check(const ModelConfig *c, int B, int S) {
-    size_t need = cpu_path_bytes(c, B, S), limit = physical_memory() / 2;
+static void cpu_path_check(const ModelConfig *c, int B, int S, int adam8) {
+    size_t need = cpu_path_bytes(c, B, S, adam8), limit = physical_memory() / 2;
     ParamLayout l;
     param_layout_init(&l, c);
     if (need > limit)
@@ -513,13 +528,24 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     t->B = o->batch;
     t->S = o->seq_len;
     t->grad_accum = o->grad_accum;
+    t->adam8 = strcmp(o->optimizer, "adamw8bit") == 0;
     snprintf(t->device, sizeof(t->device), "cpu");
     if (backend == BACKEND_CPU) {
-        cpu_path_check(c, t->B, t->S);
+        cpu_path_check(c, t->B, t->S, t->adam8);
         cpu_model_init(&t->cpu, c, t->B, t->S);
         cpu_model_load_bf16(&t->cpu, params);
-        t->mom1 = (float *)callocCheck(t->layout.total, sizeof(float));
-        t->mom2 = (float *)callocCheck(t->layout.total, sizeof(float));
+        if (!t->adam8) {
+            t->mom1 = (float *)callocCheck(t->layout.total, sizeof(float));
+            t->mom2 = (float *)callocCheck(t->layout.total, sizeof(float));
+            return;
+        }
+        adam8_layout_init(&t->a8, &t->layout, c);
+        adam8_codebooks_init(&t->books);
+        size_t blocks = t->a8.total;
+        t->q.m_codes = (uint8_t *)callocCheck(blocks, ADAM8_BLOCK);
+        t->q.v_codes = (uint8_t *)callocCheck(blocks, ADAM8_BLOCK);
+        t->q.m_absmax = (float *)callocCheck(blocks, sizeof(float));
+        t->q.v_absmax = (float *)callocCheck(blocks, sizeof(float));
         return;
     }
     GpuSettings *s = &t->gs;
@@ -532,6 +558,7 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     s->host_layers = o->host_layers;
     s->grad_accum_steps = o->grad_accum;
     s->moment_type = strcmp(o->moments, "fp32") == 0 ? DT_FP32 : DT_BF16;
+    s->moments_8bit = t->adam8;
     s->master_weights = o->master_weights;
     s->gpu_mem_budget = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0);
     s->init_seed = o->seed;
@@ -577,7 +604,8 @@ static void trainer_step(Trainer *t, Batches *dl, const OptimizerStep *opt, Step
     }
     if (opt->clip > 0.0f && out->grad_norm > opt->clip) scale *= opt->clip / out->grad_norm;
     AdamWHparams h = {opt->lr, opt->beta1, opt->beta2, opt->eps, opt->weight_decay};
-    cpu_adamw_step(m, t->mom1, t->mom2, &h, opt->step, scale);
+    if (t->adam8) cpu_adamw8bit_step(m, &t->q, &t->a8, &t->books, &h, opt->step, scale);
+    else cpu_adamw_step(m, t->mom1, t->mom2, &h, opt->step, scale);
 }
 
 static float trainer_eval_loss(Trainer *t, const int32_t *tokens, const int32_t *targets) {
@@ -600,11 +628,35 @@ static void trainer_get_params(Trainer *t, uint16_t *params_bf16) {
     else cpu_model_store_bf16(&t->cpu, params_bf16);
 }
 
-// Optimizer state for the checkpoint. CPU: m1 | m2 | fp32 params (the master weights).
+// Optimizer state for the checkpoint. CPU: m1 | m2 (fp32) | fp32 params (the master weights); with
+// adamw8bit m codes | m scales | v codes | v scales (adamw8bit.h) | fp32 params.
 // GPU: the blob of gpu_model_get_optimizer_state (moments, master weights, previous grad norm).
+#define CPU_STATE_PIECES 5
+
+// The CPU path's state buffers in blob order; returns how many.
+static int cpu_state_pieces(Trainer *t, void **ptr, size_t *bytes) {
+    size_t n = t->layout.total, blocks = t->a8.total;
+    int k = 0;
+    if (t->adam8) {
+        ptr[k] = t->q.m_codes; bytes[k++] = blocks * ADAM8_BLOCK;
+        ptr[k] = t->q.m_absmax; bytes[k++] = blocks * sizeof(float);
+        ptr[k] = t->q.v_codes; bytes[k++] = blocks * ADAM8_BLOCK;
+        ptr[k] = t->q.v_absmax; bytes[k++] = blocks * sizeof(float);
+    } else {
+        ptr[k] = t->mom1; bytes[k++] = n * sizeof(float);
+        ptr[k] = t->mom2; bytes[k++] = n * sizeof(float);
+    }
+    ptr[k] = t->cpu.params; bytes[k++] = n * sizeof(float);
+    return k;
+}
+
 static size_t trainer_state_bytes(Trainer *t) {
     if (t->backend == BACKEND_GPU) return gpu_model_optimizer_state_bytes(&t->gpu);
-    return 3 * t->layout.total * sizeof(float);
+    void *ptr[CPU_STATE_PIECES];
+    size_t bytes[CPU_STATE_PIECES], total = 0;
+    int n = cpu_state_pieces(t, ptr, bytes);
+    for (int i = 0; i < n; i++) total += bytes[i];
+    return total;
 }
 
 static void trainer_get_state(Trainer *t, void *buf) {
@@ -612,11 +664,13 @@ static void trainer_get_state(Trainer *t, void *buf) {
         gpu_model_get_optimizer_state(&t->gpu, buf);
         return;
     }
-    size_t n = t->layout.total;
-    float *f = (float *)buf;
-    memcpy(f, t->mom1, n * sizeof(float));
-    memcpy(f + n, t->mom2, n * sizeof(float));
-    memcpy(f + 2 * n, t->cpu.params, n * sizeof(float));
+    void *ptr[CPU_STATE_PIECES];
+    size_t bytes[CPU_STATE_PIECES], at = 0;
+    int n = cpu_state_pieces(t, ptr, bytes);
+    for (int i = 0; i < n; i++) {
+        memcpy((char *)buf + at, ptr[i], bytes[i]);
+        at += bytes[i];
+    }
 }
 
 static void trainer_set_state(Trainer *t, const void *buf) {
@@ -624,11 +678,13 @@ static void trainer_set_state(Trainer *t, const void *buf) {
         gpu_model_set_optimizer_state(&t->gpu, buf);
         return;
     }
-    size_t n = t->layout.total;
-    const float *f = (const float *)buf;
-    memcpy(t->mom1, f, n * sizeof(float));
-    memcpy(t->mom2, f + n, n * sizeof(float));
-    memcpy(t->cpu.params, f + 2 * n, n * sizeof(float));
+    void *ptr[CPU_STATE_PIECES];
+    size_t bytes[CPU_STATE_PIECES], at = 0;
+    int n = cpu_state_pieces(t, ptr, bytes);
+    for (int i = 0; i < n; i++) {
+        memcpy(ptr[i], (const char *)buf + at, bytes[i]);
+        at += bytes[i];
+    }
 }
 
 typedef struct { double used, total, plan, peak; } MemLine;  // GiB
@@ -643,7 +699,7 @@ static MemLine trainer_memory(Trainer *t) {
         l.plan = gib(r.planned);
         l.peak = gib(r.peak_used);
     } else {
-        l.used = l.plan = l.peak = gib(cpu_path_bytes(&t->c, t->B, t->S));
+        l.used = l.plan = l.peak = gib(cpu_path_bytes(&t->c, t->B, t->S, t->adam8));
         l.total = gib(physical_memory());
     }
     return l;
@@ -658,6 +714,10 @@ static void trainer_free(Trainer *t) {
     cpu_model_free(&t->cpu);
     free(t->mom1);
     free(t->mom2);
+    free(t->q.m_codes);
+    free(t->q.v_codes);
+    free(t->q.m_absmax);
+    free(t->q.v_absmax);
 }
 
 // ----------------------------------------------------------------------------
@@ -669,12 +729,15 @@ static void trainer_free(Trainer *t) {
 //   [4] parameter count  [5] FNV-1a hash of the model.bin header of the config
 //   [6] RNG state  [7..11] DataPosition of the train loader (epoch, shard, cursor, seq_len, n_shards)
 //   [12] payload bytes  [13] moment type (GPU)  [14] master weights (GPU)  [15] FNV-1a hash of the payload
+//   [16] optimizer: 0 adamw, 1 adamw8bit (version 2; version 1 files have 0 here and are read as adamw)
 //   rest 0
-// then the payload: trainer_get_state's bytes (CPU: fp32 m1 | m2 | params; GPU: gpu_model's blob,
-// which holds the previous grad norm used by the optimizer-in-backward clip).
+// then the payload: trainer_get_state's bytes (CPU: fp32 m1 | m2 | params, or 8-bit m codes | m scales
+// | v codes | v scales | fp32 params; GPU: gpu_model's blob, which holds the previous grad norm used
+// by the optimizer-in-backward clip).
 
 #define STATE_MAGIC 0x5353544DLL  // bytes 'M','T','S','S'
-#define STATE_VERSION 1
+#define STATE_VERSION 2
+#define STATE_VERSION_MIN 1       // the oldest version this build reads
 #define STATE_HEADER_INTS 64
 
 static uint64_t fnv1a(const void *data, size_t n, uint64_t h) {
@@ -772,6 +835,7 @@ static void ckpt_save(Trainer *t, const char *dir, int keep, int step, uint64_t 
     h[13] = t->backend == BACKEND_GPU ? (int64_t)t->gs.moment_type : 0;
     h[14] = t->backend == BACKEND_GPU ? t->gs.master_weights : 0;
     h[15] = (int64_t)fnv1a(payload, bytes, 0xCBF29CE484222325ULL);
+    h[16] = t->adam8;
     ckpt_path(path, sizeof(path), dir, "state", step);
     snprintf(tmp, sizeof(tmp), "%s.tmp", path);
     FILE *f = fopenCheck(tmp, "wb");
@@ -793,7 +857,8 @@ static void state_read_header(int64_t h[STATE_HEADER_INTS], const char *path, co
     freadCheck(h, sizeof(int64_t), STATE_HEADER_INTS, f, path);
     fcloseCheck(f, path);
     if (h[0] != STATE_MAGIC) die("%s: bad magic 0x%08llx (expected 0x%08llx): not a train_llama state file", path, (unsigned long long)h[0], (unsigned long long)STATE_MAGIC);
-    if (h[1] != STATE_VERSION) die("%s: unsupported state version %lld (this build reads version %d)", path, (long long)h[1], STATE_VERSION);
+    if (h[1] < STATE_VERSION_MIN || h[1] > STATE_VERSION)
+        die("%s: unsupported state version %lld (this build reads versions %d to %d)", path, (long long)h[1], STATE_VERSION_MIN, STATE_VERSION);
     if (h[12] < 0 || size != (long)(STATE_HEADER_INTS * sizeof(int64_t)) + h[12])
         die("%s: size %ld bytes disagrees with its header (%lld payload bytes): %s", path, size, (long long)h[12],
             size < (long)(STATE_HEADER_INTS * sizeof(int64_t)) + h[12] ? "truncated" : "trailing bytes");
@@ -811,6 +876,9 @@ static int state_load(Trainer *t, const char *path, uint64_t *rng, DataPosition 
     if (h[2] != t->backend)
         die("%s: written by the %s path; this run uses the %s path (the optimizer states differ: resume on the same backend)",
             path, h[2] == BACKEND_GPU ? "GPU" : "CPU", t->backend == BACKEND_GPU ? "GPU" : "CPU");
+    if (h[16] != t->adam8)
+        die("%s: written with --optimizer %s; this run uses --optimizer %s (the optimizer states differ: resume with the same optimizer)",
+            path, h[16] ? "adamw8bit" : "adamw", t->adam8 ? "adamw8bit" : "adamw");
     size_t bytes = trainer_state_bytes(t);
     if ((size_t)h[12] != bytes)
         die("%s: %lld bytes of optimizer state, this run needs %zu (other --moments or --master-weights? the file has moments %s, master %lld)",
@@ -1035,11 +1103,12 @@ static void print_bench(Trainer *t, const Options *o, double *ms, int n) {
     printf(", \"backend\": \"%s\", \"device\": ", gpu ? "gpu" : "cpu");
     json_string(stdout, t->device);
     printf(", \"B\": %d, \"S\": %d, \"grad_accum\": %d, \"M\": %d, \"vocab_chunk\": %d, \"recompute\": %d, "
-           "\"offload\": %d, \"host_layers\": %d, \"moments\": \"%s\", \"master_weights\": %d, \"synthetic\": %d, "
+           "\"offload\": %d, \"host_layers\": %d, \"optimizer\": \"%s\", \"moments\": \"%s\", \"master_weights\": %d, "
+           "\"synthetic\": %d, "
            "\"steps_timed\": %d, \"warmup\": %d, \"median_ms\": %.3f, \"tok_s\": %.1f, \"tflops\": %.4f, \"mfu\": ",
            t->B, t->S, t->grad_accum, gpu ? t->gs.mst_chunks : 1, gpu ? t->gs.vocab_chunk : t->c.vocab_size,
-           gpu ? t->gs.recompute : 0, gpu ? t->gs.offload : 0, gpu ? t->gs.host_layers : 0, o->moments,
-           o->master_weights, o->synthetic, k, warm, med, tok_s, fpt * tok_s / 1e12);
+           gpu ? t->gs.recompute : 0, gpu ? t->gs.offload : 0, gpu ? t->gs.host_layers : 0, o->optimizer,
+           t->adam8 ? "8bit" : o->moments, o->master_weights, o->synthetic, k, warm, med, tok_s, fpt * tok_s / 1e12);
     if (gpu && t->peak_flops > 0) printf("%.6f", fpt * tok_s / t->peak_flops);
     else printf("null");
     printf(", \"peak_gib\": %.4f, \"planned_gib\": %.4f, \"params\": %zu, \"flops_per_token\": %.6e, \"oom\": false}\n",
@@ -1079,7 +1148,7 @@ static int plan_only(const Options *o) {
     s.offload = o->offload;
     s.host_layers = o->host_layers;
     s.grad_accum_steps = o->grad_accum;
-    s.moment_bytes = strcmp(o->moments, "fp32") == 0 ? 4 : 2;
+    s.moment_bytes = strcmp(o->optimizer, "adamw8bit") == 0 ? 1 : strcmp(o->moments, "fp32") == 0 ? 4 : 2;
     s.master_weights = o->master_weights;
     MstKernelFigures fig;
     mst_kernel_figures_estimate(&c, s.B, s.S, &fig);

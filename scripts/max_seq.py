@@ -7,6 +7,8 @@ Methods
   ours-rc        train_llama --mst 1 --vocab-chunk V --recompute 1   (activation recomputation only)
   ours-mst       train_llama --mst auto --recompute 1                (MsT + recomputation)
   ours-offload   train_llama --mst auto --recompute 1 --offload 1    (MsT + recomputation + offload)
+  ours-rc-adam8, ours-mst-adam8, ours-offload-adam8
+                 the same with --optimizer adamw8bit (8-bit AdamW moments; not in the default list)
   hf, hf-gc      scripts/hf_peer.py without / with gradient checkpointing
 
 A trial at S runs --steps full training steps (default 2); it passes when it prints a BENCH record
@@ -29,15 +31,21 @@ sys.path.insert(0, HERE)
 from bench_step import ROOT, classify, format_table, header_lines, run_command, write_csv  # noqa: E402
 from hf_peer import PRESETS, flops_per_token  # noqa: E402
 
-ALL_METHODS = ["ours-vanilla", "ours-rc", "ours-mst", "ours-offload", "hf", "hf-gc"]
+DEFAULT_METHODS = ["ours-vanilla", "ours-rc", "ours-mst", "ours-offload", "hf", "hf-gc"]
+ADAM8_SUFFIX = "-adam8"  # a train_llama method with --optimizer adamw8bit
+ALL_METHODS = DEFAULT_METHODS + [m + ADAM8_SUFFIX for m in ("ours-rc", "ours-mst", "ours-offload")]
 
 
 def method_flags(method, vocab):
     """train_llama flags of a method (None for the HF methods)."""
-    return {"ours-vanilla": ["--mst", "1", "--vocab-chunk", str(vocab), "--recompute", "0", "--offload", "0"],
-            "ours-rc": ["--mst", "1", "--vocab-chunk", str(vocab), "--recompute", "1", "--offload", "0"],
-            "ours-mst": ["--mst", "auto", "--recompute", "1", "--offload", "0"],
-            "ours-offload": ["--mst", "auto", "--recompute", "1", "--offload", "1"]}.get(method)
+    base = method[:-len(ADAM8_SUFFIX)] if method.endswith(ADAM8_SUFFIX) else method
+    flags = {"ours-vanilla": ["--mst", "1", "--vocab-chunk", str(vocab), "--recompute", "0", "--offload", "0"],
+             "ours-rc": ["--mst", "1", "--vocab-chunk", str(vocab), "--recompute", "1", "--offload", "0"],
+             "ours-mst": ["--mst", "auto", "--recompute", "1", "--offload", "0"],
+             "ours-offload": ["--mst", "auto", "--recompute", "1", "--offload", "1"]}.get(base)
+    if flags is None or base == method:
+        return flags
+    return flags + ["--optimizer", "adamw8bit"]
 
 
 def parse_plan_bound(text):
@@ -248,8 +256,8 @@ def parse_args(argv):
                "trials end in 20-40 s). --time-budget stops before a trial that would not fit in it; rerun the "
                "same command to continue from --cache.")
     ap.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS))
-    ap.add_argument("--methods", default=",".join(ALL_METHODS),
-                    help=f"comma list of {', '.join(ALL_METHODS)} (default all)")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma list of {', '.join(ALL_METHODS)} (default {','.join(DEFAULT_METHODS)})")
     ap.add_argument("--granule", type=int, default=2048, help="S is a multiple of this (default 2048)")
     ap.add_argument("--s-max", type=int, default=131072, help="largest S tried (default 131072)")
     ap.add_argument("--hf-start", type=int, default=4096, help="first S of the HF doubling (default 4096)")

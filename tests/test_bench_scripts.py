@@ -224,6 +224,23 @@ def test_method_flags():
     assert max_seq.method_flags("ours-vanilla", 128256) == ["--mst", "1", "--vocab-chunk", "128256", "--recompute",
                                                            "0", "--offload", "0"]
     assert "--offload" in max_seq.method_flags("ours-offload", 5) and max_seq.method_flags("hf", 5) is None
+    assert max_seq.method_flags("ours-mst-adam8", 5) == ["--mst", "auto", "--recompute", "1", "--offload", "0",
+                                                         "--optimizer", "adamw8bit"]
+    assert max_seq.method_flags("hf-adam8", 5) is None and max_seq.method_flags("ours-bogus-adam8", 5) is None
+    assert all(max_seq.method_flags(m, 5) is not None for m in max_seq.ALL_METHODS if m.startswith("ours"))
+    assert "ours-mst-adam8" not in max_seq.DEFAULT_METHODS
+    assert max_seq.parse_args(["--methods", "ours-mst-adam8", "--gpu-mem", "79"]).methods == ["ours-mst-adam8"]
+
+
+@pytest.mark.skipif(not os.access(os.path.join(ROOT, "train_llama"), os.X_OK), reason="./train_llama not built")
+def test_adam8_method_plans_more_than_bf16_moments(tmp_path):
+    """The planner bound of ours-mst-adam8 is read from train_llama and is above ours-mst's (8-bit moments
+    save ~14.7 GiB for llama3-8b) and above 144K (the target of issue 8, on an 80 GB H100)."""
+    args = max_seq.parse_args(["--methods", "ours-mst,ours-mst-adam8", "--gpu-mem", "79", "--s-max", "262144",
+                               "--binary", os.path.join(ROOT, "train_llama"), "--out", str(tmp_path)])
+    cache = max_seq.Cache(args.cache)
+    bf16, adam8 = (max_seq.plan_bound(args, "llama3-8b", m, cache) for m in args.methods)
+    assert 0 < bf16 < adam8 <= 262144 and adam8 >= 147456
 
 
 # ---- presets and FLOPs against the C sources

@@ -149,7 +149,7 @@ static void test_layouts(void) {
                     MstSettings s = tiny_settings();
                     if (ci == 2) s.S = 4096;
                     s.recompute = rc; s.mst_chunks = m; s.offload = off; s.host_layers = off ? 1 : 0;
-                    s.grad_accum_steps = 1 + off; s.master_weights = rc;
+                    s.grad_accum_steps = 1 + off; s.master_weights = rc; s.moment_bytes = m == 4 ? 1 : 4;
                     MstKernelFigures f;
                     mst_kernel_figures_estimate(&cfgs[ci], s.B, s.S, &f);
                     MemoryPlan p;
@@ -263,6 +263,50 @@ static void test_auto(void) {
     CHECK(!mst_plan_auto(&p, &c, &bad, &f, (size_t)1 << 30, 0, msg, sizeof(msg)) && strstr(msg, "moment"),
           "moment bytes 3 must be refused; got: %s", msg);
     printf("auto choice checked\n");
+}
+
+// 8-bit moments (adamw8bit.h): per moment, codes padded to whole 256-element blocks per tensor and
+// one fp32 scale per block. Tiny config by hand: embed 3200 -> 13 blocks; a layer: norm 1, wq 4,
+// wk 2, wv 2, wo 4, norm 1, gate 8, up 8, down 8 = 38; final norm 1; lm_head 13: 103 blocks.
+static void test_moments_8bit(void) {
+    ModelConfig c = tiny_config(2);
+    MstSettings s = tiny_settings();
+    s.moment_bytes = 1;
+    MemoryPlan p = plan_with(&c, s);
+    const PlanEntry *m = mst_plan_find(&p, "adam_m"), *v = mst_plan_find(&p, "adam_v");
+    const PlanEntry *ma = mst_plan_find(&p, "adam_m_absmax"), *va = mst_plan_find(&p, "adam_v_absmax");
+    CHECK(m && v && ma && va, "8-bit plan lacks adam_m / adam_v / adam_m_absmax / adam_v_absmax");
+    if (m && v && ma && va) {
+        CHECK(m->bytes == 103 * 256 && v->bytes == 103 * 256, "8-bit codes %zu, %zu bytes, expected %d", m->bytes, v->bytes, 103 * 256);
+        CHECK(ma->bytes == 512 && va->bytes == 512, "8-bit scales %zu, %zu bytes, expected 512 (103 x 4 = 412)", ma->bytes, va->bytes);
+        CHECK(m->category == MEM_OPTIMIZER && ma->category == MEM_OPTIMIZER, "8-bit state must count as optimizer");
+    }
+    size_t expect = TINY_ARENA - 2 * 100096 + 2 * 103 * 256 + 2 * 512;
+    CHECK(p.device_total == expect, "8-bit tiny arena %zu, expected %zu", p.device_total, expect);
+    printf("8-bit moments, tiny plan: codes 2 x %d + scales 2 x 512 bytes, arena %zu\n", 103 * 256, p.device_total);
+
+    // Llama-3-8B: 8-bit moments take a little over half of bf16's bytes (1 + 4/256 vs 2 per element)
+    ModelConfig big;
+    mst_preset("llama3-8b", &big);
+    MstSettings b = tiny_settings();
+    b.S = 4096; b.B = 1; b.moment_bytes = 2;
+    MemoryPlan p16 = plan_with(&big, b);
+    b.moment_bytes = 1;
+    MemoryPlan p8 = plan_with(&big, b);
+    double ratio = (double)p8.category_bytes[MEM_OPTIMIZER] / (double)p16.category_bytes[MEM_OPTIMIZER];
+    CHECK(ratio > 0.5 && ratio < 0.51, "llama3-8b 8-bit / bf16 optimizer bytes = %.4f, expected (0.5, 0.51)", ratio);
+    printf("llama3-8b optimizer state: bf16 %.2f GiB, 8-bit %.2f GiB (ratio %.4f)\n",
+           MST_GIB(p16.category_bytes[MEM_OPTIMIZER]), MST_GIB(p8.category_bytes[MEM_OPTIMIZER]), ratio);
+
+    // A budget that fits the 8-bit plan but not the bf16 one: refused, naming --optimizer adamw8bit
+    MstSettings a = b;
+    a.moment_bytes = 2; a.mst_chunks = 0; a.vocab_chunk = 0;
+    MstKernelFigures f = tiny_figures();
+    MemoryPlan tmp;
+    char msg[4096];
+    int ok = !mst_plan_auto(&tmp, &big, &a, &f, p8.device_total + p8.device_external, 0, msg, sizeof(msg));
+    CHECK(ok && strstr(msg, "--optimizer adamw8bit") != NULL, "bf16 moments at the 8-bit plan's size: expect a refusal naming adamw8bit; got: %s", msg);
+    printf("8-bit moments checked\n");
 }
 
 static void test_presets(void) {
@@ -531,6 +575,7 @@ int main(void) {
     test_layouts();
     test_monotonic();
     test_auto();
+    test_moments_8bit();
     test_presets();
     test_timeline_hand();
     test_timeline_invariants();
