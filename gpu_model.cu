@@ -71,6 +71,7 @@ static AttentionShape attention_shape(const ModelConfig *c, int layer, int B, in
     sh.scale = c->query_scale;
     sh.window = config_layer_is_sliding(c, layer) ? c->sliding_window : 0;
     sh.softcap = c->attn_softcap;
+    sh.head_groups = 1;
     return sh;
 }
 
@@ -333,6 +334,7 @@ static void attention_block_backward(GpuModel *m, int l, const LayerActs *a, con
     linear_backward_weight(G(m, l, LT_WO), DT_FP32, dao, a->att, N, q, d, !fresh, st);
     linear_backward_input(datt, dao, W(m, l, LT_WO), N, q, d, 0, st);
     AttentionShape sh = attention_shape(c, l, m->settings.B, m->settings.S);
+    sh.head_groups = m->settings.attn_head_groups;
     step_profile_mark(m->profile, PROF_SDPA_BWD, st);
     layer_attention_backward(m->dqkv, datt, a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
     step_profile_mark(m->profile, PROF_ATTN_IN_BWD, st);
@@ -629,20 +631,31 @@ static void check_supported(const ModelConfig *c, const GpuSettings *s) {
     }
 }
 
-// The kernel modules' own figures for this shape: attention workspace (cuDNN's, or the soft-cap
-// kernels' B Hq S floats; largest over the layer kinds and the (1, S) sampling shape), reduction
-// scratch over N rows, grad-norm partials.
-static MstKernelFigures kernel_figures(const ModelConfig *c, const GpuSettings *s) {
-    MstKernelFigures f;
-    f.attn_workspace = 0;
+// Attention workspace with the backward in G head groups: largest over the layer kinds and the
+// (1, S) sampling shape.
+static size_t attention_workspace_figure(const ModelConfig *c, const GpuSettings *s, int G) {
+    size_t most = 0;
     for (int l = 0; l < c->n_layers && l < 2; l++) {
         for (int b = 0; b < 2; b++) {
             AttentionShape sh = attention_shape(c, l, b == 0 ? s->B : 1, s->S);
+            sh.head_groups = G;  // the sampling shape runs only the forward, which is the same for every G
             size_t w = attention_via_softcap(&sh) ? attention_softcap_workspace_bytes(&sh)
                                                   : attention_workspace_bytes(&sh);
-            if (w > f.attn_workspace) f.attn_workspace = w;
+            if (w > most) most = w;
         }
     }
+    return most;
+}
+
+// The kernel modules' own figures for this shape: attention workspace (cuDNN's, or the soft-cap
+// kernels' B Hq S floats), reduction scratch over N rows, grad-norm partials. head_groups: 1 also
+// builds cuDNN's backward in 2, 4 and 8 head groups (those that divide Hkv) for their workspace.
+static MstKernelFigures kernel_figures(const ModelConfig *c, const GpuSettings *s, int head_groups) {
+    MstKernelFigures f;
+    memset(&f, 0, sizeof(f));
+    f.attn_workspace = attention_workspace_figure(c, s, 1);
+    for (int k = 0; k < 3 && head_groups && c->attn_softcap == 0.0f; k++)
+        if (c->n_kv_heads % (2 << k) == 0) f.attn_workspace_grouped[k] = attention_workspace_figure(c, s, 2 << k);
     int N = s->B * s->S;
     size_t norm_floats = (size_t)ceil_div(N, rmsnorm_rows_per_block()) * c->d_model;
     size_t bias_floats = c->qkv_bias ? bias_grad_scratch_floats(N, qkv_features(c)) : 0;
@@ -785,7 +798,7 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
     ensure_handles();
     check_supported(c, s);  // dies naming the family and cuDNN's reason
-    MstKernelFigures fig = kernel_figures(c, s);
+    MstKernelFigures fig = kernel_figures(c, s, 0);
 
     MstSettings ms;
     memset(&ms, 0, sizeof(ms));
@@ -799,14 +812,22 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     ms.grad_accum_steps = s->grad_accum_steps;
     ms.moment_bytes = s->moments_8bit ? 1 : (int)dtype_bytes(s->moment_type);
     ms.master_weights = s->master_weights;
+    ms.attn_head_groups = s->attn_head_groups;
     if (s->gpu_mem_budget == 0) s->gpu_mem_budget = free_b > GPU_MEM_MARGIN ? free_b - GPU_MEM_MARGIN : 0;
     if (s->host_mem_budget == 0) s->host_mem_budget = mst_default_host_budget(physical_memory_bytes());
     char msg[4096];
-    if (!mst_plan_auto(&m->plan, c, &ms, &fig, s->gpu_mem_budget, s->host_mem_budget, msg, sizeof(msg)))
-        die("%s %dx%d: refusing to start: %s", family_name(c->family), s->B, s->S, msg);
+    // the attention backward in head groups is built only when one call does not fit (or is asked for)
+    int fits = s->attn_head_groups <= 1 &&
+               mst_plan_auto(&m->plan, c, &ms, &fig, s->gpu_mem_budget, s->host_mem_budget, msg, sizeof(msg));
+    if (!fits && c->attn_softcap == 0.0f && s->attn_head_groups != 1) {
+        fig = kernel_figures(c, s, 1);
+        fits = mst_plan_auto(&m->plan, c, &ms, &fig, s->gpu_mem_budget, s->host_mem_budget, msg, sizeof(msg));
+    }
+    if (!fits) die("%s %dx%d: refusing to start: %s", family_name(c->family), s->B, s->S, msg);
     s->mst_chunks = m->plan.settings.mst_chunks;
     s->vocab_chunk = m->plan.settings.vocab_chunk;
     s->host_layers = m->plan.host_layers;
+    s->attn_head_groups = m->plan.settings.attn_head_groups > 1 ? m->plan.settings.attn_head_groups : 1;
     m->settings = *s;
 
     size_t free_before, free_after;

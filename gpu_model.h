@@ -27,6 +27,7 @@ typedef struct {
     size_t gpu_mem_budget;  // bytes for arena + cuBLASLt workspace; 0: free memory minus a 1 GiB margin
     size_t host_mem_budget; // pinned bytes for offloaded layer inputs; 0: 3/4 of physical memory
     uint64_t init_seed;     // gpu_model_init with no parameters: the seed of the random init
+    int attn_head_groups;   // attention backward in 1, 2, 4 or 8 head-group calls (less cuDNN workspace); 0 = auto
 } GpuSettings;
 
 typedef struct {

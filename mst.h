@@ -61,16 +61,25 @@ typedef struct {
     int moment_bytes;      // bytes per AdamW moment element: 2 (bf16), 4 (fp32), or 1: 8-bit block-wise
                            // (adamw8bit.h: 1 byte + an fp32 scale per ADAM8_BLOCK elements)
     int master_weights;    // 1: fp32 master copy of the weights
+    int attn_head_groups;  // G: the attention backward runs in G calls over Hq/G query heads each, which
+                           // divides cuDNN's fp32 workspace by about G; 1, 2, 4 or 8 dividing Hkv; 0 = auto
 } MstSettings;
 
 // Figures that only the kernels' modules know. On the GPU the model fills them from cuDNN and
 // the launchers; without a GPU mst_kernel_figures_estimate() gives documented estimates.
 typedef struct {
     size_t attn_workspace;      // attention workspace for (B, S), bytes: cuDNN SDPA's or the soft-cap backward's
+    size_t attn_workspace_grouped[3];  // the same with the backward in 2, 4, 8 head groups; 0: not offered
     size_t matmul_workspace;    // cuBLASLt workspace (allocated by matmul_init, outside the arena)
     size_t reduce_scratch;      // fp32 partial sums of the norm-weight / bias gradients over N rows, bytes
     size_t grad_norm_partials;  // floats of the grad-norm partial sums
 } MstKernelFigures;
+
+// The attention workspace with the backward in G head groups (G <= 1: one call); 0 when not offered.
+static inline size_t mst_attn_workspace(const MstKernelFigures *f, int G) {
+    return G <= 1 ? f->attn_workspace : G == 2 ? f->attn_workspace_grouped[0] : G == 4 ? f->attn_workspace_grouped[1]
+                                                : G == 8 ? f->attn_workspace_grouped[2] : 0;
+}
 
 typedef struct {
     char name[32];
@@ -108,18 +117,28 @@ static inline const char *mst_category_name(int c) {
 static inline size_t mst_align(size_t bytes) { return (bytes + MST_ALIGN - 1) / MST_ALIGN * MST_ALIGN; }
 static inline size_t mst_ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
-// Estimates for planning without a GPU. cuDNN's SDPA backward asks for about an fp32 dQ
-// accumulator (B, S, Hq, hd) plus two fp32 row statistics (B, Hq, S); with an attention soft-cap
+// Estimates for planning without a GPU. cuDNN 9.14's SDPA backward on the H100 asks for two fp32
+// (B, S, Hq, hd) buffers plus one fp32 row statistic (B, Hq, S): 128.5 MiB for Llama-3-8B at S=4096
+// (measured); with the backward in G head groups, the same for Hq/G heads; with an attention soft-cap
 // every layer runs the soft-cap kernels instead, whose workspace is exactly one fp32 (B, Hq, S)
 // (attention_softcap_workspace_bytes in attention_softcap.cu); the norm/bias gradient
 // reductions keep one fp32 row of partial sums per 32 rows for the widest reduced tensor (the
 // fused QKV bias); 1024 grad-norm partials; 32 MiB of cuBLASLt workspace.
+static inline size_t mst_attn_workspace_estimate(const ModelConfig *c, size_t N, int head_groups) {
+    size_t heads = (size_t)(c->n_heads / head_groups);
+    return 2 * N * heads * c->head_dim * 4 + N * heads * 4;
+}
+
 static inline void mst_kernel_figures_estimate(const ModelConfig *c, int B, int S, MstKernelFigures *f) {
     size_t N = (size_t)B * S;
     size_t qkv = (size_t)(c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
     size_t widest = qkv > (size_t)c->d_model ? qkv : (size_t)c->d_model;
-    f->attn_workspace = c->attn_softcap > 0.0f ? N * c->n_heads * 4
-                                               : N * c->n_heads * c->head_dim * 4 + 2 * N * c->n_heads * 4;
+    f->attn_workspace = c->attn_softcap > 0.0f ? N * c->n_heads * 4 : mst_attn_workspace_estimate(c, N, 1);
+    for (int k = 0; k < 3; k++) {
+        int G = 2 << k;
+        f->attn_workspace_grouped[k] = c->attn_softcap > 0.0f || c->n_kv_heads % G != 0 ? 0
+                                       : mst_attn_workspace_estimate(c, N, G);
+    }
     f->matmul_workspace = MST_MATMUL_WORKSPACE;
     f->reduce_scratch = (N + 31) / 32 * widest * 4;
     f->grad_norm_partials = 1024;
@@ -138,6 +157,12 @@ static inline const char *mst_settings_check(const ModelConfig *c, const MstSett
         snprintf(buf, len, "host layers %d must be in [0, %d] and needs offload", s->host_layers, c->n_layers); return buf;
     }
     if (s->grad_accum_steps < 1) { snprintf(buf, len, "grad_accum_steps %d must be >= 1", s->grad_accum_steps); return buf; }
+    if (!(s->attn_head_groups == 0 || s->attn_head_groups == 1 || s->attn_head_groups == 2 || s->attn_head_groups == 4 ||
+          s->attn_head_groups == 8) || (s->attn_head_groups > 1 && c->n_kv_heads % s->attn_head_groups != 0)) {
+        snprintf(buf, len, "attention head groups %d must be 1, 2, 4 or 8 and divide the %d kv heads (0 = auto)",
+                 s->attn_head_groups, c->n_kv_heads);
+        return buf;
+    }
     if (s->moment_bytes != 1 && s->moment_bytes != 2 && s->moment_bytes != 4) { snprintf(buf, len, "moment bytes %d must be 1 (8-bit), 2 (bf16) or 4 (fp32)", s->moment_bytes); return buf; }
     return NULL;
 }
@@ -311,7 +336,7 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     plan_add(&b, "losses", N * 4, 1, MEM_INTERMEDIATES);
     plan_share_end(&b);
 
-    plan_add(&b, "attn_workspace", fig->attn_workspace, 1, MEM_WORKSPACE);
+    plan_add(&b, "attn_workspace", mst_attn_workspace(fig, s->attn_head_groups), 1, MEM_WORKSPACE);
     plan_add(&b, "reduce_scratch", fig->reduce_scratch, 1, MEM_WORKSPACE);
 
     p->device_total = b.device_cursor;
@@ -350,6 +375,8 @@ static inline int mst_plan_fits(const MemoryPlan *p, size_t device_budget, size_
 static inline MstKernelFigures mst_figures_rescale(const MstKernelFigures *f, int S_from, int S_to) {
     MstKernelFigures g = *f;
     g.attn_workspace = (size_t)((double)f->attn_workspace * S_to / S_from) + 1;
+    for (int k = 0; k < 3; k++)
+        if (f->attn_workspace_grouped[k]) g.attn_workspace_grouped[k] = (size_t)((double)f->attn_workspace_grouped[k] * S_to / S_from) + 1;
     g.reduce_scratch = (size_t)((double)f->reduce_scratch * S_to / S_from) + 1;
     return g;
 }
@@ -378,12 +405,18 @@ static inline int plan_vc_candidates(const ModelConfig *c, const MstSettings *s,
 }
 
 // The most frugal settings (largest M, smallest vocab chunk, most host layers) for a hint.
-static inline MstSettings plan_frugal(const ModelConfig *c, const MstSettings *s) {
+static inline MstSettings plan_frugal(const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig) {
     int ms[64], vcs[64];
     MstSettings f = *s;
     f.mst_chunks = ms[plan_m_candidates(s, ms, 64) - 1];
     f.vocab_chunk = vcs[plan_vc_candidates(c, s, vcs, 64) - 1];
     if (s->offload && s->host_layers == 0) f.host_layers = c->n_layers;
+    if (s->attn_head_groups == 0) {  // the most groups offered, the smallest workspace
+        f.attn_head_groups = 1;
+        for (int G = 2; G <= 8; G *= 2)
+            if (mst_attn_workspace(fig, G) > 0 && mst_attn_workspace(fig, G) < mst_attn_workspace(fig, f.attn_head_groups))
+                f.attn_head_groups = G;
+    }
     return f;
 }
 
@@ -415,6 +448,20 @@ static inline int plan_search(MemoryPlan *p, const ModelConfig *c, const MstSett
                 }
             }
         }
+    }
+    return 0;
+}
+
+// plan_search with the attention backward in one call, else (auto) in 2, 4, 8 head groups as the
+// figures offer them: the first that fits.
+static inline int plan_search_groups(MemoryPlan *p, const ModelConfig *c, const MstSettings *s,
+                                     const MstKernelFigures *fig, size_t device_budget, size_t host_budget) {
+    MstSettings t = *s;
+    for (int G = 1; G <= 8; G *= 2) {
+        if (s->attn_head_groups > 0 && G != s->attn_head_groups) continue;
+        if (G > 1 && mst_attn_workspace(fig, G) == 0) continue;
+        t.attn_head_groups = G;
+        if (plan_search(p, c, &t, fig, device_budget, host_budget)) return 1;
     }
     return 0;
 }
@@ -453,9 +500,9 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     msg[0] = '\0';
     const char *err = mst_settings_check(c, s, msg, msg_len);
     if (err) return 0;
-    if (plan_search(p, c, s, fig, device_budget, host_budget)) return 1;
+    if (plan_search_groups(p, c, s, fig, device_budget, host_budget)) return 1;
 
-    MstSettings f = plan_frugal(c, s);
+    MstSettings f = plan_frugal(c, s, fig);
     mst_plan_build(p, c, &f, fig);
     snprintf(msg, msg_len,
              "does not fit: B=%d S=%d needs %.2f %s on the device (arena %.2f %s + cuBLASLt %.2f %s) and %.2f %s pinned host "
@@ -473,7 +520,7 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
         t.S = mid;
         if (t.mst_chunks > t.B * mid) t.mst_chunks = t.B * mid;
         MstKernelFigures g = mst_figures_rescale(fig, s->S, mid);
-        MstSettings tf = plan_frugal(c, &t);
+        MstSettings tf = plan_frugal(c, &t, &g);
         MemoryPlan tmp;
         mst_plan_build(&tmp, c, &tf, &g);
         if (mst_plan_fits(&tmp, device_budget, host_budget)) lo = mid; else hi = mid;
@@ -493,7 +540,7 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     int any = 0;
     for (int i = 0; i < n_alt; i++) {
         MemoryPlan tmp;
-        if (plan_search(&tmp, c, &alt[i].t, fig, device_budget, host_budget)) {
+        if (plan_search_groups(&tmp, c, &alt[i].t, fig, device_budget, host_budget)) {
             plan_appendf(msg, msg_len, "  it would fit with %s (M=%d, vocab chunk %d, %d offloaded layers)\n", alt[i].what, tmp.settings.mst_chunks, tmp.settings.vocab_chunk, tmp.host_layers);
             any = 1;
         }
@@ -611,7 +658,7 @@ static inline int name_in(const char *name, const char *const *list) {
 // Slices of entry e that hold live data during phase (kind, layer). Dies on an entry without a rule
 // (a new plan entry must say when it is live).
 static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int kind, int layer) {
-    static const char *const always[] = {"params", "rope_cos_sin", "adam_m", "adam_v", "master", "grads",
+    static const char *const always[] = {"params", "rope_cos_sin", "adam_m", "adam_v", "adam_m_absmax", "adam_v_absmax", "master", "grads",
                                          "final_norm_grads", "grad_norm_partials", "tokens", "targets", "embed_unique",
                                          "embed_offsets", "embed_positions", "scalars", NULL};
     static const char *const attn_acts[] = {"ln1", "ln1_rstd", "qkv", "att", "att_stats", "h1", "ao", "ao_rstd", NULL};
@@ -706,12 +753,15 @@ static inline size_t mst_timeline_peak(const MemoryPlan *p, MstPhase *at) {
 static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
     const MstSettings *s = &p->settings;
     fprintf(f, "memory plan: B=%d S=%d | M=%d (%d chunks of %d rows) | vocab chunk %d (%d tile%s, %s) | recompute %s | "
-               "offload %s (%d of %d layer inputs on the host) | %s | moments %s%s\n",
+               "offload %s (%d of %d layer inputs on the host) | %s | moments %s%s%s\n",
             s->B, s->S, s->mst_chunks, p->n_chunks, p->chunk_rows, s->vocab_chunk, p->vocab_tiles,
             p->vocab_tiles == 1 ? "" : "s", p->vocab_tiles == 1 ? "one pass" : "two passes", s->recompute ? "on" : "off",
             s->offload ? "on" : "off", p->host_layers, p->host_layers + p->device_layers,
             s->grad_accum_steps > 1 ? "gradient accumulation (fp32 full-model gradients)" : "optimizer in backward (fp32 gradients of one layer)",
-            mst_moments_name(s->moment_bytes), s->master_weights ? " + fp32 master weights" : "");
+            mst_moments_name(s->moment_bytes), s->master_weights ? " + fp32 master weights" : "",
+            s->attn_head_groups == 2 ? " | attention backward in 2 head groups"
+            : s->attn_head_groups == 4 ? " | attention backward in 4 head groups"
+            : s->attn_head_groups == 8 ? " | attention backward in 8 head groups" : "");
     fprintf(f, "  %-20s %12s  %-13s %s\n", "buffer", "MiB", "category", "region");
     for (int i = 0; i < p->n_entries; i++) {
         const PlanEntry *e = &p->entries[i];

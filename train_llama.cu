@@ -41,6 +41,7 @@ typedef struct {
     int moments_given;
     int master_weights, mst_chunks, vocab_chunk, recompute, offload;  // mst_chunks, vocab_chunk: 0 = auto
     int host_layers;          // with offload: layers whose inputs live on the host; 0 = as few as fit
+    int attn_head_groups;     // attention backward in 1, 2, 4 or 8 head-group calls; 0 = auto
     float gpu_mem_gib;        // 0: free device memory minus a margin
     float host_mem_gib;       // --plan-only: host memory of the machine planned for; 0: this machine's
     int eval_every, eval_batches, sample_every, sample_tokens;
@@ -133,6 +134,9 @@ static void usage(FILE *f) {
             "  --offload 0|1         layer inputs may live in pinned host memory (default %d)\n"
             "  --host-layers N       with --offload 1: the first N layers keep their inputs on the host\n"
             "                        (default: as few as fit)\n"
+            "  --attn-head-groups auto|G  attention backward in G calls over Hq/G heads each (1, 2, 4, 8;\n"
+            "                        divides cuDNN's fp32 workspace by about G; default auto: more than 1 only\n"
+            "                        when one call does not fit)\n"
             "  --gpu-mem GiB         device budget (default: free memory at start minus 0.5 GiB)\n"
             "  --cpu                 train on the CPU reference path even with a GPU\n"
             "evaluation and sampling\n"
@@ -216,7 +220,8 @@ static const char *const VALUE_FLAGS[] = {
     "--min-lr-frac", "--warmup", "--schedule", "--weight-decay", "--beta1", "--beta2", "--eps", "--clip", "--moments", "--optimizer",
     "--mst", "--vocab-chunk", "--recompute", "--offload", "--gpu-mem", "--eval-every", "--eval-batches", "--sample-every",
     "--sample-tokens", "--prompt", "--temperature", "--top-p", "--ckpt-dir", "--ckpt-every", "--keep-last", "--resume",
-    "--stop-after", "--seed", "--log", "--plan-json", "--mem-trace", "--host-mem", "--host-layers"};
+    "--stop-after", "--seed", "--log", "--plan-json", "--mem-trace", "--host-mem", "--host-layers",
+    "--attn-head-groups"};
 
 static int is_value_flag(const char *a) {
     for (size_t i = 0; i < sizeof(VALUE_FLAGS) / sizeof(VALUE_FLAGS[0]); i++)
@@ -265,6 +270,7 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--recompute") == 0) o.recompute = (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--offload") == 0) o.offload = (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--host-layers") == 0) o.host_layers = (int)parse_int(a, v, 1, INT32_MAX);
+        else if (strcmp(a, "--attn-head-groups") == 0) o.attn_head_groups = parse_auto_int(a, v);
         else if (strcmp(a, "--gpu-mem") == 0) o.gpu_mem_gib = parse_float(a, v, 0.0f, 1e6f);
         else if (strcmp(a, "--host-mem") == 0) o.host_mem_gib = parse_float(a, v, 1.0f, 1e6f);
         else if (strcmp(a, "--eval-every") == 0) { o.eval_every = (int)parse_int(a, v, 0, INT32_MAX); o.eval_given = 1; }
@@ -556,6 +562,7 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     s->recompute = o->recompute;
     s->offload = o->offload;
     s->host_layers = o->host_layers;
+    s->attn_head_groups = o->attn_head_groups;
     s->grad_accum_steps = o->grad_accum;
     s->moment_type = strcmp(o->moments, "fp32") == 0 ? DT_FP32 : DT_BF16;
     s->moments_8bit = t->adam8;
@@ -1147,6 +1154,7 @@ static int plan_only(const Options *o) {
     s.recompute = o->recompute;
     s.offload = o->offload;
     s.host_layers = o->host_layers;
+    s.attn_head_groups = o->attn_head_groups;
     s.grad_accum_steps = o->grad_accum;
     s.moment_bytes = strcmp(o->optimizer, "adamw8bit") == 0 ? 1 : strcmp(o->moments, "fp32") == 0 ? 4 : 2;
     s.master_weights = o->master_weights;

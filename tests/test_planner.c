@@ -32,6 +32,7 @@ static MstSettings tiny_settings(void) {
 
 static MstKernelFigures tiny_figures(void) {
     MstKernelFigures f;
+    memset(&f, 0, sizeof(f));
     f.attn_workspace = 1000; f.matmul_workspace = 4096; f.reduce_scratch = 300; f.grad_norm_partials = 64;
     return f;
 }
