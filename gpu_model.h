@@ -9,6 +9,7 @@
 #define GPU_MODEL_H
 
 #include "cuda_utils.h"
+#include "lora_gpu.h"
 #include "model_config.h"
 #include "mst.h"
 #include "step_profile.h"
@@ -25,6 +26,8 @@ typedef struct {
     int master_weights;     // 1: fp32 master weights (bf16 weights are round-to-nearest copies)
     size_t gpu_mem_budget;  // bytes for arena + cuBLASLt workspace; 0: free memory minus a 1 GiB margin
     size_t host_mem_budget; // pinned bytes for offloaded layer inputs; 0: 3/4 of physical memory
+    LoraConfig lora;        // rank 0: every weight trains; else adapters on a frozen (optionally quantized) base
+    uint64_t lora_seed;     // initialization of new adapters (lora_init_params)
 } GpuSettings;
 
 typedef struct {
@@ -89,6 +92,10 @@ typedef struct {
     int has_prev_norm;
     size_t peak_used;
     StepProfile *profile;  // NULL unless gpu_model_profile_enable
+    // LoRA: the adapters and their gradients, the quantized base (lora_gpu.h). With LoRA the AdamW
+    // moments and master weights above are the adapters' (n_train values) and the base has no gradients.
+    GpuLora lora;
+    size_t n_train;    // values with gradients and optimizer state: layout.total, or the adapters'
 } GpuModel;
 
 // Resolves the auto settings in *s, plans, refuses (dies with the plan breakdown and what would
@@ -109,13 +116,20 @@ void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_
 float gpu_model_eval_loss(GpuModel *m, const int32_t *tokens, const int32_t *targets);
 // Logits (V, fp32, soft-capped where the family does) at position n_tokens - 1 of one sequence.
 void gpu_model_next_token_logits(GpuModel *m, const int32_t *tokens, int n_tokens, float *logits_host);
+// The bf16 weights (layout.total); with LoRA the frozen base (refused when it is quantized: the bf16
+// base is not kept).
 void gpu_model_get_params(GpuModel *m, uint16_t *params_bf16_host);
-// Optimizer state blob: m | v (moment_type) | [master fp32] | float prev_grad_norm | int32 has_prev | 8 zero bytes.
+// The LoRA adapters (lora.h layout, n_train floats: the bf16 adapters widened / the values rounded to bf16).
+void gpu_model_get_lora(GpuModel *m, float *host);
+void gpu_model_set_lora(GpuModel *m, const float *host);
+// Optimizer state blob over the n_train trainable values:
+// m | v (moment_type) | [master fp32] | float prev_grad_norm | int32 has_prev | 8 zero bytes.
 size_t gpu_model_optimizer_state_bytes(const GpuModel *m);
 void gpu_model_get_optimizer_state(GpuModel *m, void *host);
 void gpu_model_set_optimizer_state(GpuModel *m, const void *host);
 void gpu_model_memory_report(GpuModel *m, MemoryReport *r);
-// The gradients accumulated so far (layout.total floats); needs grad_accum_steps > 1.
+// The gradients accumulated so far (n_train floats: every parameter, or with LoRA the adapters);
+// needs grad_accum_steps > 1.
 void gpu_model_debug_grads(GpuModel *m, float *grads_host);
 void gpu_model_free(GpuModel *m);
 // The cuBLASLt / cuDNN handles are created by the first gpu_model_init and shared by later models;

@@ -9,13 +9,18 @@
 // vocabulary tiles) run in gpu_model.cu on the buffers planned here.
 //
 // Buffers (N = B*S tokens, c = chunk rows = ceil(N / M), vc = vocabulary columns per tile):
-//   weights        params bf16, RoPE cos/sin table (S, hd) fp32
-//   optimizer      AdamW moments m, v (bf16 or fp32), optional fp32 master weights
+//   weights        params bf16, RoPE cos/sin table (S, hd) fp32; with LoRA the adapters (bf16) and
+//                  the block-diagonal B of q|k|v and gate|up (lora_gpu.h); with a quantized base
+//                  the per-layer records (quant.h), one dequantized layer (bf16) and, bf16, only
+//                  the embedding, final norm and LM head
+//   optimizer      AdamW moments m, v (bf16 or fp32), optional fp32 master weights: of every
+//                  parameter, or with LoRA of the adapters only (the base is frozen)
 //   gradients      fp32: the full model with gradient accumulation; with optimizer-in-backward
 //                  (grad_accum_steps = 1) one layer's block + embedding/LM head + final norm;
 //                  grad-norm partial sums. An untied model's embedding/LM-head gradient buffer
 //                  lives in the shared region (below): it is in use only when no layer is
-//                  (counted there, as intermediates)
+//                  (counted there, as intermediates). With LoRA the same for the adapters only
+//                  (all layers, or one layer's block) and no embedding/LM-head gradients
 //   activations    saved layer inputs (N, d) bf16 per device-resident layer; without recompute
 //                  also each layer's attention activations (and with M = 1 its MLP ones)
 //   intermediates  the residual stream's end (x_final, which the LM head's backward overwrites
@@ -31,7 +36,7 @@
 #ifndef MST_H
 #define MST_H
 
-#include "model_config.h"
+#include "lora.h"
 
 #define MST_ALIGN 256
 #define MST_MAX_ENTRIES 64
@@ -57,6 +62,7 @@ typedef struct {
     int grad_accum_steps;  // 1: optimizer-in-backward (no full-model gradient buffer)
     int moment_bytes;      // bytes per AdamW moment element: 2 (bf16) or 4 (fp32)
     int master_weights;    // 1: fp32 master copy of the weights
+    LoraConfig lora;       // rank 0: every weight trains; else adapters on a frozen (optionally quantized) base
 } MstSettings;
 
 // Figures that only the kernels' modules know. On the GPU the model fills them from cuDNN and
@@ -132,7 +138,7 @@ static inline const char *mst_settings_check(const ModelConfig *c, const MstSett
     }
     if (s->grad_accum_steps < 1) { snprintf(buf, len, "grad_accum_steps %d must be >= 1", s->grad_accum_steps); return buf; }
     if (s->moment_bytes != 2 && s->moment_bytes != 4) { snprintf(buf, len, "moment bytes %d must be 2 (bf16) or 4 (fp32)", s->moment_bytes); return buf; }
-    return NULL;
+    return lora_config_check(&s->lora, buf, len);
 }
 
 // ---- building a plan ----
@@ -213,6 +219,26 @@ static inline void plan_mlp_acts(PlanBuilder *b, const ModelConfig *c, size_t ro
     }
 }
 
+// LoRA weights: the adapters (bf16) and the materialized block-diagonal B of the fused groups.
+static inline void plan_lora_weights(PlanBuilder *b, const LoraLayout *L) {
+    plan_add(b, "lora_params", L->total * 2, 1, MEM_WEIGHTS);
+    if (L->group_rank[LG_QKV]) plan_add(b, "lora_bblk_qkv", L->group_out[LG_QKV] * L->group_rank[LG_QKV] * 2, 1, MEM_WEIGHTS);
+    if (L->group_rank[LG_GATE_UP]) plan_add(b, "lora_bblk_gate_up", L->group_out[LG_GATE_UP] * L->group_rank[LG_GATE_UP] * 2, 1, MEM_WEIGHTS);
+}
+
+// LoRA working buffers of one group at a time over up to n rows: u = x A_cat^T and du (n, R) bf16,
+// dB_blk (out_g, R) fp32, each sized for the largest group.
+static inline void plan_lora_scratch(PlanBuilder *b, const LoraLayout *L, size_t n) {
+    size_t R = 0, dbblk = 0;
+    for (int g = 0; g < LORA_GROUP_COUNT; g++) {
+        if ((size_t)L->group_rank[g] > R) R = (size_t)L->group_rank[g];
+        if (L->group_out[g] * L->group_rank[g] > dbblk) dbblk = L->group_out[g] * L->group_rank[g];
+    }
+    plan_add(b, "lora_u", n * R * 2, 1, MEM_INTERMEDIATES);
+    plan_add(b, "lora_du", n * R * 2, 1, MEM_INTERMEDIATES);
+    plan_add(b, "lora_dbblk", dbblk * 4, 1, MEM_INTERMEDIATES);
+}
+
 // Builds the plan for fully resolved settings (mst_chunks >= 1, vocab_chunk >= 1, host_layers
 // explicit). Dies on invalid settings (callers validate user input with mst_settings_check first).
 static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig) {
@@ -238,15 +264,31 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     p->mlp_saved = (s->mst_chunks == 1 && !s->recompute);
     size_t rows = (size_t)p->chunk_rows, vc = (size_t)s->vocab_chunk;
 
+    LoraLayout lora;
+    lora_layout_init(&lora, c, &s->lora);
+    size_t n_train = s->lora.rank ? lora.total : lay.total;  // values with gradients and optimizer state
+
     PlanBuilder b;
     memset(&b, 0, sizeof(b));
     b.p = p;
-    plan_add(&b, "params", lay.total * 2, 1, MEM_WEIGHTS);
+    if (s->lora.base_quant != BASE_QUANT_NONE) {
+        QuantLayerLayout q;
+        quant_layer_layout_init(&q, &lay, s->lora.base_quant);
+        plan_add(&b, "params", quant_rest_elems(&lay, L) * 2, 1, MEM_WEIGHTS);
+        plan_add(&b, "qbase", q.bytes, L, MEM_WEIGHTS);
+        plan_add(&b, "qbase_layer", lay.layer_size * 2, 1, MEM_WEIGHTS);
+    } else {
+        plan_add(&b, "params", lay.total * 2, 1, MEM_WEIGHTS);
+    }
     plan_add(&b, "rope_cos_sin", S * c->head_dim * 4, 1, MEM_WEIGHTS);
-    plan_add(&b, "adam_m", lay.total * s->moment_bytes, 1, MEM_OPTIMIZER);
-    plan_add(&b, "adam_v", lay.total * s->moment_bytes, 1, MEM_OPTIMIZER);
-    if (s->master_weights) plan_add(&b, "master", lay.total * 4, 1, MEM_OPTIMIZER);
-    if (s->grad_accum_steps > 1) {
+    if (s->lora.rank) plan_lora_weights(&b, &lora);
+    plan_add(&b, "adam_m", n_train * s->moment_bytes, 1, MEM_OPTIMIZER);
+    plan_add(&b, "adam_v", n_train * s->moment_bytes, 1, MEM_OPTIMIZER);
+    if (s->master_weights) plan_add(&b, "master", n_train * 4, 1, MEM_OPTIMIZER);
+    if (s->lora.rank) {
+        if (s->grad_accum_steps > 1) plan_add(&b, "lora_grads", lora.total * 4, 1, MEM_GRADIENTS);
+        else plan_add(&b, "lora_layer_grads", lora.layer_size * 4, 1, MEM_GRADIENTS);
+    } else if (s->grad_accum_steps > 1) {
         plan_add(&b, "grads", lay.total * 4, 1, MEM_GRADIENTS);
     } else {
         plan_add(&b, "layer_grads", lay.layer_size * 4, 1, MEM_GRADIENTS);
@@ -276,11 +318,12 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     if (c->post_norms) plan_add(&b, "attn_tmp", N * d * 2, 1, MEM_INTERMEDIATES);
     if (!p->mlp_saved) plan_mlp_acts(&b, c, rows, 1, MEM_INTERMEDIATES);
     if (c->post_norms) plan_add(&b, "mlp_tmp", (p->mlp_saved ? N : rows) * d * 2, 1, MEM_INTERMEDIATES);
+    if (s->lora.rank) plan_lora_scratch(&b, &lora, N);
     plan_share_begin(&b, SHARE_LMHEAD);
     // Untied optimizer-in-backward: the head's gradient lives from the LM-head pass to its update
     // right after it, and the embedding's from the end of the layers' backward to its update, both
     // times when no layer's working buffers are in use.
-    if (s->grad_accum_steps == 1 && !c->tied_embeddings) plan_add(&b, "embed_head_grads", V * d * 4, 1, MEM_GRADIENTS);
+    if (s->grad_accum_steps == 1 && !c->tied_embeddings && !s->lora.rank) plan_add(&b, "embed_head_grads", V * d * 4, 1, MEM_GRADIENTS);
     plan_add(&b, "xf", rows * d * 2, 1, MEM_INTERMEDIATES);
     plan_add(&b, "xf_rstd", rows * 4, 1, MEM_INTERMEDIATES);
     plan_add(&b, "dxf", rows * d * 2, 1, MEM_INTERMEDIATES);
@@ -489,6 +532,12 @@ static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
             s->offload ? "on" : "off", p->host_layers, p->host_layers + p->device_layers,
             s->grad_accum_steps > 1 ? "gradient accumulation (fp32 full-model gradients)" : "optimizer in backward (fp32 gradients of one layer)",
             s->moment_bytes == 4 ? "fp32" : "bf16", s->master_weights ? " + fp32 master weights" : "");
+    if (s->lora.rank) {
+        char targets[64];
+        lora_targets_string(s->lora.targets, targets, sizeof(targets));
+        fprintf(f, "  LoRA rank %d on %s: frozen base (%s), gradients and optimizer state of the adapters only\n",
+                s->lora.rank, targets, s->lora.base_quant == BASE_QUANT_NONE ? "bf16" : base_quant_name(s->lora.base_quant));
+    }
     fprintf(f, "  %-20s %12s  %-13s %s\n", "buffer", "MiB", "category", "region");
     for (int i = 0; i < p->n_entries; i++) {
         const PlanEntry *e = &p->entries[i];

@@ -19,7 +19,7 @@
 #define QUANT_H
 
 #include <math.h>
-#include "utils.h"
+#include "model_config.h"
 
 #define QUANT_BLOCK 64
 
@@ -106,5 +106,49 @@ static inline void quant_round_trip_cpu(int kind, float *w, size_t n) {
     free(codes);
     free(absmax);
 }
+
+// ---- one layer of a quantized base, as the GPU stores it ----
+// Per layer one record: for each projection (wq, wk, wv, wo, w_gate, w_up, w_down) its codes and
+// absmax; for every other tensor of the layer (norms, biases) its bf16 values. Parts start at
+// 16-byte boundaries; the record is a multiple of 256 bytes. Dequantizing the record gives the
+// layer's block of the flat bf16 layout (model_config.h), so the GEMMs read W at the usual offsets.
+
+static inline int quant_is_projection(int t) {
+    return t == LT_WQ || t == LT_WK || t == LT_WV || t == LT_WO || t == LT_W_GATE || t == LT_W_UP || t == LT_W_DOWN;
+}
+
+typedef struct {
+    int kind;                                    // BaseQuant
+    size_t codes[LT_COUNT], absmax[LT_COUNT];    // byte offsets in the record (projections)
+    size_t small[LT_COUNT];                      // byte offset of a bf16 tensor (the others present)
+    size_t bytes;                                // record size
+} QuantLayerLayout;
+
+static inline size_t quant_align16(size_t b) { return (b + 15) / 16 * 16; }
+
+static inline void quant_layer_layout_init(QuantLayerLayout *q, const ParamLayout *p, int kind) {
+    memset(q, 0, sizeof(*q));
+    q->kind = kind;
+    size_t at = 0;
+    for (int t = 0; t < LT_COUNT; t++) {
+        q->codes[t] = q->absmax[t] = q->small[t] = SIZE_MAX;
+        if (p->layer.offset[t] == SIZE_MAX) continue;
+        size_t n = p->layer.rows[t] * p->layer.cols[t];
+        if (quant_is_projection(t)) {
+            q->codes[t] = at;
+            at = quant_align16(at + quant_code_bytes(kind, n));
+            q->absmax[t] = at;
+            at = quant_align16(at + quant_blocks(n) * sizeof(float));
+        } else {
+            q->small[t] = at;
+            at = quant_align16(at + n * sizeof(uint16_t));
+        }
+    }
+    q->bytes = (at + 255) / 256 * 256;
+}
+
+// Bytes of the frozen base weights that stay bf16 with a quantized base: embedding, final norm and
+// an untied LM head (the layers' records hold the rest).
+static inline size_t quant_rest_elems(const ParamLayout *p, int n_layers) { return p->total - (size_t)n_layers * p->layer_size; }
 
 #endif  // QUANT_H

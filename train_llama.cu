@@ -8,6 +8,7 @@
 //   ./train_llama --resume latest     continues the last checkpoint in --ckpt-dir, bit for bit
 //   ./train_llama --plan-only --preset llama3-8b --seq-len 65536 --gpu-mem 80
 //   ./train_llama --preset llama3-8b --synthetic-data --seq-len 8192 --batch 1 --steps 8 --bench
+//   ./train_llama --model base.bin --lora-rank 16 --base-quant nf4 --train ...   (QLoRA-style)
 //
 // No kernels here: the GPU model lives in gpu_model.cu, the CPU model in cpu_model.h.
 #include <float.h>
@@ -52,6 +53,7 @@ typedef struct {
     int profile;              // 1: GPU time by region of the steps after the first (GPU path)
     int checkpoints;          // 0: write none (synthetic data without --ckpt-every / --stop-after)
     int eval_given, sample_given, ckpt_given;  // the flags were on the command line
+    LoraConfig lora;          // rank 0: full fine-tuning; else adapters on a frozen (optionally quantized) base
 } Options;
 
 #define SYNTHETIC_DEFAULT_VOCAB 8192  // vocab of the default model with --synthetic-data (no tokenizer)
@@ -90,6 +92,7 @@ static Options options_default(void) {
     o.keep_last = 2;
     o.seed = 1337;
     o.checkpoints = 1;
+    o.lora.targets = LORA_ALL_TARGETS;
     return o;
 }
 
@@ -124,6 +127,12 @@ static void usage(FILE *f) {
             "  --offload 0|1         layer inputs may live in pinned host memory (default %d)\n"
             "  --gpu-mem GiB         device budget (default: free memory at start minus 0.5 GiB)\n"
             "  --cpu                 train on the CPU reference path even with a GPU\n"
+            "LoRA (the base stays frozen; checkpoints hold the adapters: lora_<step>.bin + state_<step>.bin)\n"
+            "  --lora-rank R         train rank-R adapters instead of every weight (default 0: no LoRA)\n"
+            "  --lora-alpha A        adapter scale alpha / R (default: R, scale 1)\n"
+            "  --lora-targets LIST   comma-separated of q,k,v,o,gate,up,down, or all (default all)\n"
+            "  --base-quant Q        none | int8 | nf4: store the frozen base projections quantized, blocks of\n"
+            "                        64 with an fp32 absmax each (GPU: dequantized per layer; needs --lora-rank)\n"
             "evaluation and sampling\n"
             "  --eval-every N        evaluate every N steps, 0 = only at the end (default %d)\n"
             "  --eval-batches N      validation batches per evaluation (default %d)\n"
@@ -186,6 +195,13 @@ static int parse_auto_int(const char *flag, const char *s) {
     return strcmp(s, "auto") == 0 ? 0 : (int)parse_int(flag, s, 1, INT32_MAX);
 }
 
+static int parse_base_quant(const char *flag, const char *s) {
+    for (int q = 0; q < BASE_QUANT_COUNT; q++)
+        if (strcmp(s, base_quant_name(q)) == 0) return q;
+    die("%s: '%s' is not one of none, int8, nf4", flag, s);
+    return 0;
+}
+
 static const char *parse_choice(const char *flag, const char *s, const char *a, const char *b, const char *c) {
     if (strcmp(s, a) == 0 || strcmp(s, b) == 0 || (c && strcmp(s, c) == 0)) return s;
     die("%s: '%s' is not one of %s, %s%s%s", flag, s, a, b, c ? ", " : "", c ? c : "");
@@ -198,7 +214,7 @@ static const char *const VALUE_FLAGS[] = {
     "--min-lr-frac", "--warmup", "--schedule", "--weight-decay", "--beta1", "--beta2", "--eps", "--clip", "--moments",
     "--mst", "--vocab-chunk", "--recompute", "--offload", "--gpu-mem", "--eval-every", "--eval-batches", "--sample-every",
     "--sample-tokens", "--prompt", "--temperature", "--top-p", "--ckpt-dir", "--ckpt-every", "--keep-last", "--resume",
-    "--stop-after", "--seed", "--log"};
+    "--stop-after", "--seed", "--log", "--lora-rank", "--lora-alpha", "--lora-targets", "--base-quant"};
 
 static int is_value_flag(const char *a) {
     for (size_t i = 0; i < sizeof(VALUE_FLAGS) / sizeof(VALUE_FLAGS[0]); i++)
@@ -260,6 +276,14 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--stop-after") == 0) { o.stop_after = (int)parse_int(a, v, 1, INT32_MAX); o.ckpt_given = 1; }
         else if (strcmp(a, "--seed") == 0) o.seed = (uint64_t)parse_int(a, v, 0, INT64_MAX);
         else if (strcmp(a, "--log") == 0) o.log = v;
+        else if (strcmp(a, "--lora-rank") == 0) o.lora.rank = (int)parse_int(a, v, 0, 65536);
+        else if (strcmp(a, "--lora-alpha") == 0) o.lora.alpha = parse_float(a, v, 1e-6f, 1e6f);
+        else if (strcmp(a, "--lora-targets") == 0) {
+            char msg[256];
+            const char *err = lora_parse_targets(v, &o.lora.targets, msg, sizeof(msg));
+            if (err) die("--lora-targets: %s", err);
+        }
+        else if (strcmp(a, "--base-quant") == 0) o.lora.base_quant = parse_base_quant(a, v);
         else die("internal: option '%s' has no handler", a);
     }
     if (o.preset && (o.model || o.resume)) die("--preset NAME builds a random-init model: it does not go with --model or --resume");
@@ -271,6 +295,11 @@ static Options options_parse(int argc, char **argv) {
     }
     if (o.bench && o.steps < 2) die("--bench needs --steps >= 2 (the first step is always warm-up)");
     if (o.recompute == 0 && o.offload == 1) die("--offload 1 needs --recompute 1 (only recomputed layers can keep their inputs on the host)");
+    if (o.lora.rank > 0 && o.lora.alpha == 0.0f) o.lora.alpha = (float)o.lora.rank;
+    char msg[256];
+    if (lora_config_check(&o.lora, msg, sizeof(msg))) die("%s", msg);
+    if (o.lora.rank > 0 && !o.model && !o.preset)
+        die("--lora-rank trains adapters on a frozen base: give the base with --model PATH (or --preset for benchmarks)");
     return o;
 }
 
@@ -483,6 +512,8 @@ typedef struct {
     ModelConfig c;
     ParamLayout layout;
     int B, S, grad_accum;
+    LoraConfig lora;    // rank 0: every weight trains; else only the adapters (lora.h)
+    size_t n_train;     // trainable values: layout.total, or the adapters' count
     // CPU: fp32 params are the master weights; fp32 AdamW moments
     CpuModel cpu;
     float *mom1, *mom2;
@@ -502,16 +533,27 @@ static double gib(size_t b) { return (double)b / (1024.0 * 1024.0 * 1024.0); }
 
 static size_t physical_memory(void) { return (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE); }
 
-// Bytes the CPU path allocates: the model (params, grads, activations) and two fp32 moments.
-static size_t cpu_path_bytes(const ModelConfig *c, int B, int S) {
+// Values that train: every parameter, or with LoRA the adapters.
+static size_t trainable_count(const ModelConfig *c, const LoraConfig *lc) {
+    if (lc->rank > 0) {
+        LoraLayout L;
+        lora_layout_init(&L, c, lc);
+        return L.total;
+    }
     ParamLayout l;
     param_layout_init(&l, c);
-    return cpu_model_bytes(c, B, S) + 2 * l.total * sizeof(float);
+    return l.total;
+}
+
+// Bytes the CPU path allocates: the model (params, grads or adapters, activations) and two fp32 moments.
+static size_t cpu_path_bytes(const ModelConfig *c, const LoraConfig *lc, int B, int S) {
+    return (size_t)((long long)cpu_model_bytes(c, B, S) + cpu_lora_bytes(c, lc, B, S)) +
+           2 * trainable_count(c, lc) * sizeof(float);
 }
 
 // Dies when the CPU path would need more than half of this machine's memory for c at B x S.
-static void cpu_path_check(const ModelConfig *c, int B, int S) {
-    size_t need = cpu_path_bytes(c, B, S), limit = physical_memory() / 2;
+static void cpu_path_check(const ModelConfig *c, const LoraConfig *lc, int B, int S) {
+    size_t need = cpu_path_bytes(c, lc, B, S), limit = physical_memory() / 2;
     ParamLayout l;
     param_layout_init(&l, c);
     if (need > limit)
@@ -540,13 +582,16 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     t->B = o->batch;
     t->S = o->seq_len;
     t->grad_accum = o->grad_accum;
+    t->lora = o->lora;
+    t->n_train = trainable_count(c, &o->lora);
     snprintf(t->device, sizeof(t->device), "cpu");
     if (backend == BACKEND_CPU) {
-        cpu_path_check(c, t->B, t->S);
+        cpu_path_check(c, &t->lora, t->B, t->S);
         cpu_model_init(&t->cpu, c, t->B, t->S);
+        if (t->lora.rank) cpu_model_init_lora(&t->cpu, &t->lora, o->seed);
         cpu_model_load_bf16(&t->cpu, params);
-        t->mom1 = (float *)callocCheck(t->layout.total, sizeof(float));
-        t->mom2 = (float *)callocCheck(t->layout.total, sizeof(float));
+        t->mom1 = (float *)callocCheck(t->n_train, sizeof(float));
+        t->mom2 = (float *)callocCheck(t->n_train, sizeof(float));
         return;
     }
     GpuSettings *s = &t->gs;
@@ -560,6 +605,8 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     s->moment_type = strcmp(o->moments, "fp32") == 0 ? DT_FP32 : DT_BF16;
     s->master_weights = o->master_weights;
     s->gpu_mem_budget = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0);
+    s->lora = o->lora;
+    s->lora_seed = o->seed;
     gpu_model_init(&t->gpu, c, params, s);
     gpu_model_print_plan(&t->gpu, stdout);
     t->peak_flops = gpu_peak_flops(t->device, sizeof(t->device));
@@ -624,11 +671,23 @@ static void trainer_get_params(Trainer *t, uint16_t *params_bf16) {
     else cpu_model_store_bf16(&t->cpu, params_bf16);
 }
 
-// Optimizer state for the checkpoint. CPU: m1 | m2 | fp32 params (the master weights).
-// GPU: the blob of gpu_model_get_optimizer_state (moments, master weights, previous grad norm).
+// LoRA adapters (n_train fp32) out of / into the model: lora_<step>.bin holds them.
+static void trainer_get_lora(Trainer *t, float *out) {
+    if (t->backend == BACKEND_GPU) gpu_model_get_lora(&t->gpu, out);
+    else memcpy(out, t->cpu.lora_params, t->n_train * sizeof(float));
+}
+
+static void trainer_set_lora(Trainer *t, const float *in) {
+    if (t->backend == BACKEND_GPU) gpu_model_set_lora(&t->gpu, in);
+    else memcpy(t->cpu.lora_params, in, t->n_train * sizeof(float));
+}
+
+// Optimizer state for the checkpoint. CPU: m1 | m2 | fp32 trainable values (the master weights, or
+// the adapters). GPU: the blob of gpu_model_get_optimizer_state (moments, master weights, previous
+// grad norm).
 static size_t trainer_state_bytes(Trainer *t) {
     if (t->backend == BACKEND_GPU) return gpu_model_optimizer_state_bytes(&t->gpu);
-    return 3 * t->layout.total * sizeof(float);
+    return 3 * t->n_train * sizeof(float);
 }
 
 static void trainer_get_state(Trainer *t, void *buf) {
@@ -636,11 +695,11 @@ static void trainer_get_state(Trainer *t, void *buf) {
         gpu_model_get_optimizer_state(&t->gpu, buf);
         return;
     }
-    size_t n = t->layout.total;
+    size_t n = t->n_train;
     float *f = (float *)buf;
     memcpy(f, t->mom1, n * sizeof(float));
     memcpy(f + n, t->mom2, n * sizeof(float));
-    memcpy(f + 2 * n, t->cpu.params, n * sizeof(float));
+    memcpy(f + 2 * n, cpu_model_trainable_params(&t->cpu), n * sizeof(float));
 }
 
 static void trainer_set_state(Trainer *t, const void *buf) {
@@ -648,11 +707,11 @@ static void trainer_set_state(Trainer *t, const void *buf) {
         gpu_model_set_optimizer_state(&t->gpu, buf);
         return;
     }
-    size_t n = t->layout.total;
+    size_t n = t->n_train;
     const float *f = (const float *)buf;
     memcpy(t->mom1, f, n * sizeof(float));
     memcpy(t->mom2, f + n, n * sizeof(float));
-    memcpy(t->cpu.params, f + 2 * n, n * sizeof(float));
+    memcpy(cpu_model_trainable_params(&t->cpu), f + 2 * n, n * sizeof(float));
 }
 
 typedef struct { double used, total, plan, peak; } MemLine;  // GiB
@@ -667,7 +726,7 @@ static MemLine trainer_memory(Trainer *t) {
         l.plan = gib(r.planned);
         l.peak = gib(r.peak_used);
     } else {
-        l.used = l.plan = l.peak = gib(cpu_path_bytes(&t->c, t->B, t->S));
+        l.used = l.plan = l.peak = gib(cpu_path_bytes(&t->c, &t->lora, t->B, t->S));
         l.total = gib(physical_memory());
     }
     return l;
@@ -685,14 +744,16 @@ static void trainer_free(Trainer *t) {
 }
 
 // ----------------------------------------------------------------------------
-// Checkpoints: <dir>/model_<step>.bin (model.bin, bf16: the weights for export) and
-// <dir>/state_<step>.bin, both written to a .tmp file and renamed.
+// Checkpoints: <dir>/model_<step>.bin (model.bin, bf16: the weights for export), or with LoRA
+// <dir>/lora_<step>.bin (lora.h: the adapters, fp32; the base stays the --model file), and
+// <dir>/state_<step>.bin, each written to a .tmp file and renamed.
 //
 // state_<step>.bin, little-endian: STATE_HEADER_INTS int64
 //   [0] magic STATE_MAGIC ('M','T','S','S')  [1] version  [2] backend (0 CPU, 1 GPU)  [3] step
-//   [4] parameter count  [5] FNV-1a hash of the model.bin header of the config
+//   [4] trainable values (parameters, or adapter elements)  [5] FNV-1a hash of the model.bin header of the config
 //   [6] RNG state  [7..11] DataPosition of the train loader (epoch, shard, cursor, seq_len, n_shards)
 //   [12] payload bytes  [13] moment type (GPU)  [14] master weights (GPU)  [15] FNV-1a hash of the payload
+//   [16] LoRA rank (0: none)  [17] LoRA target mask  [18] LoRA alpha (float32 bits)  [19] base quantization
 //   rest 0
 // then the payload: trainer_get_state's bytes (CPU: fp32 m1 | m2 | params; GPU: gpu_model's blob,
 // which holds the previous grad norm used by the optimizer-in-backward clip).
@@ -717,6 +778,9 @@ static void ckpt_path(char *out, size_t len, const char *dir, const char *kind, 
     snprintf(out, len, "%s/%s_%d.bin", dir, kind, step);
 }
 
+// The weights file that goes with state_<step>.bin: "model" (model.bin) or "lora" (adapters only).
+static const char *ckpt_weights_kind(const LoraConfig *lc) { return lc->rank > 0 ? "lora" : "model"; }
+
 static void ensure_dir(const char *dir) {
     struct stat st;
     if (stat(dir, &st) == 0) {
@@ -726,8 +790,9 @@ static void ensure_dir(const char *dir) {
     if (mkdir(dir, 0755) != 0) die("cannot create checkpoint directory %s: %s", dir, strerror(errno));
 }
 
-// Steps of the checkpoints in dir that have both files, ascending. Returns the count (*steps malloc'd).
-static int ckpt_list(const char *dir, int **steps) {
+// Steps of the checkpoints in dir that have both files (state and weights of `kind`), ascending.
+// Returns the count (*steps malloc'd).
+static int ckpt_list(const char *dir, const char *kind, int **steps) {
     char pattern[4096];
     snprintf(pattern, sizeof(pattern), "%s/state_*.bin", dir);
     glob_t g;
@@ -740,7 +805,7 @@ static int ckpt_list(const char *dir, int **steps) {
         int step;
         char tail[8], model[4096];
         if (sscanf(base, "state_%d%7s", &step, tail) != 2 || strcmp(tail, ".bin") != 0) continue;
-        ckpt_path(model, sizeof(model), dir, "model", step);
+        ckpt_path(model, sizeof(model), dir, kind, step);
         if (access(model, R_OK) == 0) (*steps)[n++] = step;
     }
     globfree(&g);
@@ -754,11 +819,11 @@ static int ckpt_list(const char *dir, int **steps) {
 }
 
 // Deletes all but the newest keep checkpoints.
-static void ckpt_prune(const char *dir, int keep) {
-    int *steps, n = ckpt_list(dir, &steps);
+static void ckpt_prune(const char *dir, const char *kind, int keep) {
+    int *steps, n = ckpt_list(dir, kind, &steps);
     for (int i = 0; i < n - keep; i++) {
         char p[4096];
-        ckpt_path(p, sizeof(p), dir, "model", steps[i]);
+        ckpt_path(p, sizeof(p), dir, kind, steps[i]);
         if (remove(p) != 0) die("cannot delete old checkpoint %s: %s", p, strerror(errno));
         ckpt_path(p, sizeof(p), dir, "state", steps[i]);
         if (remove(p) != 0) die("cannot delete old checkpoint %s: %s", p, strerror(errno));
@@ -769,11 +834,18 @@ static void ckpt_prune(const char *dir, int keep) {
 static void ckpt_save(Trainer *t, const char *dir, int keep, int step, uint64_t rng, DataPosition pos) {
     ensure_dir(dir);
     char path[4000], tmp[4100];
-    uint16_t *bf16 = (uint16_t *)mallocCheck(t->layout.total * sizeof(uint16_t));
-    trainer_get_params(t, bf16);
-    ckpt_path(path, sizeof(path), dir, "model", step);
-    model_save_bf16(&t->c, bf16, path);
-    free(bf16);
+    ckpt_path(path, sizeof(path), dir, ckpt_weights_kind(&t->lora), step);
+    if (t->lora.rank) {
+        float *adapters = (float *)mallocCheck(t->n_train * sizeof(float));
+        trainer_get_lora(t, adapters);
+        lora_save(path, &t->c, &t->lora, adapters);
+        free(adapters);
+    } else {
+        uint16_t *bf16 = (uint16_t *)mallocCheck(t->layout.total * sizeof(uint16_t));
+        trainer_get_params(t, bf16);
+        model_save_bf16(&t->c, bf16, path);
+        free(bf16);
+    }
 
     size_t bytes = trainer_state_bytes(t);
     void *payload = mallocCheck(bytes);
@@ -784,7 +856,7 @@ static void ckpt_save(Trainer *t, const char *dir, int keep, int step, uint64_t 
     h[1] = STATE_VERSION;
     h[2] = t->backend;
     h[3] = step;
-    h[4] = (int64_t)t->layout.total;
+    h[4] = (int64_t)t->n_train;
     h[5] = config_hash(&t->c);
     h[6] = (int64_t)rng;
     h[7] = pos.epoch;
@@ -796,6 +868,10 @@ static void ckpt_save(Trainer *t, const char *dir, int keep, int step, uint64_t 
     h[13] = t->backend == BACKEND_GPU ? (int64_t)t->gs.moment_type : 0;
     h[14] = t->backend == BACKEND_GPU ? t->gs.master_weights : 0;
     h[15] = (int64_t)fnv1a(payload, bytes, 0xCBF29CE484222325ULL);
+    h[16] = t->lora.rank;
+    h[17] = t->lora.rank ? (int64_t)t->lora.targets : 0;
+    memcpy(&h[18], &t->lora.alpha, sizeof(float));
+    h[19] = t->lora.base_quant;
     ckpt_path(path, sizeof(path), dir, "state", step);
     snprintf(tmp, sizeof(tmp), "%s.tmp", path);
     FILE *f = fopenCheck(tmp, "wb");
@@ -804,12 +880,12 @@ static void ckpt_save(Trainer *t, const char *dir, int keep, int step, uint64_t 
     fcloseCheck(f, tmp);
     rename_check(tmp, path);
     free(payload);
-    ckpt_prune(dir, keep);
-    printf("checkpoint: %s/model_%d.bin + state_%d.bin\n", dir, step, step);
+    ckpt_prune(dir, ckpt_weights_kind(&t->lora), keep);
+    printf("checkpoint: %s/%s_%d.bin + state_%d.bin\n", dir, ckpt_weights_kind(&t->lora), step, step);
 }
 
-// Reads the state file header; checks magic, version, size and that it belongs to model c.
-static void state_read_header(int64_t h[STATE_HEADER_INTS], const char *path, const ModelConfig *c) {
+// Reads the state file header; checks magic, version, size and that it belongs to model c with LoRA lc.
+static void state_read_header(int64_t h[STATE_HEADER_INTS], const char *path, const ModelConfig *c, const LoraConfig *lc) {
     FILE *f = fopenCheck(path, "rb");
     long size = file_size_bytes(f, path);
     if (size < (long)(STATE_HEADER_INTS * sizeof(int64_t)))
@@ -821,17 +897,26 @@ static void state_read_header(int64_t h[STATE_HEADER_INTS], const char *path, co
     if (h[12] < 0 || size != (long)(STATE_HEADER_INTS * sizeof(int64_t)) + h[12])
         die("%s: size %ld bytes disagrees with its header (%lld payload bytes): %s", path, size, (long long)h[12],
             size < (long)(STATE_HEADER_INTS * sizeof(int64_t)) + h[12] ? "truncated" : "trailing bytes");
-    ParamLayout l;
-    param_layout_init(&l, c);
-    if (h[4] != (int64_t)l.total || h[5] != config_hash(c))
-        die("%s: the state belongs to another model (%lld parameters, config hash %016llx; the model has %zu, %016llx)",
-            path, (long long)h[4], (unsigned long long)h[5], l.total, (unsigned long long)config_hash(c));
+    float alpha;
+    memcpy(&alpha, &h[18], sizeof(float));
+    if (h[16] != lc->rank || (lc->rank && (h[17] != (int64_t)lc->targets || alpha != lc->alpha)) || h[19] != lc->base_quant) {
+        char want[64], got[64];
+        lora_targets_string(lc->targets, want, sizeof(want));
+        lora_targets_string((unsigned)h[17], got, sizeof(got));
+        die("%s: written with LoRA rank %lld alpha %g targets %s base %s; this run has rank %d alpha %g targets %s base %s "
+            "(resume with the same --lora-* and --base-quant flags)", path, (long long)h[16], alpha, h[16] ? got : "-",
+            base_quant_name((int)h[19]), lc->rank, lc->alpha, lc->rank ? want : "-", base_quant_name(lc->base_quant));
+    }
+    size_t n_train = trainable_count(c, lc);
+    if (h[4] != (int64_t)n_train || h[5] != config_hash(c))
+        die("%s: the state belongs to another model (%lld trainable values, config hash %016llx; the model has %zu, %016llx)",
+            path, (long long)h[4], (unsigned long long)h[5], n_train, (unsigned long long)config_hash(c));
 }
 
 // Loads the state into the trainer; returns the step, sets *rng and *pos.
 static int state_load(Trainer *t, const char *path, uint64_t *rng, DataPosition *pos) {
     int64_t h[STATE_HEADER_INTS];
-    state_read_header(h, path, &t->c);
+    state_read_header(h, path, &t->c, &t->lora);
     if (h[2] != t->backend)
         die("%s: written by the %s path; this run uses the %s path (the optimizer states differ: resume on the same backend)",
             path, h[2] == BACKEND_GPU ? "GPU" : "CPU", t->backend == BACKEND_GPU ? "GPU" : "CPU");
@@ -856,13 +941,15 @@ static int state_load(Trainer *t, const char *path, uint64_t *rng, DataPosition 
     return (int)h[3];
 }
 
-// --resume latest|PATH -> the state file path; the model file is its model_<step>.bin sibling.
+// --resume latest|PATH -> the state file path; the weights file is its model_<step>.bin sibling
+// (lora_<step>.bin with LoRA).
 static void resume_paths(const Options *o, char *state, char *model, size_t len) {
+    const char *kind = ckpt_weights_kind(&o->lora);
     if (strcmp(o->resume, "latest") == 0) {
-        int *steps, n = ckpt_list(o->ckpt_dir, &steps);
-        if (n == 0) die("--resume latest: no checkpoint (model_<step>.bin + state_<step>.bin) in %s", o->ckpt_dir);
+        int *steps, n = ckpt_list(o->ckpt_dir, kind, &steps);
+        if (n == 0) die("--resume latest: no checkpoint (%s_<step>.bin + state_<step>.bin) in %s", kind, o->ckpt_dir);
         ckpt_path(state, len, o->ckpt_dir, "state", steps[n - 1]);
-        ckpt_path(model, len, o->ckpt_dir, "model", steps[n - 1]);
+        ckpt_path(model, len, o->ckpt_dir, kind, steps[n - 1]);
         free(steps);
         return;
     }
@@ -870,7 +957,7 @@ static void resume_paths(const Options *o, char *state, char *model, size_t len)
     const char *slash = strrchr(o->resume, '/');
     const char *base = slash ? slash + 1 : o->resume;
     if (strncmp(base, "state_", 6) != 0) die("--resume %s: expected 'latest' or a path to a state_<step>.bin file", o->resume);
-    snprintf(model, len, "%.*smodel_%s", (int)(base - o->resume), o->resume, base + 6);
+    snprintf(model, len, "%.*s%s_%s", (int)(base - o->resume), o->resume, kind, base + 6);
 }
 
 // ----------------------------------------------------------------------------
@@ -1104,6 +1191,7 @@ static int plan_only(const Options *o) {
     s.grad_accum_steps = o->grad_accum;
     s.moment_bytes = strcmp(o->moments, "fp32") == 0 ? 4 : 2;
     s.master_weights = o->master_weights;
+    s.lora = o->lora;
     MstKernelFigures fig;
     mst_kernel_figures_estimate(&c, s.B, s.S, &fig);
     size_t device = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0), host = mst_default_host_budget(physical_memory());
@@ -1145,11 +1233,13 @@ int main(int argc, char **argv) {
     ParamLayout layout;
     uint16_t *params;
     char state_file[4096] = "", model_file[4096] = "";
-    if (o.resume) {
+    if (o.resume && o.lora.rank == 0) {
         resume_paths(&o, state_file, model_file, sizeof(state_file));
         if (o.model) printf("note: --resume takes the weights from %s, not --model %s\n", model_file, o.model);
         params = model_load_bf16(&c, &layout, model_file);
-    } else if (o.model) {
+    } else if (o.model) {  // with LoRA also on --resume: the checkpoint holds the adapters, --model the base
+        if (o.resume) resume_paths(&o, state_file, model_file, sizeof(state_file));
+        params = model_load_bf16(&c, &layout, o.model);
         params = model_load_bf16(&c, &layout, o.model);
     } else if (o.preset) {
         if (!mst_preset(o.preset, &c)) {
@@ -1174,12 +1264,31 @@ int main(int argc, char **argv) {
            family_name(c.family), c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff,
            commas((double)layout.total, n_params, sizeof(n_params)));
 
+    if (o.lora.rank) {
+        char targets[64];
+        lora_targets_string(o.lora.targets, targets, sizeof(targets));
+        printf("LoRA: rank %d, alpha %g (scale %g), targets %s, frozen base %s, %s adapter values\n", o.lora.rank,
+               o.lora.alpha, o.lora.alpha / o.lora.rank, targets, base_quant_name(o.lora.base_quant),
+               commas((double)trainable_count(&c, &o.lora), n_params, sizeof(n_params)));
+    }
+
     Trainer t;
     trainer_init(&t, backend, &c, params, &o);
     free(params);
     if (o.profile) {
         if (backend != BACKEND_GPU) die("--profile measures GPU time: it needs the GPU path");
         gpu_model_profile_enable(&t.gpu);
+    }
+    if (o.resume && o.lora.rank) {  // the adapters of the checkpoint (lora_load checks the base they belong to)
+        LoraConfig file;
+        float *adapters = (float *)mallocCheck(t.n_train * sizeof(float));
+        lora_load(model_file, &c, &file, NULL);
+        if (file.rank != o.lora.rank || file.alpha != o.lora.alpha || file.targets != o.lora.targets)
+            die("%s: adapters of rank %d alpha %g targets 0x%x; this run asks for rank %d alpha %g targets 0x%x",
+                model_file, file.rank, file.alpha, file.targets, o.lora.rank, o.lora.alpha, o.lora.targets);
+        lora_load(model_file, &c, &file, adapters);
+        trainer_set_lora(&t, adapters);
+        free(adapters);
     }
 
     // data: the loaders check every token id against the model's vocabulary; synthetic batches

@@ -15,15 +15,20 @@ zero: nothing to compare). Then, in float64 with eager attention, on make_refere
       1, 2, 3 (torch.optim.AdamW over the adapters only, every adapter decayed), and
       adamw.param.<adapter name>: every adapter after 2 steps.
 Adapter names follow lora.h: layers.<l>.<q|k|v|o|gate|up|down>.lora_A (r, in) / lora_B (out, r).
+Then it checks scripts/export_hf.py on the written files: the base exported with --peft-out loads in
+transformers + peft (PeftModel.from_pretrained, float64) and gives the reference logits (within 1e-6
+of the largest), and the --merge-lora export gives them within bf16 rounding of the merged weights.
 Deterministic: fixed seeds, CPU float64.
 """
 import argparse
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
 import peft
+import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import export_hf  # noqa: E402
@@ -85,6 +90,26 @@ def adamw_steps(model, lora_params, tokens, targets):
     return losses
 
 
+def check_export(base_path, lora_path, tokens, logits, tmp):
+    """export_hf's --peft-out adapter on its base, and its --merge-lora model, against the logits."""
+    base_dir, peft_dir, merged_dir = (os.path.join(tmp, n) for n in ("base", "peft", "merged"))
+    for args in (["--to-hf", base_path, base_dir, "--lora", lora_path, "--peft-out", peft_dir],
+                 ["--to-hf", base_path, merged_dir, "--lora", lora_path, "--merge-lora"]):
+        if export_hf.main(args) != 0:
+            raise RuntimeError(f"export_hf {' '.join(args)} failed")
+    load = dict(dtype=torch.float64, attn_implementation="eager")
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir, **load), peft_dir)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, **load)
+    scale = float(np.abs(logits).max())
+    with torch.no_grad():
+        err_peft = float(np.abs(model(input_ids=tokens).logits.numpy() - logits).max()) / scale
+        err_merged = float(np.abs(merged(input_ids=tokens).logits.numpy() - logits).max()) / scale
+    print(f"            export: --peft-out loaded by peft: max err {err_peft:.1e}; --merge-lora: {err_merged:.1e} "
+          f"(of max |logit| {scale:.2f})")
+    if not (err_peft <= 1e-6 and err_merged <= 3e-2):
+        raise RuntimeError(f"{lora_path}: exported adapters disagree with the reference ({err_peft:g}, {err_merged:g})")
+
+
 def make_case(case, out_dir):
     seed, config = mr.case_configs()[case]
     rank, alpha, lora_targets = CASES[case]
@@ -118,6 +143,8 @@ def make_case(case, out_dir):
     mb.write_bundle(ref_path, bundle)
     print(f"{case:11s} r={rank} alpha={alpha:g} targets={','.join(lora_targets)}  loss {loss.item():.6f}  adamw losses "
           f"{' '.join(f'{x:.6f}' for x in losses)}  -> {ref_path}")
+    with tempfile.TemporaryDirectory() as tmp:
+        check_export(base_path, os.path.join(out_dir, f"{case}.lora.bin"), tokens, bundle["logits"], tmp)
 
 
 def main():
