@@ -166,7 +166,7 @@ __global__ void quant_quantize_kernel(int kind, unsigned char *codes, float *abs
         q0 += nf4_midpoints[k] < s0;
         q1 += nf4_midpoints[k] < s1;
     }
-    codes[i0 / 2] = (unsigned char)((q0 << 4) | (i0 + 1 < n ? q1 : 0));
+    codes[i0 / 2] = (unsigned char)((q0 << 4) | q1);  // past an odd n, x1 = 0: the code of 0 pads
 }
 
 // out (n) bf16 = dequantized element i: int8 code * (absmax / 127), NF4 level * absmax, rounded to

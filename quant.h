@@ -8,7 +8,8 @@
 //         w' = code * (absmax / 127).
 //   NF4:  s = clamp(w * (1 / absmax), -1, 1), code = the number of midpoints between consecutive
 //         NF4 levels that lie strictly below s (the nearest level; a tie goes to the lower one);
-//         two codes per byte, the even element in the high nibble; w' = NF4[code] * absmax.
+//         two codes per byte, the even element in the high nibble (an odd count pads the last
+//         byte with the code of 0); w' = NF4[code] * absmax.
 //         NF4 are the 16 levels of Dettmers et al. 2023 (QLoRA), normal-distribution quantiles
 //         scaled to [-1, 1] with an exact 0; the packing and the tie rule are those of bitsandbytes,
 //         so codes and absmax can be compared with bitsandbytes' quantize_4bit(blocksize=64, nf4).
@@ -82,6 +83,7 @@ static inline void quant_quantize_cpu(int kind, uint8_t *codes, float *absmax, c
             }
         }
     }
+    if (kind == BASE_QUANT_NF4 && n % 2) codes[n / 2] |= (uint8_t)quant_nf4_code(0.0f);
 }
 
 // Element i of a quantized matrix, fp32 (before the bf16 rounding).

@@ -25,6 +25,7 @@ run() {  # run NAME COMMAND...
 }
 
 run cpu_model ./build/test_cpu_model tests/ref
+run quant ./build/test_quant tests/ref
 run model_loader ./build/test_model_loader
 run tokenizer ./build/test_tokenizer
 run dataloader ./build/test_dataloader
