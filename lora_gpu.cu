@@ -126,24 +126,20 @@ void lora_backward_input(GpuLora *g, int l, int group, bf16 *dx, int n, cudaStre
 
 // ---- quantized base ----
 
-__constant__ float nf4_levels[16];
-__constant__ float nf4_midpoints[15];
+// The NF4 levels and midpoints (quant.h), passed to the kernels by value (no per-device state).
+typedef struct { float level[16], mid[15]; } Nf4Table;
 
-static int nf4_tables_ready = 0;
-
-static void nf4_tables_upload(void) {
-    if (nf4_tables_ready) return;
-    float mid[15];
-    for (int k = 0; k < 15; k++) mid[k] = quant_nf4_midpoint(k);
-    cudaCheck(cudaMemcpyToSymbol(nf4_levels, QUANT_NF4_LEVELS, sizeof(QUANT_NF4_LEVELS)));
-    cudaCheck(cudaMemcpyToSymbol(nf4_midpoints, mid, sizeof(mid)));
-    nf4_tables_ready = 1;
+static Nf4Table nf4_table(void) {
+    Nf4Table t;
+    memcpy(t.level, QUANT_NF4_LEVELS, sizeof(t.level));
+    for (int k = 0; k < 15; k++) t.mid[k] = quant_nf4_midpoint(k);
+    return t;
 }
 
 // One warp per block of QUANT_BLOCK elements of w (n) bf16: lane t owns elements 2t, 2t + 1 of the
 // block. absmax[b] = max |w| over the block (warp max); codes: int8 one byte per element, NF4 the
 // byte holding both (even element in the high nibble). The arithmetic is quant_quantize_cpu's.
-__global__ void quant_quantize_kernel(int kind, unsigned char *codes, float *absmax, const bf16 *w, size_t n) {
+__global__ void quant_quantize_kernel(int kind, unsigned char *codes, float *absmax, const bf16 *w, size_t n, Nf4Table nf4) {
     size_t block = (size_t)blockIdx.x * QUANT_WARPS + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     size_t i0 = block * QUANT_BLOCK + 2 * (size_t)lane;
@@ -163,15 +159,16 @@ __global__ void quant_quantize_kernel(int kind, unsigned char *codes, float *abs
     float s0 = fminf(fmaxf(__fmul_rn(x0, inv), -1.0f), 1.0f), s1 = fminf(fmaxf(__fmul_rn(x1, inv), -1.0f), 1.0f);
     int q0 = 0, q1 = 0;
     for (int k = 0; k < 15; k++) {
-        q0 += nf4_midpoints[k] < s0;
-        q1 += nf4_midpoints[k] < s1;
+        q0 += nf4.mid[k] < s0;
+        q1 += nf4.mid[k] < s1;
     }
     codes[i0 / 2] = (unsigned char)((q0 << 4) | q1);  // past an odd n, x1 = 0: the code of 0 pads
 }
 
 // out (n) bf16 = dequantized element i: int8 code * (absmax / 127), NF4 level * absmax, rounded to
 // nearest even. Reads codes and absmax; one thread per pair of elements, grid-stride.
-__global__ void quant_dequantize_kernel(int kind, bf16 *out, const unsigned char *codes, const float *absmax, size_t n) {
+__global__ void quant_dequantize_kernel(int kind, bf16 *out, const unsigned char *codes, const float *absmax, size_t n,
+                                        Nf4Table nf4) {
     size_t pairs = (n + 1) / 2;
     for (size_t p = (size_t)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += (size_t)gridDim.x * blockDim.x) {
         size_t i = 2 * p;
@@ -182,8 +179,8 @@ __global__ void quant_dequantize_kernel(int kind, bf16 *out, const unsigned char
             v1 = i + 1 < n ? __fmul_rn((float)(signed char)codes[i + 1], scale) : 0.0f;
         } else {
             unsigned char b = codes[p];
-            v0 = __fmul_rn(nf4_levels[b >> 4], a);
-            v1 = __fmul_rn(nf4_levels[b & 15], a);
+            v0 = __fmul_rn(nf4.level[b >> 4], a);
+            v1 = __fmul_rn(nf4.level[b & 15], a);
         }
         out[i] = __float2bfloat16_rn(v0);
         if (i + 1 < n) out[i + 1] = __float2bfloat16_rn(v1);
@@ -197,18 +194,16 @@ static void check_kind(int kind, const char *who) {
 void quant_quantize(int kind, unsigned char *codes, float *absmax, const bf16 *w, size_t n, cudaStream_t stream) {
     check_kind(kind, "quant_quantize");
     if (n == 0) return;
-    nf4_tables_upload();
     size_t blocks = ceil_div_size(quant_blocks(n), QUANT_WARPS);
     if (blocks > 0x7fffffff) die("quant_quantize: %zu elements are too many for one launch", n);
-    quant_quantize_kernel<<<(unsigned)blocks, QUANT_WARPS * 32, 0, stream>>>(kind, codes, absmax, w, n);
+    quant_quantize_kernel<<<(unsigned)blocks, QUANT_WARPS * 32, 0, stream>>>(kind, codes, absmax, w, n, nf4_table());
     cudaCheckLaunch();
 }
 
 void quant_dequantize(int kind, bf16 *out, const unsigned char *codes, const float *absmax, size_t n, cudaStream_t stream) {
     check_kind(kind, "quant_dequantize");
     if (n == 0) return;
-    nf4_tables_upload();
-    quant_dequantize_kernel<<<lora_grid((n + 1) / 2), LORA_THREADS, 0, stream>>>(kind, out, codes, absmax, n);
+    quant_dequantize_kernel<<<lora_grid((n + 1) / 2), LORA_THREADS, 0, stream>>>(kind, out, codes, absmax, n, nf4_table());
     cudaCheckLaunch();
 }
 

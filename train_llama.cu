@@ -1064,9 +1064,12 @@ static float lr_at(const Options *o, int step) {
 // Model FLOPs per token of a training step (forward + backward, no recomputation counted):
 // 6 * P, with P the matmul parameters (layers + LM head, config_matmul_params), plus attention:
 // per layer Q.K^T and P.V are 2 * 2 * S * Hq * hd in forward, x3 with backward -> 12 L S Hq hd
-// (the causal half is not subtracted, as in the PaLM MFU formula).
-static double flops_per_token(const ModelConfig *c, int S) {
-    return 6.0 * (double)config_matmul_params(c) + 12.0 * c->n_layers * (double)S * c->n_heads * c->head_dim;
+// (the causal half is not subtracted, as in the PaLM MFU formula). With LoRA the frozen base needs
+// no weight gradients (4 P instead of 6 P) and the adapters add 6 per adapter value.
+static double flops_per_token(const ModelConfig *c, const LoraConfig *lc, int S) {
+    double attention = 12.0 * c->n_layers * (double)S * c->n_heads * c->head_dim;
+    if (lc->rank) return 4.0 * (double)config_matmul_params(c) + 6.0 * (double)trainable_count(c, lc) + attention;
+    return 6.0 * (double)config_matmul_params(c) + attention;
 }
 
 // 12,345 style integer.
@@ -1090,7 +1093,7 @@ static double now_ms(void) {
 
 static void log_step(Trainer *t, int step, int steps, const StepOut *r, float lr, double ms, FILE *log) {
     double tokens = (double)t->B * t->S * t->grad_accum;
-    double tok_s = tokens / (ms / 1e3), flops = flops_per_token(&t->c, t->S) * tok_s;
+    double tok_s = tokens / (ms / 1e3), flops = flops_per_token(&t->c, &t->lora, t->S) * tok_s;
     MemLine m = trainer_memory(t);
     char tk[64], mfu[32];
     if (t->backend == BACKEND_GPU && t->peak_flops > 0) snprintf(mfu, sizeof(mfu), "MFU %.1f%%", 100.0 * flops / t->peak_flops);
@@ -1138,7 +1141,7 @@ static void print_bench(Trainer *t, const Options *o, double *ms, int n) {
     double *x = ms + warm;
     qsort(x, k, sizeof(double), cmp_double);
     double med = k % 2 ? x[k / 2] : 0.5 * (x[k / 2 - 1] + x[k / 2]);
-    double tok_s = (double)t->B * t->S * t->grad_accum / (med / 1e3), fpt = flops_per_token(&t->c, t->S);
+    double tok_s = (double)t->B * t->S * t->grad_accum / (med / 1e3), fpt = flops_per_token(&t->c, &t->lora, t->S);
     int gpu = t->backend == BACKEND_GPU;
     MemLine m = trainer_memory(t);
     printf("BENCH {\"model\": ");
@@ -1147,10 +1150,12 @@ static void print_bench(Trainer *t, const Options *o, double *ms, int n) {
     json_string(stdout, t->device);
     printf(", \"B\": %d, \"S\": %d, \"grad_accum\": %d, \"M\": %d, \"vocab_chunk\": %d, \"recompute\": %d, "
            "\"offload\": %d, \"host_layers\": %d, \"moments\": \"%s\", \"master_weights\": %d, \"synthetic\": %d, "
+           "\"lora_rank\": %d, \"base_quant\": \"%s\", "
            "\"steps_timed\": %d, \"warmup\": %d, \"median_ms\": %.3f, \"tok_s\": %.1f, \"tflops\": %.4f, \"mfu\": ",
            t->B, t->S, t->grad_accum, gpu ? t->gs.mst_chunks : 1, gpu ? t->gs.vocab_chunk : t->c.vocab_size,
            gpu ? t->gs.recompute : 0, gpu ? t->gs.offload : 0, gpu ? t->gs.host_layers : 0, o->moments,
-           o->master_weights, o->synthetic, k, warm, med, tok_s, fpt * tok_s / 1e12);
+           o->master_weights, o->synthetic, o->lora.rank, base_quant_name(o->lora.base_quant), k, warm, med, tok_s,
+           fpt * tok_s / 1e12);
     if (gpu && t->peak_flops > 0) printf("%.6f", fpt * tok_s / t->peak_flops);
     else printf("null");
     printf(", \"peak_gib\": %.4f, \"planned_gib\": %.4f, \"params\": %zu, \"flops_per_token\": %.6e, \"oom\": false}\n",
