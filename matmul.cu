@@ -18,7 +18,9 @@ typedef struct {
     cublasLtMatmulAlgo_t algo;
 } GemmPlan;
 
-#define GEMM_PLAN_CACHE_SIZE 64
+// Room for every shape of a training step: the base GEMMs, their tail chunks, and with LoRA six
+// adapter GEMMs per fused group (a full table evicts round-robin and re-runs the heuristic).
+#define GEMM_PLAN_CACHE_SIZE 256
 
 typedef struct {
     cublasLtHandle_t handle;
