@@ -52,7 +52,7 @@ typedef struct {
     int bench;                // 1: print a BENCH {json} line after the run
     int profile;              // 1: GPU time by region of the steps after the first (GPU path)
     int checkpoints;          // 0: write none (synthetic data without --ckpt-every / --stop-after)
-    int eval_given, sample_given, ckpt_given;  // the flags were on the command line
+    int eval_given, sample_given, ckpt_given, lora_given;  // the flags were on the command line
     LoraConfig lora;          // rank 0: full fine-tuning; else adapters on a frozen (optionally quantized) base
 } Options;
 
@@ -277,11 +277,12 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--seed") == 0) o.seed = (uint64_t)parse_int(a, v, 0, INT64_MAX);
         else if (strcmp(a, "--log") == 0) o.log = v;
         else if (strcmp(a, "--lora-rank") == 0) o.lora.rank = (int)parse_int(a, v, 0, 65536);
-        else if (strcmp(a, "--lora-alpha") == 0) o.lora.alpha = parse_float(a, v, 1e-6f, 1e6f);
+        else if (strcmp(a, "--lora-alpha") == 0) { o.lora.alpha = parse_float(a, v, 1e-6f, 1e6f); o.lora_given = 1; }
         else if (strcmp(a, "--lora-targets") == 0) {
             char msg[256];
             const char *err = lora_parse_targets(v, &o.lora.targets, msg, sizeof(msg));
             if (err) die("--lora-targets: %s", err);
+            o.lora_given = 1;
         }
         else if (strcmp(a, "--base-quant") == 0) o.lora.base_quant = parse_base_quant(a, v);
         else die("internal: option '%s' has no handler", a);
@@ -295,6 +296,7 @@ static Options options_parse(int argc, char **argv) {
     }
     if (o.bench && o.steps < 2) die("--bench needs --steps >= 2 (the first step is always warm-up)");
     if (o.recompute == 0 && o.offload == 1) die("--offload 1 needs --recompute 1 (only recomputed layers can keep their inputs on the host)");
+    if (o.lora.rank == 0 && o.lora_given) die("--lora-alpha and --lora-targets shape LoRA adapters: they need --lora-rank R");
     if (o.lora.rank > 0 && o.lora.alpha == 0.0f) o.lora.alpha = (float)o.lora.rank;
     char msg[256];
     if (lora_config_check(&o.lora, msg, sizeof(msg))) die("%s", msg);

@@ -258,6 +258,7 @@ else
 fi
 expect_fail "--base-quant without LoRA" "needs LoRA" "$BIN" "${TINY[@]}" --base-quant nf4
 expect_fail "--lora-rank without a base" "give the base with --model" "$BIN" "${TINY[@]}" --lora-rank 4
+expect_fail "--lora-alpha without --lora-rank" "they need --lora-rank R" "$BIN" "${TINY[@]}" --model "$LB" --lora-alpha 8
 expect_fail "--lora-targets with a typo" "'qq' is not one of" "$BIN" "${TINY[@]}" --model "$LB" --lora-rank 4 --lora-targets q,qq
 expect_fail "resume with another LoRA rank" "this run asks for rank 8" "$BIN" "${TL[@]}" --lora-rank 8 --steps 6 --resume latest --ckpt-dir "$TMP/lb"
 expect_fail "resume a LoRA state with another base quantization" "base nf4; this run has rank 4 alpha 8 targets q,v,o,down base int8" \
