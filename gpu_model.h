@@ -25,7 +25,7 @@ typedef struct {
     DType moment_type;      // AdamW moments: DT_FP32 or DT_BF16
     int master_weights;     // 1: fp32 master weights (bf16 weights are round-to-nearest copies)
     size_t gpu_mem_budget;  // bytes for arena + cuBLASLt workspace; 0: free memory minus a 1 GiB margin
-    size_t host_mem_budget; // pinned bytes for offloaded layer inputs; 0: 3/4 of physical memory
+    size_t host_mem_budget; // pinned bytes for offloaded layer inputs; 0: mst_default_host_budget(physical memory)
     LoraConfig lora;        // rank 0: every weight trains; else adapters on a frozen (optionally quantized) base
     uint64_t lora_seed;     // initialization of new adapters (lora_init_params)
 } GpuSettings;

@@ -486,7 +486,9 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
              MST_HUMAN(device_budget), MST_HUMAN(host_budget));
     for (int k = 0; k < MEM_CATEGORY_COUNT; k++) plan_appendf(msg, msg_len, " %s %.2f %s%s", mst_category_name(k), MST_HUMAN(p->category_bytes[k]), k + 1 < MEM_CATEGORY_COUNT ? "," : "\n");
 
-    // Longest sequence that fits with these settings (binary search on S with the frugal choices).
+    // Longest sequence that fits with these settings (binary search on S, each S with the full
+    // search: with offload the host budget can bind before the device's, and then fewer offloaded
+    // layers than the frugal choice's all of them fit a longer sequence).
     int lo = 0, hi = s->S;
     while (hi - lo > 1) {
         int mid = lo + (hi - lo) / 2;
@@ -494,10 +496,8 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
         t.S = mid;
         if (t.mst_chunks > t.B * mid) t.mst_chunks = t.B * mid;
         MstKernelFigures g = mst_figures_rescale(fig, s->S, mid);
-        MstSettings tf = plan_frugal(c, &t);
         MemoryPlan tmp;
-        mst_plan_build(&tmp, c, &tf, &g);
-        if (mst_plan_fits(&tmp, device_budget, host_budget)) lo = mid; else hi = mid;
+        if (plan_search(&tmp, c, &t, &g, device_budget, host_budget)) lo = mid; else hi = mid;
     }
     if (lo > 0) plan_appendf(msg, msg_len, "  with these settings the longest sequence that fits is about S=%d (B=%d)\n", lo, s->B);
     else plan_appendf(msg, msg_len, "  with these settings nothing fits, not even S=1 (the weights and optimizer state alone are too large)\n");

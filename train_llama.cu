@@ -40,6 +40,7 @@ typedef struct {
     const char *moments;      // bf16 | fp32 (GPU)
     int master_weights, mst_chunks, vocab_chunk, recompute, offload;  // mst_chunks, vocab_chunk: 0 = auto
     float gpu_mem_gib;        // 0: free device memory minus a margin
+    float host_mem_gib;       // 0: mst_default_host_budget of this machine's memory
     int eval_every, eval_batches, sample_every, sample_tokens;
     const char *prompt;
     float temperature, top_p;
@@ -126,6 +127,8 @@ static void usage(FILE *f) {
             "  --recompute 0|1       recompute layers in backward (default %d)\n"
             "  --offload 0|1         layer inputs may live in pinned host memory (default %d)\n"
             "  --gpu-mem GiB         device budget (default: free memory at start minus 0.5 GiB)\n"
+            "  --host-mem GiB        pinned host budget of offloaded layer inputs (default: this machine's\n"
+            "                        memory less 16 GiB, at least 3/4 of it)\n"
             "  --cpu                 train on the CPU reference path even with a GPU\n"
             "LoRA (the base stays frozen; checkpoints hold the adapters: lora_<step>.bin + state_<step>.bin)\n"
             "  --lora-rank R         train rank-R adapters instead of every weight (default 0: no LoRA)\n"
@@ -212,7 +215,7 @@ static const char *parse_choice(const char *flag, const char *s, const char *a, 
 static const char *const VALUE_FLAGS[] = {
     "--model", "--tokenizer", "--train", "--val", "--preset", "--seq-len", "--batch", "--grad-accum", "--steps", "--lr",
     "--min-lr-frac", "--warmup", "--schedule", "--weight-decay", "--beta1", "--beta2", "--eps", "--clip", "--moments",
-    "--mst", "--vocab-chunk", "--recompute", "--offload", "--gpu-mem", "--eval-every", "--eval-batches", "--sample-every",
+    "--mst", "--vocab-chunk", "--recompute", "--offload", "--gpu-mem", "--host-mem", "--eval-every", "--eval-batches", "--sample-every",
     "--sample-tokens", "--prompt", "--temperature", "--top-p", "--ckpt-dir", "--ckpt-every", "--keep-last", "--resume",
     "--stop-after", "--seed", "--log", "--lora-rank", "--lora-alpha", "--lora-targets", "--base-quant"};
 
@@ -262,6 +265,7 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--recompute") == 0) o.recompute = (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--offload") == 0) o.offload = (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--gpu-mem") == 0) o.gpu_mem_gib = parse_float(a, v, 0.0f, 1e6f);
+        else if (strcmp(a, "--host-mem") == 0) o.host_mem_gib = parse_float(a, v, 0.0f, 1e6f);
         else if (strcmp(a, "--eval-every") == 0) { o.eval_every = (int)parse_int(a, v, 0, INT32_MAX); o.eval_given = 1; }
         else if (strcmp(a, "--eval-batches") == 0) { o.eval_batches = (int)parse_int(a, v, 0, 1 << 20); o.eval_given = 1; }
         else if (strcmp(a, "--sample-every") == 0) { o.sample_every = (int)parse_int(a, v, 0, INT32_MAX); o.sample_given = 1; }
@@ -607,6 +611,7 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     s->moment_type = strcmp(o->moments, "fp32") == 0 ? DT_FP32 : DT_BF16;
     s->master_weights = o->master_weights;
     s->gpu_mem_budget = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0);
+    s->host_mem_budget = (size_t)(o->host_mem_gib * 1024.0 * 1024.0 * 1024.0);
     s->lora = o->lora;
     s->lora_seed = o->seed;
     gpu_model_init(&t->gpu, c, params, s);
@@ -1201,11 +1206,14 @@ static int plan_only(const Options *o) {
     s.lora = o->lora;
     MstKernelFigures fig;
     mst_kernel_figures_estimate(&c, s.B, s.S, &fig);
-    size_t device = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0), host = mst_default_host_budget(physical_memory());
+    size_t device = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0);
+    size_t host = o->host_mem_gib > 0.0f ? (size_t)(o->host_mem_gib * 1024.0 * 1024.0 * 1024.0)
+                                         : mst_default_host_budget(physical_memory());
     MemoryPlan p;
     char msg[8192];
-    printf("plan for %s (%s), B=%d S=%d, device budget %.1f GiB, host budget %.1f GiB (this machine's memory less 16 GiB, at least 3/4 of it)\n",
-           o->preset ? o->preset : o->model, family_name(c.family), s.B, s.S, gib(device), gib(host));
+    printf("plan for %s (%s), B=%d S=%d, device budget %.1f GiB, host budget %.1f GiB (%s)\n",
+           o->preset ? o->preset : o->model, family_name(c.family), s.B, s.S, gib(device), gib(host),
+           o->host_mem_gib > 0.0f ? "--host-mem" : "this machine's memory less 16 GiB, at least 3/4 of it");
     if (!mst_plan_auto(&p, &c, &s, &fig, device, host, msg, sizeof(msg))) {
         printf("%s", msg);
         return 1;
