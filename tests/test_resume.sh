@@ -216,6 +216,22 @@ else
     bad "--plan-only with LoRA and an NF4 base (exit $rc)"
     tail -5 "$TMP/p3.txt"
 fi
+# --host-mem sets the pinned budget the offload plan may use: S=409600 offloaded fits in 109 GiB
+# (the 125 GiB device machine's default), not in 40
+"$BIN" --plan-only --preset llama3-8b --seq-len 409600 --gpu-mem 80 --offload 1 --lora-rank 16 --base-quant nf4 \
+    --host-mem 109 > "$TMP/p4.txt" 2>&1
+rc=$?
+"$BIN" --plan-only --preset llama3-8b --seq-len 409600 --gpu-mem 80 --offload 1 --lora-rank 16 --base-quant nf4 \
+    --host-mem 40 > "$TMP/p5.txt" 2>&1
+rc5=$?
+if [ $rc -eq 0 ] && grep -q 'host budget 109.0 GiB (--host-mem)' "$TMP/p4.txt" && [ $rc5 -eq 1 ] \
+    && grep -q 'budget 80.00 GiB device, 40.00 GiB host' "$TMP/p5.txt"; then
+    ok "--plan-only --host-mem: LoRA NF4 S=409600 offloaded fits 109 GiB of host ($(grep '^fits: ' "$TMP/p4.txt")), not 40"
+else
+    bad "--plan-only --host-mem (exit $rc / $rc5)"
+    tail -3 "$TMP/p4.txt" "$TMP/p5.txt"
+fi
+expect_fail "--host-mem needs a number" "host-mem" "$BIN" --plan-only --preset llama3-8b --gpu-mem 80 --host-mem lots
 
 # (6) a trained checkpoint exports to a Hugging Face directory and back, byte for byte
 if python3 scripts/export_hf.py --to-hf "$A/model_8.bin" "$TMP/hf" --tokenizer-from data/default > "$TMP/hf.txt" 2>&1 \
