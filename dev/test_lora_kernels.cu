@@ -6,6 +6,9 @@
 //   lora_materialize_bblk / lora_gather_dbblk: bit-exact against the same loops on the CPU.
 //   lora_forward / lora_backward_weights / lora_backward_input of every group (q|k|v with two of its
 //     targets, o, gate|up, down): against the formulas of lora_gpu.h in double on the same bf16 inputs.
+//     The backward runs in two row chunks (as the MsT MLP loop does) on a gradient block that starts
+//     non-zero: the adapter gradients must add to it, chunk after chunk (the GPU model zeroes the
+//     block once; an overwriting GEMM would lose the first chunk and the start values).
 //     Tolerance 2e-2 of the largest reference entry: bf16 storage of u and du (2^-8 relative each)
 //     through sums of a few hundred terms; a transposed or misplaced operand is off by O(1).
 // Build: make build/test_lora_kernels. Run: ./build/test_lora_kernels (skips, and says so, without a GPU).
@@ -174,8 +177,9 @@ static void compare_rows(TestReport *r, const char *name, const float *got, cons
     free(reff);
 }
 
-// One group of layer 1 (of 2): forward y += scale u B_blk^T and the three backward products, against
-// double loops; also lora_materialize_bblk and lora_gather_dbblk bit for bit.
+// One group of layer 1 (of 2): forward y += scale u B_blk^T over n rows and the three backward
+// products in two chunks of rows, added to start gradients g0, against double loops; also
+// lora_materialize_bblk and lora_gather_dbblk (of the second chunk) bit for bit.
 static void test_lora_group(TestReport *r, const LoraLayout *L, int group, int n) {
     const char *gname[LORA_GROUP_COUNT] = {"q|k|v", "o", "gate|up", "down"};
     char name[128];
@@ -189,8 +193,8 @@ static void test_lora_group(TestReport *r, const LoraLayout *L, int group, int n
     g.cfg.rank = L->rank;
     g.layout = *L;
     g.params = device_bf16(params, L->total);
-    float *zeros = (float *)callocCheck(lsz, sizeof(float));
-    g.grads = (float *)to_device(zeros, lsz * sizeof(float));
+    float *g0 = bf16_random_f32(lsz, 10.0);  // std 10 against ~30 of the gradients: losing it fails
+    g.grads = (float *)to_device(g0, lsz * sizeof(float));
     g.grads_per_layer = 1;
     g.bblk[group] = (bf16 *)device_output((size_t)out * R * sizeof(uint16_t));
     g.u = (bf16 *)device_output((size_t)n * R * sizeof(uint16_t));
@@ -213,6 +217,8 @@ static void test_lora_group(TestReport *r, const LoraLayout *L, int group, int n
     double *u = (double *)callocCheck((size_t)n * R, sizeof(double)), *y = (double *)mallocCheck((size_t)n * out * sizeof(double));
     double *du = (double *)callocCheck((size_t)n * R, sizeof(double)), *dx = (double *)mallocCheck((size_t)n * in * sizeof(double));
     double *dA = (double *)callocCheck((size_t)R * in, sizeof(double)), *dB = (double *)callocCheck((size_t)out * R, sizeof(double));
+    for (size_t i = 0; i < (size_t)R * in; i++) dA[i] = g0[L->group_a[group] + i];
+    int half = n / 2;  // backward chunks: rows [0, half) and [half, n)
     for (int i = 0; i < n; i++)
         for (int k = 0; k < R; k++)
             for (int c = 0; c < in; c++) u[(size_t)i * R + k] += (double)x[(size_t)i * in + c] * A[(size_t)k * in + c];
@@ -237,8 +243,11 @@ static void test_lora_group(TestReport *r, const LoraLayout *L, int group, int n
             dx[(size_t)i * in + c] = s;
         }
     lora_forward(&g, l, group, d_y, d_x, n, 0);
-    lora_backward_weights(&g, l, group, d_dy, d_x, n, 0);
-    lora_backward_input(&g, l, group, d_dx, n, 0);
+    for (int r0 = 0; r0 < n; r0 += half) {
+        int rows = r0 == 0 ? half : n - half;
+        lora_backward_weights(&g, l, group, d_dy + (size_t)r0 * out, d_x + (size_t)r0 * in, rows, 0);
+        lora_backward_input(&g, l, group, d_dx + (size_t)r0 * in, rows, 0);
+    }
     float *gy = host_f32_of_bf16(r, d_y, (size_t)n * out, "y"), *gdx = host_f32_of_bf16(r, d_dx, (size_t)n * in, "dx");
     float *grads = (float *)from_device(r, g.grads, lsz * sizeof(float), "grads");
     snprintf(name, sizeof(name), "%s: y += scale u B^T", gname[group]);
@@ -248,17 +257,24 @@ static void test_lora_group(TestReport *r, const LoraLayout *L, int group, int n
     snprintf(name, sizeof(name), "%s: dA_cat", gname[group]);
     compare_rows(r, name, grads + L->group_a[group], dA, (size_t)R * in);
     float *gdb = cpu_bblk(grads, L, group);  // gathered B gradients laid out as B_blk (zeros off the blocks)
+    float *gb0 = cpu_bblk(g0, L, group);     // their start values, laid out the same way
     float *ones = (float *)mallocCheck(lsz * sizeof(float));
     for (size_t i = 0; i < lsz; i++) ones[i] = 1.0f;
     float *mask = cpu_bblk(ones, L, group);  // 1 on the diagonal blocks
     double *dB_diag = (double *)callocCheck((size_t)out * R, sizeof(double));
-    for (size_t i = 0; i < (size_t)out * R; i++) dB_diag[i] = mask[i] != 0.0f ? dB[i] : 0.0;
+    for (size_t i = 0; i < (size_t)out * R; i++) dB_diag[i] = mask[i] != 0.0f ? gb0[i] + dB[i] : 0.0;
     snprintf(name, sizeof(name), "%s: dB (diagonal blocks of dB_blk)", gname[group]);
     compare_rows(r, name, gdb, dB_diag, (size_t)out * R);
     float *lg = (float *)mallocCheck(lsz * sizeof(float));
-    if (blocked) {  // the gather itself, bit for bit, on the dB_blk the GEMM left in g.dbblk
+    if (blocked) {  // the gather itself, bit for bit: the B gradients read between the two chunks (rerun
+        // from g0) plus the dB_blk the second chunk left in g.dbblk equal those read after it
+        cudaCheck(cudaMemcpy(g.grads, g0, lsz * sizeof(float), cudaMemcpyHostToDevice));
+        lora_backward_weights(&g, l, group, d_dy, d_x, half, 0);
+        float *before = (float *)from_device(r, g.grads, lsz * sizeof(float), "grads");
+        memcpy(lg, before, lsz * sizeof(float));
+        lora_backward_weights(&g, l, group, d_dy + (size_t)half * out, d_x + (size_t)half * in, n - half, 0);
         float *dbblk = (float *)from_device(r, g.dbblk, (size_t)out * R * sizeof(float), "dbblk");
-        memset(lg, 0, lsz * sizeof(float));
+        float *after = (float *)from_device(r, g.grads, lsz * sizeof(float), "grads");
         int j = 0;
         for (int t = 0; t < LORA_TARGET_COUNT; t++) {
             if (lora_target_group(t) != group || !lora_has(L, t)) continue;
@@ -270,10 +286,12 @@ static void test_lora_group(TestReport *r, const LoraLayout *L, int group, int n
         int same = 1;
         for (int t = 0; t < LORA_TARGET_COUNT; t++) {
             if (lora_target_group(t) != group || !lora_has(L, t)) continue;
-            same &= memcmp(lg + L->b_off[t], grads + L->b_off[t], L->out[t] * L->rank * sizeof(float)) == 0;
+            same &= memcmp(lg + L->b_off[t], after + L->b_off[t], L->out[t] * L->rank * sizeof(float)) == 0;
         }
-        snprintf(name, sizeof(name), "%s: lora_gather_dbblk identical to the CPU", gname[group]);
+        snprintf(name, sizeof(name), "%s: lora_gather_dbblk adds to the gradients, identical to the CPU", gname[group]);
         test_check(r, same, name);
+        free(before);
+        free(after);
         free(dbblk);
     }
     cudaCheck(cudaFree(g.params));
@@ -291,7 +309,8 @@ static void test_lora_group(TestReport *r, const LoraLayout *L, int group, int n
     free(y0);
     free(dy);
     free(dx0);
-    free(zeros);
+    free(g0);
+    free(gb0);
     free(bblk);
     free(u);
     free(y);
