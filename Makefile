@@ -50,7 +50,7 @@ C_FLAGS := -O2 -Wall -Wextra -fopenmp -I.
 HEADERS := $(wildcard *.h)
 GPU_OBJS := build/mst_kernels.o build/matmul.o build/attention_cudnn.o build/attention_softcap.o build/lora_gpu.o build/gpu_model.o
 CPU_TESTS := build/test_cpu_model build/test_model_loader build/test_tokenizer build/test_dataloader build/test_planner \
-             build/test_quant
+             build/test_quant build/test_attention_softcap_emu build/test_adamw8bit
 GPU_TESTS := build/test_llama build/test_kernels build/test_matmul build/test_attention build/test_attention_softcap \
              build/test_lora_kernels
 
@@ -92,8 +92,12 @@ build/test_lora_kernels: dev/test_lora_kernels.cu build/lora_gpu.o build/matmul.
 build/test_attention: dev/test_attention.cu dev/attention_reference.h build/attention_cudnn.o $(HEADERS) | build
 	$(NVCC) $(NVCC_FLAGS) $< build/attention_cudnn.o $(CUDA_LIBS) -o $@
 
-build/test_attention_softcap: dev/test_attention_softcap.cu dev/attention_reference.h build/attention_softcap.o $(HEADERS) | build
-	$(NVCC) $(NVCC_FLAGS) $< build/attention_softcap.o $(CUDA_LIBS) -o $@
+build/test_attention_softcap: dev/test_attention_softcap.cu dev/attention_reference.h build/attention_softcap.o \
+		build/attention_cudnn.o $(HEADERS) | build
+	$(NVCC) $(NVCC_FLAGS) $< build/attention_softcap.o build/attention_cudnn.o $(CUDA_LIBS) -o $@
+
+build/test_attention_softcap_emu: dev/test_attention_softcap_emu.cu dev/attention_reference.h $(HEADERS) | build
+	$(NVCC) $(NVCC_FLAGS) $< $(CUDA_LIBS) -o $@
 
 build/test_%: tests/test_%.c $(HEADERS) tests/test_util.h | build
 	$(CC) $(C_FLAGS) $< -o $@ -lm

@@ -33,17 +33,19 @@ void attention_forward(bf16 *out, float *stats, const bf16 *qkv, const Attention
 void attention_backward(bf16 *dqkv, const bf16 *dout, const bf16 *out, const float *stats, const bf16 *qkv,
                         const AttentionShape *shape, void *workspace, cudaStream_t stream);
 
-// ---- soft-capped attention (attention_softcap.cu): our own flash-style kernels for what cuDNN cannot
-// do, scores z = softcap * tanh(scale q.k / softcap) before the mask and softmax (Gemma-2). Same
-// layouts and mask as above; no workspace; deterministic (no atomics). Head dims up to 256.
+// ---- soft-capped attention (attention_softcap.cu): our own flash-attention-2 kernels on tensor cores
+// for what cuDNN cannot do, scores z = softcap * tanh(scale q.k / softcap) before the mask and softmax
+// (Gemma-2). Same layouts and mask as above; deterministic (no atomics). Head dims up to 256, multiples of 8.
 // 1 when the soft-cap kernels handle the shape (softcap > 0 among the rest); else 0 with a reason.
 int attention_softcap_supported(const AttentionShape *shape, char *why, size_t why_len);
+// Device workspace the backward needs: B * Hq * S floats (the rowwise dO . O).
+size_t attention_softcap_workspace_bytes(const AttentionShape *shape);
 // out (B*S, Hq hd) bf16 and stats (B, Hq, S) fp32 log-sum-exp of the capped scores, from qkv.
 void attention_softcap_forward(bf16 *out, float *stats, const bf16 *qkv, const AttentionShape *shape,
                                cudaStream_t stream);
 // dqkv (B*S, (Hq + 2 Hkv) hd): every element written.
 void attention_softcap_backward(bf16 *dqkv, const bf16 *dout, const bf16 *out, const float *stats, const bf16 *qkv,
-                                const AttentionShape *shape, cudaStream_t stream);
+                                const AttentionShape *shape, void *workspace, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -17,7 +17,9 @@
 #define CPU_MODEL_H
 
 #include <math.h>
+#include "adamw8bit.h"
 #include "lora.h"
+#include "model_config.h"
 
 // Loops with less work than this (in multiply-adds or elements) run on one thread: for tiny
 // shapes, waking the thread team costs more than the loop.
@@ -886,8 +888,12 @@ typedef struct {
 } AdamWHparams;
 
 typedef struct {
-    float *params, *grads;  // the trainable values: every parameter, or the LoRA adapters
-    float *mom1, *mom2;
+    float *params, *grads;        // the trainable values: every parameter, or the LoRA adapters
+    float *mom1, *mom2;           // fp32 moments, or
+    const Adam8State *q;          // 8-bit moments when non-NULL (with their block layout and code books;
+    const Adam8Layout *q_layout;  // full-parameter training only)
+    const Adam8Codebooks *books;
+    const ParamLayout *layout;
     const AdamWHparams *h;
     int step;
     float grad_scale;
@@ -896,11 +902,19 @@ typedef struct {
 
 // AdamW on one tensor (PyTorch's torch.optim.AdamW): p -= lr * wd * p (decoupled; matrices only),
 // then with g = grad_scale * grad, m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2,
-// p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+// p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps). With 8-bit moments, the same step
+// through adamw8bit.h's CPU twin (the fp32 params are its master weights).
 static inline void cpu_adamw_tensor(const char *name, size_t offset, size_t rows, size_t cols, void *ctx) {
     (void)name;
     CpuAdamWCtx *a = (CpuAdamWCtx *)ctx;
     const AdamWHparams *h = a->h;
+    if (a->q) {
+        Adam8Consts c = adam8_consts(h->lr, h->beta1, h->beta2, h->eps, rows > 1 ? h->weight_decay : 0.0f,
+                                     a->grad_scale, a->step, 0u);
+        Adam8State t = adam8_state_at(*a->q, adam8_block_of(a->q_layout, a->layout, offset));
+        adamw8bit_update_cpu(NULL, a->params + offset, a->grads + offset, t, rows * cols, &c, a->books);
+        return;
+    }
     float decay = (rows > 1 || a->decay_all) ? 1.0f - h->lr * h->weight_decay : 1.0f;
     float step_size = (float)(h->lr / (1.0 - pow((double)h->beta1, a->step)));
     float bc2_sqrt = (float)sqrt(1.0 - pow((double)h->beta2, a->step));
@@ -922,10 +936,20 @@ static inline void cpu_adamw_tensor(const char *name, size_t offset, size_t rows
 static inline void cpu_adamw_step(CpuModel *m, float *mom1, float *mom2, const AdamWHparams *h, int step,
                                   float grad_scale) {
     if (step < 1) die("cpu_adamw_step: step %d must be >= 1", step);
-    CpuAdamWCtx ctx = {cpu_model_trainable_params(m), cpu_model_trainable_grads(m), mom1, mom2, h, step, grad_scale,
-                       m->lora.rank > 0};
+    CpuAdamWCtx ctx = {cpu_model_trainable_params(m), cpu_model_trainable_grads(m), mom1, mom2, NULL, NULL, NULL,
+                       &m->layout, h, step, grad_scale, m->lora.rank > 0};
     if (m->lora.rank) lora_layout_visit(&m->lora_layout, cpu_adamw_tensor, &ctx);
     else param_layout_visit(&m->layout, &m->c, cpu_adamw_tensor, &ctx);
+}
+
+// The same step with 8-bit moments (adamw8bit.h): state (layout->total blocks of both moments)
+// starts all zero. Full-parameter training only (the LoRA adapters keep fp32 moments).
+static inline void cpu_adamw8bit_step(CpuModel *m, const Adam8State *state, const Adam8Layout *layout,
+                                      const Adam8Codebooks *books, const AdamWHparams *h, int step, float grad_scale) {
+    if (step < 1) die("cpu_adamw8bit_step: step %d must be >= 1", step);
+    if (m->lora.rank) die("cpu_adamw8bit_step: 8-bit moments are for full-parameter training, not LoRA");
+    CpuAdamWCtx ctx = {m->params, m->grads, NULL, NULL, state, layout, books, &m->layout, h, step, grad_scale, 0};
+    param_layout_visit(&m->layout, &m->c, cpu_adamw_tensor, &ctx);
 }
 
 // Global L2 norm of the gradients of the trainable values, accumulated in double.

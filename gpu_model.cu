@@ -109,7 +109,7 @@ static void layer_attention_forward(bf16 *out, float *stats, const bf16 *qkv, co
 
 static void layer_attention_backward(bf16 *dqkv, const bf16 *dout, const bf16 *out, const float *stats,
                                      const bf16 *qkv, const AttentionShape *sh, void *workspace, cudaStream_t st) {
-    if (attention_via_softcap(sh)) attention_softcap_backward(dqkv, dout, out, stats, qkv, sh, st);
+    if (attention_via_softcap(sh)) attention_softcap_backward(dqkv, dout, out, stats, qkv, sh, workspace, st);
     else attention_backward(dqkv, dout, out, stats, qkv, sh, workspace, st);
 }
 
@@ -417,9 +417,16 @@ static void adamw_tensor(GpuModel *m, size_t offset, size_t rows, size_t cols, c
     p.grad_scale = clip_scale;
     p.step = opt->step;
     p.seed = tensor_seed(opt->seed, tensor_id, opt->step);
+    float *norm_partials = m->settings.grad_accum_steps == 1 ? m->grad_norm_partials : NULL;
+    if (m->settings.moments_8bit) {
+        size_t b = adam8_block_of(&m->adam8_layout, &m->layout, offset);
+        adamw8bit_update(m->params + offset, m->master ? m->master + offset : NULL, grad, DT_FP32,
+                         (uint8_t *)m->adam_m + b * ADAM8_BLOCK, m->adam_m_absmax + b, (uint8_t *)m->adam_v + b * ADAM8_BLOCK,
+                         m->adam_v_absmax + b, rows * cols, &p, norm_partials, m->stream);
+        return;
+    }
     size_t mb = dtype_bytes(m->settings.moment_type);
     bf16 *param = m->lora.cfg.rank ? m->lora.params + offset : m->params + offset;
-    float *norm_partials = m->settings.grad_accum_steps == 1 ? m->grad_norm_partials : NULL;
     adamw_update(param, m->master ? m->master + offset : NULL, grad, DT_FP32, (char *)m->adam_m + offset * mb,
                  (char *)m->adam_v + offset * mb, m->settings.moment_type, rows * cols, &p, norm_partials, m->stream);
 }
@@ -697,17 +704,17 @@ static void check_supported(const ModelConfig *c, const GpuSettings *s) {
     }
 }
 
-// The kernel modules' own figures for this shape: cuDNN workspace (largest over the layer kinds
-// and the (1, S) sampling shape; the soft-cap kernels need none), reduction scratch over N rows,
-// grad-norm partials.
+// The kernel modules' own figures for this shape: attention workspace (cuDNN's, or the soft-cap
+// kernels' B Hq S floats; largest over the layer kinds and the (1, S) sampling shape), reduction
+// scratch over N rows, grad-norm partials.
 static MstKernelFigures kernel_figures(const ModelConfig *c, const GpuSettings *s) {
     MstKernelFigures f;
     f.attn_workspace = 0;
     for (int l = 0; l < c->n_layers && l < 2; l++) {
         for (int b = 0; b < 2; b++) {
             AttentionShape sh = attention_shape(c, l, b == 0 ? s->B : 1, s->S);
-            if (attention_via_softcap(&sh)) continue;
-            size_t w = attention_workspace_bytes(&sh);
+            size_t w = attention_via_softcap(&sh) ? attention_softcap_workspace_bytes(&sh)
+                                                  : attention_workspace_bytes(&sh);
             if (w > f.attn_workspace) f.attn_workspace = w;
         }
     }
@@ -740,6 +747,8 @@ static void bind_buffers(GpuModel *m) {
     g->wlayer_of = -1;
     m->adam_m = plan_req(m, "adam_m", 0);
     m->adam_v = plan_req(m, "adam_v", 0);
+    m->adam_m_absmax = (float *)plan_ptr(m, "adam_m_absmax", 0);
+    m->adam_v_absmax = (float *)plan_ptr(m, "adam_v_absmax", 0);
     m->master = (float *)plan_ptr(m, "master", 0);
     m->grads = (float *)plan_ptr(m, "grads", 0);
     m->layer_grads = (float *)plan_ptr(m, "layer_grads", 0);
@@ -794,6 +803,27 @@ static void bind_buffers(GpuModel *m) {
     }
 }
 
+// The optimizer state's device buffers in the order of the state blob (gpu_model.h): the moments (8-bit:
+// m codes, m scales, v codes, v scales), then the master weights when kept. Returns how many.
+#define OPT_STATE_PIECES 5
+
+static int opt_state_pieces(const GpuModel *m, void **ptr, size_t *bytes) {
+    size_t n = m->n_train;
+    int k = 0;
+    if (m->settings.moments_8bit) {
+        size_t blocks = m->adam8_layout.total;
+        ptr[k] = m->adam_m; bytes[k++] = blocks * ADAM8_BLOCK;
+        ptr[k] = m->adam_m_absmax; bytes[k++] = blocks * sizeof(float);
+        ptr[k] = m->adam_v; bytes[k++] = blocks * ADAM8_BLOCK;
+        ptr[k] = m->adam_v_absmax; bytes[k++] = blocks * sizeof(float);
+    } else {
+        ptr[k] = m->adam_m; bytes[k++] = n * dtype_bytes(m->settings.moment_type);
+        ptr[k] = m->adam_v; bytes[k++] = n * dtype_bytes(m->settings.moment_type);
+    }
+    if (m->master) { ptr[k] = m->master; bytes[k++] = n * sizeof(float); }
+    return k;
+}
+
 // cuBLASLt and cuDNN handles (with cuDNN's per-shape graph cache) live for the process, shared by
 // every model it creates, so that building models one after another (tests) builds graphs once.
 static int handles_ready = 0;
@@ -833,11 +863,37 @@ static void upload_quantized_base(GpuModel *m, const uint16_t *params_bf16) {
     }
 }
 
+typedef struct { GpuModel *m; uint64_t seed; cudaStream_t stream; } RandomInitCtx;
+
+// One tensor of the benchmark init. With a quantized base, a layer's tensors are drawn into the
+// dequantized-layer buffer and the layer is quantized into its record after its last tensor.
+static void random_init_tensor(const char *name, size_t offset, size_t rows, size_t cols, void *ctx) {
+    RandomInitCtx *x = (RandomInitCtx *)ctx;
+    GpuModel *m = x->m;
+    const ParamLayout *p = &m->layout;
+    size_t in_layers = offset - p->layers_begin;
+    int layer_tensor = quantized_base(m) && offset >= p->layers_begin && in_layers < (size_t)m->config.n_layers * p->layer_size;
+    bf16 *out = layer_tensor ? m->lora.wlayer + in_layers % p->layer_size : P(m, offset);
+    if (rows > 1) random_normal_fill(out, rows * cols, x->seed, offset, 0.02f, x->stream);
+    else if (strstr(name, "norm")) constant_fill(out, cols, m->config.norm_offset ? 0.0f : 1.0f, x->stream);
+    else constant_fill(out, cols, 0.0f, x->stream);  // biases
+    if (layer_tensor && (in_layers + rows * cols) % p->layer_size == 0)
+        qbase_store_layer(&m->lora, p, (int)(in_layers / p->layer_size), m->lora.wlayer, x->stream);
+}
+
+// The benchmark init of gpu_model_init (gpu_model.h), on the device: no host copy of the weights.
+static void random_init_params(GpuModel *m, uint64_t seed, cudaStream_t stream) {
+    RandomInitCtx ctx = {m, seed, stream};
+    param_layout_visit(&m->layout, &m->config, random_init_tensor, &ctx);
+}
+
 void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf16, GpuSettings *s) {
     memset(m, 0, sizeof(*m));
     m->config = *c;
     param_layout_init(&m->layout, c);
+    adam8_layout_init(&m->adam8_layout, &m->layout, c);
     if (s->moment_type != DT_FP32 && s->moment_type != DT_BF16) die("moment type %d is not fp32 or bf16", (int)s->moment_type);
+    if (s->moments_8bit && s->lora.rank) die("8-bit moments are for full-parameter training, not LoRA adapters");
     size_t free_b, total_b;
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
     ensure_handles();
@@ -854,7 +910,7 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     ms.offload = s->offload;
     ms.host_layers = s->host_layers;
     ms.grad_accum_steps = s->grad_accum_steps;
-    ms.moment_bytes = (int)dtype_bytes(s->moment_type);
+    ms.moment_bytes = s->moments_8bit ? 1 : (int)dtype_bytes(s->moment_type);
     ms.master_weights = s->master_weights;
     ms.lora = s->lora;
     m->lora.cfg = s->lora;
@@ -890,15 +946,18 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
 
     const ParamLayout *p = &m->layout;
     cudaStream_t st = m->stream;
-    if (quantized_base(m)) upload_quantized_base(m, params_bf16);
+    if (!params_bf16) random_init_params(m, s->init_seed, st);
+    else if (quantized_base(m)) upload_quantized_base(m, params_bf16);
     else cudaCheck(cudaMemcpyAsync(m->params, params_bf16, p->total * sizeof(uint16_t), cudaMemcpyHostToDevice, st));
     float *rope = (float *)mallocCheck((size_t)s->S * c->head_dim * sizeof(float));
     rope_table_fill(rope, s->S, c->head_dim, c->rope_theta, c->rope_scaling, c->rope_factor, c->rope_low_freq_factor,
                     c->rope_high_freq_factor, c->rope_orig_max_pos);
     cudaCheck(cudaMemcpyAsync(m->rope, rope, (size_t)s->S * c->head_dim * sizeof(float), cudaMemcpyHostToDevice, st));
-    size_t mb = dtype_bytes(s->moment_type);
-    cudaCheck(cudaMemsetAsync(m->adam_m, 0, m->n_train * mb, st));
-    cudaCheck(cudaMemsetAsync(m->adam_v, 0, m->n_train * mb, st));
+    // the moments start at zero (the master weights, the last piece, come from the weights below)
+    void *state[OPT_STATE_PIECES];
+    size_t state_bytes[OPT_STATE_PIECES];
+    int n_moments = opt_state_pieces(m, state, state_bytes) - (m->master != NULL);
+    for (int i = 0; i < n_moments; i++) cudaCheck(cudaMemsetAsync(state[i], 0, state_bytes[i], st));
     if (m->grads) cudaCheck(cudaMemsetAsync(m->grads, 0, p->total * sizeof(float), st));
     if (s->lora.rank) {
         float *adapters = (float *)mallocCheck(m->n_train * sizeof(float));
@@ -970,20 +1029,22 @@ void gpu_model_set_lora(GpuModel *m, const float *host) {
 }
 
 size_t gpu_model_optimizer_state_bytes(const GpuModel *m) {
-    size_t n = m->n_train;
-    return 2 * n * dtype_bytes(m->settings.moment_type) + (m->master ? n * sizeof(float) : 0) + OPT_STATE_TRAILER;
+    void *ptr[OPT_STATE_PIECES];
+    size_t bytes[OPT_STATE_PIECES], total = OPT_STATE_TRAILER;
+    int n = opt_state_pieces(m, ptr, bytes);
+    for (int i = 0; i < n; i++) total += bytes[i];
+    return total;
 }
 
 void gpu_model_get_optimizer_state(GpuModel *m, void *host) {
-    size_t mom = m->n_train * dtype_bytes(m->settings.moment_type);
+    void *ptr[OPT_STATE_PIECES];
+    size_t bytes[OPT_STATE_PIECES], at = 0;
+    int n = opt_state_pieces(m, ptr, bytes);
     char *h = (char *)host;
     cudaCheck(cudaStreamSynchronize(m->stream));
-    cudaCheck(cudaMemcpy(h, m->adam_m, mom, cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(h + mom, m->adam_v, mom, cudaMemcpyDeviceToHost));
-    size_t at = 2 * mom;
-    if (m->master) {
-        cudaCheck(cudaMemcpy(h + at, m->master, m->n_train * sizeof(float), cudaMemcpyDeviceToHost));
-        at += m->n_train * sizeof(float);
+    for (int i = 0; i < n; i++) {
+        cudaCheck(cudaMemcpy(h + at, ptr[i], bytes[i], cudaMemcpyDeviceToHost));
+        at += bytes[i];
     }
     int32_t trailer[4] = {0, m->has_prev_norm, 0, 0};
     memcpy(&trailer[0], &m->prev_grad_norm, sizeof(float));
@@ -991,15 +1052,14 @@ void gpu_model_get_optimizer_state(GpuModel *m, void *host) {
 }
 
 void gpu_model_set_optimizer_state(GpuModel *m, const void *host) {
-    size_t mom = m->n_train * dtype_bytes(m->settings.moment_type);
+    void *ptr[OPT_STATE_PIECES];
+    size_t bytes[OPT_STATE_PIECES], at = 0;
+    int n = opt_state_pieces(m, ptr, bytes);
     const char *h = (const char *)host;
     cudaCheck(cudaStreamSynchronize(m->stream));
-    cudaCheck(cudaMemcpy(m->adam_m, h, mom, cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(m->adam_v, h + mom, mom, cudaMemcpyHostToDevice));
-    size_t at = 2 * mom;
-    if (m->master) {
-        cudaCheck(cudaMemcpy(m->master, h + at, m->n_train * sizeof(float), cudaMemcpyHostToDevice));
-        at += m->n_train * sizeof(float);
+    for (int i = 0; i < n; i++) {
+        cudaCheck(cudaMemcpy(ptr[i], h + at, bytes[i], cudaMemcpyHostToDevice));
+        at += bytes[i];
     }
     int32_t trailer[4];
     memcpy(trailer, h + at, sizeof(trailer));

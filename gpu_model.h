@@ -22,12 +22,14 @@ typedef struct {
     int offload;            // 1: layer inputs may live in pinned host memory (needs recompute)
     int host_layers;        // with offload: layers whose inputs go to the host (the first ones); 0 = auto
     int grad_accum_steps;   // 1 enables optimizer-in-backward
-    DType moment_type;      // AdamW moments: DT_FP32 or DT_BF16
+    DType moment_type;      // AdamW moments: DT_FP32 or DT_BF16 (unused with moments_8bit)
+    int moments_8bit;       // 1: 8-bit block-wise moments (--optimizer adamw8bit; adamw8bit.h)
     int master_weights;     // 1: fp32 master weights (bf16 weights are round-to-nearest copies)
     size_t gpu_mem_budget;  // bytes for arena + cuBLASLt workspace; 0: free memory minus a 1 GiB margin
     size_t host_mem_budget; // pinned bytes for offloaded layer inputs; 0: mst_default_host_budget(physical memory)
     LoraConfig lora;        // rank 0: every weight trains; else adapters on a frozen (optionally quantized) base
     uint64_t lora_seed;     // initialization of new adapters (lora_init_params)
+    uint64_t init_seed;     // gpu_model_init with no parameters: the seed of the random init
 } GpuSettings;
 
 typedef struct {
@@ -74,6 +76,8 @@ typedef struct {
     cudaEvent_t ev_written[2], ev_saved[2], ev_free[2], ev_fetched[2];
     // weights and optimizer state
     bf16 *params; float *master; void *adam_m, *adam_v; float *rope;
+    float *adam_m_absmax, *adam_v_absmax;  // moments_8bit: adam_m, adam_v hold the codes, these the block scales
+    Adam8Layout adam8_layout;              // moments_8bit: where each tensor's blocks start
     // gradients: full model (gradient accumulation), or one layer + embedding/head + final norm
     float *grads, *layer_grads, *embed_head_grads, *final_norm_grads, *grad_norm_partials;
     // batch and residual stream
@@ -99,7 +103,10 @@ typedef struct {
 } GpuModel;
 
 // Resolves the auto settings in *s, plans, refuses (dies with the plan breakdown and what would
-// fit) before allocating if it cannot fit, allocates the arena, uploads the weights.
+// fit) before allocating if it cannot fit, allocates the arena, uploads the weights. params_bf16
+// NULL: a random init on the device instead (benchmark presets): matrices N(0, 0.02) from
+// random_normal_at(s->init_seed, parameter offset), biases 0, norm weights 1 (0 where the family
+// scales by 1 + w).
 void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf16, GpuSettings *s);
 void gpu_model_print_plan(const GpuModel *m, FILE *f);
 // --profile: GPU time of each training step by region (step_profile.h); reset drops the steps so far.
@@ -124,6 +131,8 @@ void gpu_model_get_lora(GpuModel *m, float *host);
 void gpu_model_set_lora(GpuModel *m, const float *host);
 // Optimizer state blob over the n_train trainable values:
 // m | v (moment_type) | [master fp32] | float prev_grad_norm | int32 has_prev | 8 zero bytes.
+// With moments_8bit (full-parameter only), m and v are each codes (adam8_layout.total * ADAM8_BLOCK
+// bytes, uint8) | scales (adam8_layout.total fp32): m codes | m scales | v codes | v scales | [master] | the same trailer.
 size_t gpu_model_optimizer_state_bytes(const GpuModel *m);
 void gpu_model_get_optimizer_state(GpuModel *m, void *host);
 void gpu_model_set_optimizer_state(GpuModel *m, const void *host);

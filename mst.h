@@ -13,7 +13,8 @@
 //                  the block-diagonal B of q|k|v and gate|up (lora_gpu.h); with a quantized base
 //                  the per-layer records (quant.h), one dequantized layer (bf16) and, bf16, only
 //                  the embedding, final norm and LM head
-//   optimizer      AdamW moments m, v (bf16 or fp32), optional fp32 master weights: of every
+//   optimizer      AdamW moments m, v (bf16 or fp32; or, full-parameter only, 8-bit codes + an fp32
+//                  scale per 256-element block, adamw8bit.h), optional fp32 master weights: of every
 //                  parameter, or with LoRA of the adapters only (the base is frozen)
 //   gradients      fp32: the full model with gradient accumulation; with optimizer-in-backward
 //                  (grad_accum_steps = 1) one layer's block + embedding/LM head + final norm;
@@ -30,13 +31,16 @@
 //                  LM-head working buffers (one token chunk: normed rows, logits tile (c, vc)
 //                  fp32, dlogits, CE state): the two never live at the same time, so they share
 //                  the same bytes
-//   workspace      cuDNN attention workspace, fp32 scratch of the norm/bias gradient reductions
-//                  (the cuBLASLt workspace is allocated by matmul_init: device_external)
+//   workspace      attention workspace (cuDNN's, or the soft-cap backward's), fp32 scratch of the
+//                  norm/bias gradient reductions (the cuBLASLt workspace is allocated by
+//                  matmul_init: device_external)
 //   host           pinned host slots of offloaded layer inputs (the first host_layers layers)
 #ifndef MST_H
 #define MST_H
 
+#include "adamw8bit.h"
 #include "lora.h"
+#include "model_config.h"
 
 #define MST_ALIGN 256
 #define MST_MAX_ENTRIES 64
@@ -60,7 +64,8 @@ typedef struct {
     int offload;           // 1: the first host_layers layers keep their inputs in pinned host memory
     int host_layers;       // with offload: how many layers; 0 = auto (as few as fit)
     int grad_accum_steps;  // 1: optimizer-in-backward (no full-model gradient buffer)
-    int moment_bytes;      // bytes per AdamW moment element: 2 (bf16) or 4 (fp32)
+    int moment_bytes;      // bytes per AdamW moment element: 2 (bf16), 4 (fp32), or 1: 8-bit block-wise
+                           // (adamw8bit.h: 1 byte + an fp32 scale per ADAM8_BLOCK elements)
     int master_weights;    // 1: fp32 master copy of the weights
     LoraConfig lora;       // rank 0: every weight trains; else adapters on a frozen (optionally quantized) base
 } MstSettings;
@@ -68,7 +73,7 @@ typedef struct {
 // Figures that only the kernels' modules know. On the GPU the model fills them from cuDNN and
 // the launchers; without a GPU mst_kernel_figures_estimate() gives documented estimates.
 typedef struct {
-    size_t attn_workspace;      // cuDNN SDPA forward + backward workspace for (B, S), bytes
+    size_t attn_workspace;      // attention workspace for (B, S), bytes: cuDNN SDPA's or the soft-cap backward's
     size_t matmul_workspace;    // cuBLASLt workspace (allocated by matmul_init, outside the arena)
     size_t reduce_scratch;      // fp32 partial sums of the norm-weight / bias gradients over N rows, bytes
     size_t grad_norm_partials;  // floats of the grad-norm partial sums
@@ -111,14 +116,17 @@ static inline size_t mst_align(size_t bytes) { return (bytes + MST_ALIGN - 1) / 
 static inline size_t mst_ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
 // Estimates for planning without a GPU. cuDNN's SDPA backward asks for about an fp32 dQ
-// accumulator (B, S, Hq, hd) plus two fp32 row statistics (B, Hq, S); the norm/bias gradient
+// accumulator (B, S, Hq, hd) plus two fp32 row statistics (B, Hq, S); with an attention soft-cap
+// every layer runs the soft-cap kernels instead, whose workspace is exactly one fp32 (B, Hq, S)
+// (attention_softcap_workspace_bytes in attention_softcap.cu); the norm/bias gradient
 // reductions keep one fp32 row of partial sums per 32 rows for the widest reduced tensor (the
 // fused QKV bias); 1024 grad-norm partials; 32 MiB of cuBLASLt workspace.
 static inline void mst_kernel_figures_estimate(const ModelConfig *c, int B, int S, MstKernelFigures *f) {
     size_t N = (size_t)B * S;
     size_t qkv = (size_t)(c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
     size_t widest = qkv > (size_t)c->d_model ? qkv : (size_t)c->d_model;
-    f->attn_workspace = N * c->n_heads * c->head_dim * 4 + 2 * N * c->n_heads * 4;
+    f->attn_workspace = c->attn_softcap > 0.0f ? N * c->n_heads * 4
+                                               : N * c->n_heads * c->head_dim * 4 + 2 * N * c->n_heads * 4;
     f->matmul_workspace = MST_MATMUL_WORKSPACE;
     f->reduce_scratch = (N + 31) / 32 * widest * 4;
     f->grad_norm_partials = 1024;
@@ -137,7 +145,8 @@ static inline const char *mst_settings_check(const ModelConfig *c, const MstSett
         snprintf(buf, len, "host layers %d must be in [0, %d] and needs offload", s->host_layers, c->n_layers); return buf;
     }
     if (s->grad_accum_steps < 1) { snprintf(buf, len, "grad_accum_steps %d must be >= 1", s->grad_accum_steps); return buf; }
-    if (s->moment_bytes != 2 && s->moment_bytes != 4) { snprintf(buf, len, "moment bytes %d must be 2 (bf16) or 4 (fp32)", s->moment_bytes); return buf; }
+    if (s->moment_bytes != 1 && s->moment_bytes != 2 && s->moment_bytes != 4) { snprintf(buf, len, "moment bytes %d must be 1 (8-bit), 2 (bf16) or 4 (fp32)", s->moment_bytes); return buf; }
+    if (s->moment_bytes == 1 && s->lora.rank) { snprintf(buf, len, "8-bit moments are for full-parameter training, not LoRA adapters"); return buf; }
     return lora_config_check(&s->lora, buf, len);
 }
 
@@ -282,8 +291,17 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     }
     plan_add(&b, "rope_cos_sin", S * c->head_dim * 4, 1, MEM_WEIGHTS);
     if (s->lora.rank) plan_lora_weights(&b, &lora);
-    plan_add(&b, "adam_m", n_train * s->moment_bytes, 1, MEM_OPTIMIZER);
-    plan_add(&b, "adam_v", n_train * s->moment_bytes, 1, MEM_OPTIMIZER);
+    if (s->moment_bytes == 1) {  // codes (every tensor padded to whole blocks) and block scales
+        Adam8Layout a8;
+        adam8_layout_init(&a8, &lay, c);
+        plan_add(&b, "adam_m", a8.total * ADAM8_BLOCK, 1, MEM_OPTIMIZER);
+        plan_add(&b, "adam_v", a8.total * ADAM8_BLOCK, 1, MEM_OPTIMIZER);
+        plan_add(&b, "adam_m_absmax", a8.total * sizeof(float), 1, MEM_OPTIMIZER);
+        plan_add(&b, "adam_v_absmax", a8.total * sizeof(float), 1, MEM_OPTIMIZER);
+    } else {
+        plan_add(&b, "adam_m", n_train * s->moment_bytes, 1, MEM_OPTIMIZER);
+        plan_add(&b, "adam_v", n_train * s->moment_bytes, 1, MEM_OPTIMIZER);
+    }
     if (s->master_weights) plan_add(&b, "master", n_train * 4, 1, MEM_OPTIMIZER);
     if (s->lora.rank) {
         if (s->grad_accum_steps > 1) plan_add(&b, "lora_grads", lora.total * 4, 1, MEM_GRADIENTS);
@@ -309,7 +327,8 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     plan_add(&b, "embed_positions", N * 4, 1, MEM_INTERMEDIATES);
     plan_add(&b, "scalars", 4 * 4, 1, MEM_INTERMEDIATES);
     plan_add(&b, "x_final_dresid", N * d * 2, 1, MEM_INTERMEDIATES);
-    if (p->host_layers > 0) plan_add(&b, "x_offload", N * d * 2, 2, MEM_INTERMEDIATES);
+    // Offload staging: layer l's input passes through slot l % 2 (one slot when one layer is offloaded).
+    if (p->host_layers > 0) plan_add(&b, "x_offload", N * d * 2, p->host_layers > 1 ? 2 : 1, MEM_INTERMEDIATES);
 
     plan_share_begin(&b, SHARE_LAYER);
     if (s->recompute) plan_attention_acts(&b, c, N, B, S, 1, MEM_INTERMEDIATES, 0);
@@ -454,6 +473,11 @@ static inline void plan_appendf(char *buf, size_t len, const char *fmt, ...) {
     va_end(args);
 }
 
+// The moment format of a moment_bytes setting, as the plan prints it.
+static inline const char *mst_moments_name(int moment_bytes) {
+    return moment_bytes == 4 ? "fp32" : moment_bytes == 2 ? "bf16" : "8-bit block-wise";
+}
+
 #define MST_GIB(x) ((double)(x) / (1024.0 * 1024.0 * 1024.0))
 
 // A byte count as (value, unit) for "%.2f %s": GiB, MiB, KiB or bytes, whichever reads best.
@@ -503,11 +527,12 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     else plan_appendf(msg, msg_len, "  with these settings nothing fits, not even S=1 (the weights and optimizer state alone are too large)\n");
 
     // Single settings changes that would make it fit.
-    struct { const char *what; MstSettings t; } alt[5];
+    struct { const char *what; MstSettings t; } alt[6];
     int n_alt = 0;
     if (!s->recompute) { alt[n_alt].what = "recompute on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; n_alt++; }
     if (!s->offload) { alt[n_alt].what = "recompute + offload on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; alt[n_alt].t.offload = 1; alt[n_alt].t.host_layers = 0; n_alt++; }
     if (s->moment_bytes == 4) { alt[n_alt].what = "bf16 optimizer moments"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 2; n_alt++; }
+    if (s->moment_bytes > 1 && !s->lora.rank) { alt[n_alt].what = "8-bit optimizer moments (--optimizer adamw8bit)"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 1; n_alt++; }
     if (s->master_weights) { alt[n_alt].what = "no fp32 master weights"; alt[n_alt].t = *s; alt[n_alt].t.master_weights = 0; n_alt++; }
     if (s->grad_accum_steps > 1) { alt[n_alt].what = "grad_accum_steps=1 (optimizer in backward)"; alt[n_alt].t = *s; alt[n_alt].t.grad_accum_steps = 1; n_alt++; }
     int any = 0;
@@ -522,6 +547,213 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     return 0;
 }
 
+// ---- the memory of one training step over time ----
+//
+// The arena is allocated once, so the device memory in use is flat during a step; what changes is
+// which planned buffers hold data that is still to be read. The timeline walks one training micro
+// step (the last one with gradient accumulation) phase by phase, in the order gpu_model.cu runs it:
+//   embedding fwd; per layer: attention fwd, MLP fwd (all M chunks: one chunk's buffers live);
+//   LM head + loss (fwd and bwd over every token chunk and vocabulary tile); the untied head's
+//   AdamW (optimizer-in-backward); per layer in reverse: recompute (with recompute), MLP bwd,
+//   attention bwd (+ the layer's AdamW with optimizer-in-backward); embedding bwd; optimizer (the
+//   embedding and final norm with optimizer-in-backward, else the full AdamW step).
+// A buffer is live from the phase that writes it to the last phase that reads it:
+//   always         weights, optimizer state, full-model / final-norm gradients and norm partials,
+//                  the batch (tokens, targets, embedding-backward index)
+//   layer input l  from its write (embedding, or layer l-1's MLP) to layer l's attention bwd; the
+//                  same for its pinned host slot when offloaded
+//   saved acts     (no recompute) layer l's attention part from its attention fwd to its attention
+//                  bwd; its MLP buffers (M = 1) from its MLP fwd to its MLP bwd
+//   x_final/dresid from the last layer's MLP fwd to the embedding bwd
+//   staging X[s]   an offloaded layer's input: in the forward while that layer runs, in the backward
+//                  while it or the layer after it runs (prefetch), and over the LM head for layer L-1
+//   layer working  attention part (recompute): attention fwd, recompute, MLP and attention bwd, and
+//   set            h1 also in the MLP fwd; MLP chunk: MLP fwd and bwd; gradients of the attention
+//                  (dqkv, datt): attention bwd; one layer's gradients: the layer's backward
+//   LM-head set    the LM head phase; an untied embedding/head gradient also at the head update,
+//                  the embedding bwd and the optimizer (tied: from the LM head to the optimizer)
+//   LoRA           adapters, their B blocks and full gradients, the quantized base and its one
+//                  dequantized layer (it keeps the last layer loaded): always; the adapter input
+//                  products u: every layer phase; one layer's adapter gradients, du, dB_blk: its backward
+//   workspace      cuDNN's in the attention phases; the reduction scratch in the norm backwards
+// Bytes are counted by each entry's own category (unlike plan.category_bytes, which counts the
+// shared region as intermediates), over the arena only (not the cuBLASLt workspace).
+
+typedef enum {
+    PHASE_EMBED_FWD, PHASE_ATTN_FWD, PHASE_MLP_FWD, PHASE_LM_HEAD, PHASE_HEAD_UPDATE, PHASE_RECOMPUTE,
+    PHASE_MLP_BWD, PHASE_ATTN_BWD, PHASE_EMBED_BWD, PHASE_OPTIMIZER, PHASE_KIND_COUNT
+} MstPhaseKind;
+
+typedef struct {
+    int kind;                          // MstPhaseKind
+    int layer;                         // the layer of a layer phase, else -1
+    size_t bytes[MEM_CATEGORY_COUNT];  // live bytes by entry category (MEM_HOST: pinned host)
+    size_t device;                     // live device bytes: every category but MEM_HOST
+} MstPhase;
+
+static inline const char *mst_phase_id(int kind) {
+    static const char *ids[PHASE_KIND_COUNT] = {"embed_fwd", "attn_fwd", "mlp_fwd", "lm_head", "head_update",
+                                                "recompute", "mlp_bwd", "attn_bwd", "embed_bwd", "optimizer"};
+    return (kind >= 0 && kind < PHASE_KIND_COUNT) ? ids[kind] : "?";
+}
+
+static inline int mst_plan_layers(const MemoryPlan *p) { return p->host_layers + p->device_layers; }
+static inline int mst_plan_untied_opt_in_backward(const MemoryPlan *p) {
+    const PlanEntry *e = mst_plan_find(p, "embed_head_grads");
+    return e != NULL && e->share == SHARE_LMHEAD;
+}
+
+// Phases of one micro step: 4 + (4 or 5) L, plus the untied head's update.
+static inline int mst_timeline_length(const MemoryPlan *p) {
+    int L = mst_plan_layers(p);
+    return 4 + mst_plan_untied_opt_in_backward(p) + (4 + p->settings.recompute) * L;
+}
+
+static inline int phase_is_backward(int kind) { return kind >= PHASE_RECOMPUTE && kind <= PHASE_EMBED_BWD; }
+
+// Sets of phase kinds, as bit masks.
+#define PHASE_BIT(kind) (1u << (kind))
+#define PHASES_ATTENTION (PHASE_BIT(PHASE_ATTN_FWD) | PHASE_BIT(PHASE_RECOMPUTE) | PHASE_BIT(PHASE_ATTN_BWD))
+#define PHASES_LAYER_BWD (PHASE_BIT(PHASE_RECOMPUTE) | PHASE_BIT(PHASE_MLP_BWD) | PHASE_BIT(PHASE_ATTN_BWD))
+#define PHASES_LAYER (PHASE_BIT(PHASE_ATTN_FWD) | PHASE_BIT(PHASE_MLP_FWD) | PHASES_LAYER_BWD)
+#define PHASES_NORM_BWD (PHASE_BIT(PHASE_LM_HEAD) | PHASE_BIT(PHASE_MLP_BWD) | PHASE_BIT(PHASE_ATTN_BWD))
+#define PHASES_EMBED_HEAD_GRAD (PHASE_BIT(PHASE_LM_HEAD) | PHASE_BIT(PHASE_HEAD_UPDATE) | PHASE_BIT(PHASE_EMBED_BWD) | PHASE_BIT(PHASE_OPTIMIZER))
+static inline int phase_in(int kind, unsigned mask) { return (int)((mask >> kind) & 1u); }
+
+// 1 when layer i's input (written by the embedding or layer i-1's MLP) holds data at the phase.
+static inline int layer_input_live(int i, int kind, int layer) {
+    if (kind == PHASE_EMBED_FWD) return i == 0;
+    if (kind == PHASE_ATTN_FWD) return i <= layer;
+    if (kind == PHASE_MLP_FWD) return i <= layer + 1;
+    if (kind == PHASE_LM_HEAD || kind == PHASE_HEAD_UPDATE) return 1;
+    return phase_is_backward(kind) && i <= layer;  // released after layer i's attention bwd
+}
+
+// 1 when layer i's saved attention activations (kind_written = PHASE_ATTN_FWD, released after its
+// attention bwd) or saved MLP activations (PHASE_MLP_FWD, released after its MLP bwd) hold data.
+static inline int saved_act_live(int i, int kind_written, int kind, int layer) {
+    if (kind == PHASE_ATTN_FWD || kind == PHASE_MLP_FWD) return i < layer || (i == layer && kind >= kind_written);
+    if (kind == PHASE_LM_HEAD || kind == PHASE_HEAD_UPDATE) return 1;
+    if (!phase_is_backward(kind) || kind == PHASE_EMBED_BWD) return 0;
+    if (kind_written == PHASE_MLP_FWD) return i < layer || (i == layer && kind <= PHASE_MLP_BWD);
+    return i <= layer;
+}
+
+// Staging slots holding an offloaded layer's input at the phase (see the liveness list above).
+static inline int staging_live(const MemoryPlan *p, int kind, int layer) {
+    int H = p->host_layers, L = mst_plan_layers(p), n = 0;
+    if (kind == PHASE_EMBED_FWD) return H > 0;
+    if (kind == PHASE_ATTN_FWD) return layer < H;
+    if (kind == PHASE_MLP_FWD) return (layer < H) + (layer + 1 < H);
+    if (kind == PHASE_LM_HEAD || kind == PHASE_HEAD_UPDATE) return L - 1 < H;
+    if (!phase_is_backward(kind) || kind == PHASE_EMBED_BWD) return 0;
+    n = layer < H;
+    if (layer > 0 && layer - 1 < H) n++;  // the prefetch of layer l-1
+    return n;
+}
+
+static inline int name_in(const char *name, const char *const *list) {
+    for (; *list; list++) if (strcmp(name, *list) == 0) return 1;
+    return 0;
+}
+
+// Slices of entry e that hold live data during phase (kind, layer). Dies on an entry without a rule
+// (a new plan entry must say when it is live).
+static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int kind, int layer) {
+    static const char *const always[] = {"params", "rope_cos_sin", "adam_m", "adam_v", "adam_m_absmax", "adam_v_absmax",
+                                         "master", "grads", "final_norm_grads", "grad_norm_partials", "tokens", "targets",
+                                         "embed_unique", "embed_offsets", "embed_positions", "scalars", "qbase",
+                                         "qbase_layer", "lora_params", "lora_bblk_qkv", "lora_bblk_gate_up", "lora_grads", NULL};
+    static const char *const attn_acts[] = {"ln1", "ln1_rstd", "qkv", "att", "att_stats", "h1", "ao", "ao_rstd", NULL};
+    static const char *const mlp_acts[] = {"ln2", "ln2_rstd", "gate_up", "glu", "dn", "dn_rstd", NULL};
+    static const char *const lm_head_set[] = {"xf", "xf_rstd", "dxf", "dxf_acc", "logits", "dlogits", "ce_max", "ce_sum",
+                                              "ce_target", "ce_lse", "losses", NULL};
+    const char *n = e->name;
+    int saved = e->share == SHARE_NONE, live = 0;
+    if (name_in(n, always)) return e->count;
+    if (strcmp(n, "layer_inputs") == 0 || strcmp(n, "layer_inputs_host") == 0) {
+        int first = strcmp(n, "layer_inputs") == 0 ? p->host_layers : 0;  // layer of slice 0
+        for (int j = 0; j < e->count; j++) live += layer_input_live(first + j, kind, layer);
+        return live;
+    }
+    if (name_in(n, attn_acts) || name_in(n, mlp_acts)) {
+        int written = name_in(n, attn_acts) ? PHASE_ATTN_FWD : PHASE_MLP_FWD;
+        if (saved) {
+            for (int j = 0; j < e->count; j++) live += saved_act_live(j, written, kind, layer);
+            return live;
+        }
+        if (written == PHASE_MLP_FWD) return kind == PHASE_MLP_FWD || kind == PHASE_MLP_BWD;
+        if (strcmp(n, "h1") == 0 && kind == PHASE_MLP_FWD) return 1;
+        return phase_in(kind, PHASES_ATTENTION | PHASE_BIT(PHASE_MLP_BWD));
+    }
+    if (name_in(n, lm_head_set)) return kind == PHASE_LM_HEAD;
+    if (strcmp(n, "x_final_dresid") == 0)
+        return (kind == PHASE_MLP_FWD && layer == mst_plan_layers(p) - 1) || kind == PHASE_LM_HEAD ||
+               kind == PHASE_HEAD_UPDATE || phase_is_backward(kind);
+    if (strcmp(n, "x_offload") == 0) {
+        int s = staging_live(p, kind, layer);
+        return s < e->count ? s : e->count;
+    }
+    if (strcmp(n, "layer_grads") == 0 || strcmp(n, "lora_layer_grads") == 0) return phase_in(kind, PHASES_LAYER_BWD);
+    if (strcmp(n, "lora_u") == 0) return phase_in(kind, PHASES_LAYER);
+    if (strcmp(n, "lora_du") == 0 || strcmp(n, "lora_dbblk") == 0) return phase_in(kind, PHASES_LAYER_BWD);
+    if (strcmp(n, "embed_head_grads") == 0) {
+        if (saved) return kind >= PHASE_LM_HEAD;  // tied: the head's gradient, then the embedding's added
+        return phase_in(kind, PHASES_EMBED_HEAD_GRAD);
+    }
+    if (strcmp(n, "dqkv") == 0 || strcmp(n, "datt") == 0) return kind == PHASE_ATTN_BWD;
+    if (strcmp(n, "attn_tmp") == 0) return phase_in(kind, PHASES_ATTENTION);
+    if (strcmp(n, "mlp_tmp") == 0) return kind == PHASE_MLP_FWD || kind == PHASE_MLP_BWD;
+    if (strcmp(n, "attn_workspace") == 0) return phase_in(kind, PHASES_ATTENTION);
+    if (strcmp(n, "reduce_scratch") == 0) return phase_in(kind, PHASES_NORM_BWD);
+    die("memory timeline: no liveness rule for plan entry '%s'", n);
+    return 0;
+}
+
+static inline void timeline_add(const MemoryPlan *p, MstPhase *out, int *n, int kind, int layer) {
+    MstPhase *ph = &out[(*n)++];
+    memset(ph, 0, sizeof(*ph));
+    ph->kind = kind;
+    ph->layer = layer;
+    for (int i = 0; i < p->n_entries; i++) {
+        const PlanEntry *e = &p->entries[i];
+        ph->bytes[e->category] += (size_t)mst_entry_live(p, e, kind, layer) * e->slice_bytes;
+    }
+    for (int k = 0; k < MEM_CATEGORY_COUNT; k++) if (k != MEM_HOST) ph->device += ph->bytes[k];
+}
+
+// Fills out[0 .. mst_timeline_length(p)) with the phases of one micro step. Returns their number.
+static inline int mst_timeline(const MemoryPlan *p, MstPhase *out) {
+    int L = mst_plan_layers(p), n = 0;
+    timeline_add(p, out, &n, PHASE_EMBED_FWD, -1);
+    for (int l = 0; l < L; l++) {
+        timeline_add(p, out, &n, PHASE_ATTN_FWD, l);
+        timeline_add(p, out, &n, PHASE_MLP_FWD, l);
+    }
+    timeline_add(p, out, &n, PHASE_LM_HEAD, -1);
+    if (mst_plan_untied_opt_in_backward(p)) timeline_add(p, out, &n, PHASE_HEAD_UPDATE, -1);
+    for (int l = L - 1; l >= 0; l--) {
+        if (p->settings.recompute) timeline_add(p, out, &n, PHASE_RECOMPUTE, l);
+        timeline_add(p, out, &n, PHASE_MLP_BWD, l);
+        timeline_add(p, out, &n, PHASE_ATTN_BWD, l);
+    }
+    timeline_add(p, out, &n, PHASE_EMBED_BWD, -1);
+    timeline_add(p, out, &n, PHASE_OPTIMIZER, -1);
+    return n;
+}
+
+// The phase where the most device bytes are live (its index in the timeline) and those bytes.
+static inline size_t mst_timeline_peak(const MemoryPlan *p, MstPhase *at) {
+    int n = mst_timeline_length(p);
+    MstPhase *ph = (MstPhase *)mallocCheck((size_t)n * sizeof(MstPhase));
+    mst_timeline(p, ph);
+    int best = 0;
+    for (int i = 1; i < n; i++) if (ph[i].device > ph[best].device) best = i;
+    *at = ph[best];
+    free(ph);
+    return at->device;
+}
+
 // Prints the plan: one row per entry (MiB, category, region), then totals per category.
 static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
     const MstSettings *s = &p->settings;
@@ -531,7 +763,7 @@ static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
             p->vocab_tiles == 1 ? "" : "s", p->vocab_tiles == 1 ? "one pass" : "two passes", s->recompute ? "on" : "off",
             s->offload ? "on" : "off", p->host_layers, p->host_layers + p->device_layers,
             s->grad_accum_steps > 1 ? "gradient accumulation (fp32 full-model gradients)" : "optimizer in backward (fp32 gradients of one layer)",
-            s->moment_bytes == 4 ? "fp32" : "bf16", s->master_weights ? " + fp32 master weights" : "");
+            mst_moments_name(s->moment_bytes), s->master_weights ? " + fp32 master weights" : "");
     if (s->lora.rank) {
         char targets[64];
         lora_targets_string(s->lora.targets, targets, sizeof(targets));
@@ -556,6 +788,59 @@ static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
     fprintf(f, "  device: arena %.2f GiB (shared working region %.2f GiB) + cuBLASLt workspace %.2f GiB = %.2f GiB; pinned host %.2f GiB\n",
             MST_GIB(p->device_total), MST_GIB(p->shared_bytes), MST_GIB(p->device_external),
             MST_GIB(p->device_total + p->device_external), MST_GIB(p->host_total));
+    MstPhase at;
+    mst_timeline_peak(p, &at);
+    fprintf(f, "  one step: live data peaks at %.2f GiB of the %.2f GiB arena (%s", MST_GIB(at.device),
+            MST_GIB(p->device_total), mst_phase_id(at.kind));
+    if (at.layer >= 0) fprintf(f, ", layer %d", at.layer);
+    fprintf(f, "); the other buffers are used at other times\n");
+}
+
+// The plan as one JSON object: settings, budgets, totals by category, every entry, and the timeline
+// of one step (bytes, exact integers). `model` names the config; `fits` whether it fits the budgets.
+static inline void mst_plan_write_json(const MemoryPlan *p, const ModelConfig *c, const char *model, size_t device_budget,
+                                       size_t host_budget, int fits, FILE *f) {
+    const MstSettings *s = &p->settings;
+    static const char *const regions[] = {"arena", "shared: layer working set", "shared: LM-head working set"};
+    fprintf(f, "{\"format\": \"mst-memory-plan\", \"version\": 1, \"model\": \"");
+    for (const char *q = model; *q; q++) {
+        if (*q == '"' || *q == '\\') fputc('\\', f);
+        if ((unsigned char)*q >= 0x20) fputc(*q, f);
+    }
+    fprintf(f, "\", \"family\": \"%s\",\n \"config\": {\"vocab\": %d, \"d_model\": %d, \"n_layers\": %d, \"n_heads\": %d, "
+               "\"n_kv_heads\": %d, \"head_dim\": %d, \"d_ff\": %d, \"tied_embeddings\": %d},\n",
+            family_name(c->family), c->vocab_size, c->d_model, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
+            c->d_ff, c->tied_embeddings);
+    fprintf(f, " \"settings\": {\"B\": %d, \"S\": %d, \"M\": %d, \"chunk_rows\": %d, \"vocab_chunk\": %d, \"vocab_tiles\": %d, "
+               "\"recompute\": %d, \"offload\": %d, \"host_layers\": %d, \"grad_accum\": %d, \"moment_bytes\": %d, "
+               "\"master_weights\": %d},\n",
+            s->B, s->S, s->mst_chunks, p->chunk_rows, s->vocab_chunk, p->vocab_tiles, s->recompute, s->offload,
+            p->host_layers, s->grad_accum_steps, s->moment_bytes, s->master_weights);
+    fprintf(f, " \"fits\": %s, \"device_budget\": %zu, \"host_budget\": %zu, \"device_total\": %zu, \"device_external\": %zu, "
+               "\"host_total\": %zu, \"shared_bytes\": %zu,\n \"categories\": {",
+            fits ? "true" : "false", device_budget, host_budget, p->device_total, p->device_external, p->host_total,
+            p->shared_bytes);
+    for (int k = 0; k < MEM_CATEGORY_COUNT; k++) fprintf(f, "%s\"%s\": %zu", k ? ", " : "", mst_category_name(k), p->category_bytes[k]);
+    fprintf(f, "},\n \"entries\": [\n");
+    for (int i = 0; i < p->n_entries; i++) {
+        const PlanEntry *e = &p->entries[i];
+        fprintf(f, "  {\"name\": \"%s\", \"category\": \"%s\", \"region\": \"%s\", \"count\": %d, \"slice_bytes\": %zu, "
+                   "\"bytes\": %zu, \"offset\": %zu}%s\n",
+                e->name, mst_category_name(e->category), e->category == MEM_HOST ? "pinned host" : regions[e->share],
+                e->count, e->slice_bytes, e->bytes, e->offset, i + 1 < p->n_entries ? "," : "");
+    }
+    int n = mst_timeline_length(p);
+    MstPhase *ph = (MstPhase *)mallocCheck((size_t)n * sizeof(MstPhase));
+    mst_timeline(p, ph);
+    fprintf(f, " ],\n \"timeline\": [\n");
+    for (int i = 0; i < n; i++) {
+        fprintf(f, "  {\"phase\": \"%s\", \"layer\": %d, \"device\": %zu, \"bytes\": {", mst_phase_id(ph[i].kind), ph[i].layer,
+                ph[i].device);
+        for (int k = 0; k < MEM_CATEGORY_COUNT; k++) fprintf(f, "%s\"%s\": %zu", k ? ", " : "", mst_category_name(k), ph[i].bytes[k]);
+        fprintf(f, "}}%s\n", i + 1 < n ? "," : "");
+    }
+    fprintf(f, " ]}\n");
+    free(ph);
 }
 
 // ---- presets: the published Hugging Face configs, for planning without weights ----

@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include "adamw8bit.h"
 #include "model_config.h"
 #include "mst_kernels.h"
 
@@ -651,6 +652,30 @@ void cast_bf16_to_fp32(float *out, const bf16 *in, size_t n, cudaStream_t stream
     cudaCheckLaunch();
 }
 
+// out (n) bf16 = std * random_normal_at(seed, first + i), grid-stride over the elements.
+__global__ void random_normal_fill_kernel(bf16 *out, size_t n, uint64_t seed, uint64_t first, float std) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16(std * random_normal_at(seed, first + i));
+}
+
+void random_normal_fill(bf16 *out, size_t n, uint64_t seed, uint64_t first, float std, cudaStream_t stream) {
+    if (n == 0) return;
+    random_normal_fill_kernel<<<flat_blocks(n), FLAT_BLOCK, 0, stream>>>(out, n, seed, first, std);
+    cudaCheckLaunch();
+}
+
+// out (n) bf16 = value.
+__global__ void constant_fill_kernel(bf16 *out, size_t n, float value) {
+    bf16 v = __float2bfloat16(value);
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) out[i] = v;
+}
+
+void constant_fill(bf16 *out, size_t n, float value, cudaStream_t stream) {
+    if (n == 0) return;
+    constant_fill_kernel<<<flat_blocks(n), FLAT_BLOCK, 0, stream>>>(out, n, value);
+    cudaCheckLaunch();
+}
+
 // dst (n) fp32 or bf16 += src (n) bf16 (sum in fp32, one rounding when dst is bf16).
 __global__ void accumulate_into_kernel(void *dst, DType dst_type, const bf16 *src, size_t n, int vec) {
     size_t units = (n + UNIT - 1) / UNIT;
@@ -855,21 +880,24 @@ typedef struct {
     uint32_t seed;
 } AdamWConsts;
 
-// 32 random bits from (seed, element index): a SplitMix64 finalizer over seed * golden + index.
-static __device__ __forceinline__ uint32_t sr_hash(uint32_t seed, uint64_t i) {
-    uint64_t z = i + (uint64_t)seed * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (uint32_t)(z >> 32);
+// Stochastic rounding to bf16 (adamw8bit.h: bf16_bits_stochastic, bits from sr_hash).
+static __device__ __forceinline__ bf16 bf16_stochastic(float x, uint32_t rnd) {
+    return __ushort_as_bfloat16(bf16_bits_stochastic(x, rnd));
 }
 
-// Stochastic rounding to bf16: add 16 random bits below the bf16 mantissa, then truncate. Rounds away
-// from zero with probability (dropped bits) / 2^16, so the expected value is x. Inf and NaN pass as is.
-static __device__ __forceinline__ bf16 bf16_stochastic(float x, uint32_t rnd) {
-    uint32_t u = __float_as_uint(x);
-    if ((u & 0x7f800000u) != 0x7f800000u) u += rnd & 0xffffu;
-    return __ushort_as_bfloat16((unsigned short)(u >> 16));
+// The new weights p[0..nv) of elements i.. : master (fp32) and param = round_to_nearest(p) when master
+// is non-NULL, else param with stochastic rounding (bits from sr_hash(seed, element index)).
+static __device__ __forceinline__ void store8_weights(bf16 *param, float *master, size_t i, const float *p, int nv,
+                                                      int vec, uint32_t seed) {
+    if (master != NULL) {
+        store8_f32(master + i, p, nv, vec);
+        store8_bf16(param + i, p, nv, vec);
+        return;
+    }
+    bf16 h[UNIT];
+#pragma unroll
+    for (int k = 0; k < UNIT; k++) h[k] = bf16_stochastic(p[k], sr_hash(seed, (uint64_t)(i + k)));
+    store8_bf16_raw(param + i, h, nv, vec);
 }
 
 // One AdamW step over n elements, 8 per thread unit:
@@ -905,15 +933,7 @@ __global__ void adamw_kernel(bf16 *param, float *master, const void *grad, DType
         }
         store8_typed(m, moment_type, i, fm, nv, vec);
         store8_typed(v, moment_type, i, fv, nv, vec);
-        if (master != NULL) {
-            store8_f32(master + i, p, nv, vec);
-            store8_bf16(param + i, p, nv, vec);
-        } else {
-            bf16 h[UNIT];
-#pragma unroll
-            for (int k = 0; k < UNIT; k++) h[k] = bf16_stochastic(p[k], sr_hash(c.seed, (uint64_t)(i + k)));
-            store8_bf16_raw(param + i, h, nv, vec);
-        }
+        store8_weights(param, master, i, p, nv, vec, c.seed);
     }
     if (sumsq_partials != NULL) {
         sumsq = block_sum(sumsq, smem);
@@ -982,5 +1002,135 @@ __global__ void __launch_bounds__(SUM_THREADS) grad_norm_finish_kernel(float *ou
 
 void grad_norm_finish(float *out, const float *sumsq_partials, cudaStream_t stream) {
     grad_norm_finish_kernel<<<1, SUM_THREADS, 0, stream>>>(out, sumsq_partials);
+    cudaCheckLaunch();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8-bit AdamW (block-wise quantized moments; the format, the code books and the per-element math
+// are in adamw8bit.h, shared with the CPU twin)
+// ---------------------------------------------------------------------------------------------
+
+#define ADAM8_MAX_GRID 1024  // grid cap of adamw8bit_kernel (it grid-strides; each CTA loads the books once)
+
+static __device__ Adam8Codebooks g_adam8_books;  // filled once by adam8_books_upload
+static_assert(sizeof(Adam8Codebooks) % 4 == 0, "adamw8bit_kernel copies the code books in 4-byte words");
+
+// The UNIT codes p[0..nv) packed little-endian into 64 bits (zero bytes beyond nv): one 8-byte load
+// when vec and the unit is full.
+static __device__ __forceinline__ uint64_t load_codes(const uint8_t *p, int nv, int vec) {
+    if (vec && nv == UNIT) return *(const uint64_t *)p;
+    uint64_t q = 0;
+    for (int k = 0; k < nv; k++) q |= (uint64_t)p[k] << (8 * k);
+    return q;
+}
+
+static __device__ __forceinline__ void store_codes(uint8_t *p, uint64_t q, int nv, int vec) {
+    if (vec && nv == UNIT) {
+        *(uint64_t *)p = q;
+        return;
+    }
+    for (int k = 0; k < nv; k++) p[k] = (uint8_t)(q >> (8 * k));
+}
+
+static __device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = WARP_SIZE / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// One 8-bit AdamW step over n elements; one warp per block of ADAM8_BLOCK = 32 lanes x UNIT elements:
+// reads the block's codes and scales (m_codes, v_codes (n) uint8, m_absmax, v_absmax (blocks) fp32),
+// param (n) bf16 or master (n) fp32, grad (n) grad_type; dequantizes, runs adam8_step per element,
+// takes the new absmax over the warp, re-encodes, and writes codes, scales and the weights (master
+// and round-to-nearest param, or param with stochastic rounding, bits from sr_hash(seed, index)).
+// Padding codes past n are neither read nor written. Each CTA with work copies the code books (codes,
+// thresholds, bucket counts: 10.5 KB) from g_adam8_books into shared memory first.
+// With sumsq_partials (launched with GRAD_NORM_PARTIALS blocks): sumsq_partials[block] += the block's
+// sum of grad^2 (the raw gradient, before grad_scale), as adamw_update does.
+__global__ void __launch_bounds__(FLAT_BLOCK)
+    adamw8bit_kernel(bf16 *param, float *master, const void *grad, DType grad_type, uint8_t *m_codes,
+                     float *m_absmax, uint8_t *v_codes, float *v_absmax, size_t n, Adam8Consts c,
+                     float *sumsq_partials, int vec, int vec_codes) {
+    __shared__ __align__(16) Adam8Codebooks books;
+    __shared__ float smem[WARP_SIZE];
+    int lane = threadIdx.x % WARP_SIZE, warps = blockDim.x / WARP_SIZE;
+    size_t n_blocks = (n + ADAM8_BLOCK - 1) / ADAM8_BLOCK;
+    float sumsq = 0.0f;
+    if ((size_t)blockIdx.x * warps < n_blocks) {  // uniform over the CTA: a CTA past the tensor only adds 0
+        const uint32_t *src = (const uint32_t *)&g_adam8_books;
+        uint32_t *dst = (uint32_t *)&books;
+        for (int k = threadIdx.x; k < (int)(sizeof(Adam8Codebooks) / 4); k += blockDim.x) dst[k] = src[k];
+        __syncthreads();
+    }
+    for (size_t b = (size_t)blockIdx.x * warps + threadIdx.x / WARP_SIZE; b < n_blocks; b += (size_t)gridDim.x * warps) {
+        size_t i = b * ADAM8_BLOCK + (size_t)lane * UNIT;
+        int nv = i < n ? (int)min((size_t)UNIT, n - i) : 0;
+        float p[UNIT], g[UNIT], fm[UNIT], fv[UNIT];
+        if (master != NULL) load8_f32(p, master + i, nv, vec);
+        else load8_bf16(p, param + i, nv, vec);
+        load8_typed(g, grad, grad_type, i, nv, vec);
+        uint64_t qm = load_codes(m_codes + i, nv, vec_codes), qv = load_codes(v_codes + i, nv, vec_codes);
+        float am = m_absmax[b], av = v_absmax[b], new_am = 0.0f, new_av = 0.0f;
+#pragma unroll
+        for (int k = 0; k < UNIT; k++) {
+            sumsq += g[k] * g[k];  // 0 past n
+            fm[k] = A8_MUL(books.m_code[(qm >> (8 * k)) & 255u], am);
+            fv[k] = A8_MUL(books.v_code[(qv >> (8 * k)) & 255u], av);
+            adam8_step(&p[k], g[k], &fm[k], &fv[k], &c);
+            if (k < nv) {
+                new_am = fmaxf(new_am, fabsf(fm[k]));
+                new_av = fmaxf(new_av, fv[k]);
+            }
+        }
+        new_am = warp_max(new_am);
+        new_av = warp_max(new_av);
+        float inv_m = adam8_inv_scale(new_am), inv_v = adam8_inv_scale(new_av);
+        qm = 0;
+        qv = 0;
+#pragma unroll
+        for (int k = 0; k < UNIT; k++) {
+            qm |= (uint64_t)adam8_encode_m(fm[k], inv_m, &books) << (8 * k);
+            qv |= (uint64_t)adam8_encode_v(fv[k], inv_v, &books) << (8 * k);
+        }
+        store_codes(m_codes + i, qm, nv, vec_codes);
+        store_codes(v_codes + i, qv, nv, vec_codes);
+        if (lane == 0) {
+            m_absmax[b] = new_am;
+            v_absmax[b] = new_av;
+        }
+        store8_weights(param, master, i, p, nv, vec, c.seed);
+    }
+    if (sumsq_partials != NULL) {
+        sumsq = block_sum(sumsq, smem);
+        if (threadIdx.x == 0) sumsq_partials[blockIdx.x] += sumsq;
+    }
+}
+
+// Uploads the code books (built on the host) to g_adam8_books on the first call, on `stream`, and
+// waits for it, so that every later launch on any stream sees them.
+static void adam8_books_upload(cudaStream_t stream) {
+    static int uploaded = 0;
+    static Adam8Codebooks books;
+    if (uploaded) return;
+    adam8_codebooks_init(&books);
+    cudaCheck(cudaMemcpyToSymbolAsync(g_adam8_books, &books, sizeof(books), 0, cudaMemcpyHostToDevice, stream));
+    cudaCheck(cudaStreamSynchronize(stream));
+    uploaded = 1;
+}
+
+void adamw8bit_update(bf16 *param, float *master, const void *grad, DType grad_type, uint8_t *m_codes, float *m_absmax,
+                      uint8_t *v_codes, float *v_absmax, size_t n, const AdamWParams *p, float *sumsq_partials,
+                      cudaStream_t stream) {
+    Adam8Consts c = adam8_consts(p->lr, p->beta1, p->beta2, p->eps, p->weight_decay, p->grad_scale, p->step, p->seed);
+    if (n == 0) return;
+    adam8_books_upload(stream);
+    int vec = aligned16(param) && (master == NULL || aligned16(master)) && aligned16(grad);
+    int vec_codes = ((uintptr_t)m_codes & 7u) == 0 && ((uintptr_t)v_codes & 7u) == 0;
+    size_t warps = FLAT_BLOCK / WARP_SIZE, grid = ceil_div_size(ceil_div_size(n, ADAM8_BLOCK), warps);
+    if (grid > ADAM8_MAX_GRID) grid = ADAM8_MAX_GRID;
+    if (sumsq_partials != NULL) grid = GRAD_NORM_PARTIALS;
+    adamw8bit_kernel<<<(unsigned int)grid, FLAT_BLOCK, 0, stream>>>(param, master, grad, grad_type, m_codes, m_absmax,
+                                                                    v_codes, v_absmax, n, c, sumsq_partials, vec,
+                                                                    vec_codes);
     cudaCheckLaunch();
 }

@@ -56,6 +56,25 @@ void cast_bf16_to_fp32(float *out, const bf16 *in, size_t n, cudaStream_t stream
 // dst (n) += src (n) with dst fp32 or bf16 (dst_type), src bf16: folds a bf16 gradient into a buffer.
 void accumulate_into(void *dst, DType dst_type, const bf16 *src, size_t n, cudaStream_t stream);
 
+// ---- random init (benchmark presets) ----
+// Element i of a random tensor is std * N(0, 1) from a counter-based generator of (seed, i) alone:
+// splitmix64 of pair i/2 gives two 24-bit uniforms, Box-Muller turns them into the pair's two normals.
+// The same function runs on the host (tests), so the values do not depend on the launch shape.
+__host__ __device__ inline float random_normal_at(uint64_t seed, uint64_t i) {
+    uint64_t z = seed + 0x9E3779B97F4A7C15ull * (i / 2 + 1);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u1 = (float)((z >> 40) + 1) * (1.0f / 16777216.0f);  // (0, 1]
+    float u2 = (float)(z & 0xFFFFFFull) * (1.0f / 16777216.0f);  // [0, 1)
+    float r = sqrtf(-2.0f * logf(u1)), a = 6.2831853f * u2;
+    return (i & 1) ? r * sinf(a) : r * cosf(a);
+}
+// out (n) = bf16(std * random_normal_at(seed, first + k)) for k < n.
+void random_normal_fill(bf16 *out, size_t n, uint64_t seed, uint64_t first, float std, cudaStream_t stream);
+// out (n) = bf16(value).
+void constant_fill(bf16 *out, size_t n, float value, cudaStream_t stream);
+
 // ---- cross-entropy over vocabulary chunks (the LM head never holds S x V logits) ----
 // targets[n] < 0 means "no loss at this token". softcap > 0 applies cap * tanh(z / cap) to logits.
 // Running state per row, fp32: row_max, row_sum (of exp(z - row_max)), target_logit.
@@ -88,6 +107,13 @@ typedef struct {
 // the gradient's squares to them, as grad_norm_accumulate does (one read of the gradient, not two).
 void adamw_update(bf16 *param, float *master, const void *grad, DType grad_type, void *m, void *v,
                   DType moment_type, size_t n, const AdamWParams *p, float *sumsq_partials, cudaStream_t stream);
+// The same step with 8-bit moments (adamw8bit.h: format, code books, math; adamw8bit_update_cpu
+// is its CPU twin, bit for bit): m_codes, v_codes (n) uint8 and m_absmax, v_absmax (ceil(n / 256))
+// fp32 of one tensor are decoded, updated and re-encoded with new block scales in place.
+// sumsq_partials as adamw_update's.
+void adamw8bit_update(bf16 *param, float *master, const void *grad, DType grad_type, uint8_t *m_codes, float *m_absmax,
+                      uint8_t *v_codes, float *v_absmax, size_t n, const AdamWParams *p, float *sumsq_partials,
+                      cudaStream_t stream);
 // sumsq_partials[0 .. grad_norm_partials()) += per-block partial sums of grad^2 (deterministic);
 // grad_norm_finish sums them into out[0]. The caller zeroes the partials once per step.
 void grad_norm_accumulate(float *sumsq_partials, const void *grad, DType grad_type, size_t n, cudaStream_t stream);

@@ -2,6 +2,9 @@
 // with a CUDA event; after the step the time between consecutive marks is added to the region
 // that the earlier mark opened. One pass, no extra synchronization inside the step; the events
 // cost a few microseconds each. Used by train_llama --profile.
+// With a memory trace (train_llama --mem-trace) each mark also waits for the stream and writes the
+// device memory in use at that point (cudaMemGetInfo: the arena, the workspaces and the CUDA context)
+// as one JSON line; that synchronization slows the step, so traced steps are not timed figures.
 #ifndef STEP_PROFILE_H
 #define STEP_PROFILE_H
 
@@ -38,6 +41,8 @@ typedef struct {
     double ms[PROF_COUNT];  // summed over the measured steps
     long marks[PROF_COUNT];
     int steps;
+    FILE *mem_trace;        // non-NULL: one JSON line per mark and step end (step_profile_trace_memory)
+    int traced_steps;
 } StepProfile;
 
 static inline void step_profile_init(StepProfile *p, int cap) {
@@ -48,10 +53,24 @@ static inline void step_profile_init(StepProfile *p, int cap) {
     for (int i = 0; i <= cap; i++) cudaCheck(cudaEventCreate(&p->events[i]));
 }
 
+// Starts writing the device memory in use at each mark to f: {"step", "mark", "region", "used", "total"}
+// (bytes; region "step end" closes a step).
+static inline void step_profile_trace_memory(StepProfile *p, FILE *f) { p->mem_trace = f; }
+
+// Waits for stream st and writes the device memory in use, as a sample opening `region_name`.
+static inline void step_profile_sample(StepProfile *p, int mark, const char *region_name, cudaStream_t st) {
+    size_t free_bytes = 0, total = 0;
+    cudaCheck(cudaStreamSynchronize(st));
+    cudaCheck(cudaMemGetInfo(&free_bytes, &total));
+    fprintf(p->mem_trace, "{\"step\": %d, \"mark\": %d, \"region\": \"%s\", \"used\": %zu, \"total\": %zu}\n",
+            p->traced_steps, mark, region_name, total - free_bytes, total);
+}
+
 // Opens `region` at this point of stream st (closing the region open before). No-op when p is NULL.
 static inline void step_profile_mark(StepProfile *p, ProfRegion region, cudaStream_t st) {
     if (p == NULL || p->muted > 0) return;
     if (p->n >= p->cap) die("--profile: more than %d regions in one step", p->cap);
+    if (p->mem_trace != NULL) step_profile_sample(p, p->n, prof_region_names[region], st);
     cudaCheck(cudaEventRecord(p->events[p->n], st));
     p->regions[p->n++] = (int)region;
 }
@@ -59,6 +78,10 @@ static inline void step_profile_mark(StepProfile *p, ProfRegion region, cudaStre
 // Closes the step: waits for its last mark and adds each region's time to the totals.
 static inline void step_profile_end_step(StepProfile *p, cudaStream_t st) {
     if (p == NULL || p->n == 0) return;
+    if (p->mem_trace != NULL) {
+        step_profile_sample(p, p->n, "step end", st);
+        p->traced_steps++;
+    }
     cudaCheck(cudaEventRecord(p->events[p->n], st));
     cudaCheck(cudaEventSynchronize(p->events[p->n]));
     for (int i = 0; i < p->n; i++) {

@@ -37,14 +37,19 @@ typedef struct {
     float lr, min_lr_frac, weight_decay, beta1, beta2, eps, clip;
     int warmup;
     const char *schedule;     // cosine | linear | constant
-    const char *moments;      // bf16 | fp32 (GPU)
+    const char *optimizer;    // adamw | adamw8bit
+    const char *moments;      // bf16 | fp32 (GPU, adamw)
+    int moments_given;
     int master_weights, mst_chunks, vocab_chunk, recompute, offload;  // mst_chunks, vocab_chunk: 0 = auto
+    int host_layers;          // with offload: layers whose inputs live on the host; 0 = as few as fit
     float gpu_mem_gib;        // 0: free device memory minus a margin
-    float host_mem_gib;       // 0: mst_default_host_budget of this machine's memory
+    float host_mem_gib;       // pinned host budget (plan and GPU runs); 0: mst_default_host_budget of this machine's memory
     int eval_every, eval_batches, sample_every, sample_tokens;
     const char *prompt;
     float temperature, top_p;
     const char *ckpt_dir, *resume, *log;
+    const char *plan_json;    // write the memory plan and its step timeline as JSON (GPU path, --plan-only)
+    const char *mem_trace;    // GPU path: device memory in use at each region boundary of every step, JSONL
     int ckpt_every, keep_last;
     uint64_t seed;
     int stop_after;           // 0: run to --steps; else stop (with a checkpoint) after this step
@@ -79,6 +84,7 @@ static Options options_default(void) {
     o.beta2 = 0.95f;
     o.eps = 1e-8f;
     o.clip = 1.0f;
+    o.optimizer = "adamw";
     o.moments = "bf16";
     o.recompute = 1;
     o.eval_every = 25;
@@ -112,6 +118,8 @@ static void usage(FILE *f) {
             "  --grad-accum K        micro-batches per optimizer step (default %d)\n"
             "  --steps N             optimizer steps (default %d)\n"
             "optimizer\n"
+            "  --optimizer NAME      adamw | adamw8bit: AdamW with 8-bit block-wise moments, on the GPU and\n"
+            "                        the CPU path; full-parameter only, not with --lora-rank (default %s)\n"
             "  --lr LR               peak learning rate (default %g)\n"
             "  --min-lr-frac F       final lr = F * lr (default %g)\n"
             "  --warmup N            linear warmup steps (default %d)\n"
@@ -120,15 +128,18 @@ static void usage(FILE *f) {
             "  --beta1 B1 --beta2 B2 --eps E   AdamW (defaults %g, %g, %g)\n"
             "  --clip C              global gradient-norm clip, 0 = none (default %g)\n"
             "GPU memory (Mini-Sequence Transformer)\n"
-            "  --moments bf16|fp32   AdamW moment type (default %s)\n"
+            "  --moments bf16|fp32   AdamW moment type (--optimizer adamw; default %s)\n"
             "  --master-weights      keep fp32 master weights (default off)\n"
             "  --mst auto|M          token chunks of the MLP and LM head (default auto)\n"
             "  --vocab-chunk auto|N  LM-head columns per tile (default auto)\n"
             "  --recompute 0|1       recompute layers in backward (default %d)\n"
             "  --offload 0|1         layer inputs may live in pinned host memory (default %d)\n"
+            "  --host-layers N       with --offload 1: the first N layers keep their inputs on the host\n"
+            "                        (default: as few as fit)\n"
             "  --gpu-mem GiB         device budget (default: free memory at start minus 0.5 GiB)\n"
-            "  --host-mem GiB        pinned host budget of offloaded layer inputs (default: this machine's\n"
-            "                        memory less 16 GiB, at least 3/4 of it)\n"
+            "  --host-mem GiB        pinned host budget of offloaded layer inputs, here or (--plan-only) on the\n"
+            "                        machine planned for (default: this machine's memory less 16 GiB, at least\n"
+            "                        3/4 of it; 109 on the 125 GiB H100 device machine)\n"
             "  --cpu                 train on the CPU reference path even with a GPU\n"
             "LoRA (the base stays frozen; checkpoints hold the adapters: lora_<step>.bin + state_<step>.bin)\n"
             "  --lora-rank R         train rank-R adapters instead of every weight (default 0: no LoRA)\n"
@@ -158,6 +169,8 @@ static void usage(FILE *f) {
             "                        uses --preset or --model, --seq-len, --batch, --gpu-mem and the flags above\n"
             "  --preset NAME         llama3-8b | llama2-7b | mistral-7b | qwen2-7b | gemma2-9b: with --plan-only, plan\n"
             "                        that config; else train it from a random init (std 0.02; GPU only)\n"
+            "  --plan-json FILE      write the memory plan as JSON: entries, totals by category and the bytes live\n"
+            "                        in each phase of one step (for scripts/plot_memory.py); --plan-only or GPU path\n"
             "benchmarks\n"
             "  --synthetic-data      uniformly random tokens of the model's vocabulary (seeded) instead of shards;\n"
             "                        no tokenizer (the default model then has vocab %d), no sampling, and no\n"
@@ -168,8 +181,11 @@ static void usage(FILE *f) {
             "                        TFLOP/s, MFU, peak and planned memory\n"
             "  --profile             GPU path: after the run, a table of GPU time per step by region (attention,\n"
             "                        MLP, LM head, optimizer, ...), the mean over the steps after the first\n"
+            "  --mem-trace FILE      GPU path: at each region boundary of every step, wait for the GPU and write\n"
+            "                        the device memory in use (cudaMemGetInfo) as a JSON line (slows the steps;\n"
+            "                        scripts/plot_memory.py timeline --trace draws it over the planned timeline)\n"
             "  --help                this text\n",
-            d.tokenizer, d.train, d.val, d.seq_len, d.batch, d.grad_accum, d.steps, d.lr, d.min_lr_frac, d.warmup,
+            d.tokenizer, d.train, d.val, d.seq_len, d.batch, d.grad_accum, d.steps, d.optimizer, d.lr, d.min_lr_frac, d.warmup,
             d.schedule, d.weight_decay, d.beta1, d.beta2, d.eps, d.clip, d.moments, d.recompute, d.offload,
             d.eval_every, d.eval_batches, d.sample_every, d.sample_tokens, d.prompt, d.temperature, d.top_p,
             d.ckpt_dir, d.ckpt_every, d.keep_last, (unsigned long long)d.seed, SYNTHETIC_DEFAULT_VOCAB, BENCH_WARMUP);
@@ -214,10 +230,11 @@ static const char *parse_choice(const char *flag, const char *s, const char *a, 
 // Options that take a value.
 static const char *const VALUE_FLAGS[] = {
     "--model", "--tokenizer", "--train", "--val", "--preset", "--seq-len", "--batch", "--grad-accum", "--steps", "--lr",
-    "--min-lr-frac", "--warmup", "--schedule", "--weight-decay", "--beta1", "--beta2", "--eps", "--clip", "--moments",
-    "--mst", "--vocab-chunk", "--recompute", "--offload", "--gpu-mem", "--host-mem", "--eval-every", "--eval-batches", "--sample-every",
-    "--sample-tokens", "--prompt", "--temperature", "--top-p", "--ckpt-dir", "--ckpt-every", "--keep-last", "--resume",
-    "--stop-after", "--seed", "--log", "--lora-rank", "--lora-alpha", "--lora-targets", "--base-quant"};
+    "--min-lr-frac", "--warmup", "--schedule", "--weight-decay", "--beta1", "--beta2", "--eps", "--clip", "--moments", "--optimizer",
+    "--mst", "--vocab-chunk", "--recompute", "--offload", "--gpu-mem", "--host-mem", "--host-layers", "--eval-every",
+    "--eval-batches", "--sample-every", "--sample-tokens", "--prompt", "--temperature", "--top-p", "--ckpt-dir",
+    "--ckpt-every", "--keep-last", "--resume", "--stop-after", "--seed", "--log", "--plan-json", "--mem-trace",
+    "--lora-rank", "--lora-alpha", "--lora-targets", "--base-quant"};
 
 static int is_value_flag(const char *a) {
     for (size_t i = 0; i < sizeof(VALUE_FLAGS) / sizeof(VALUE_FLAGS[0]); i++)
@@ -259,13 +276,15 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--beta2") == 0) o.beta2 = parse_float(a, v, 0.0f, 0.999999f);
         else if (strcmp(a, "--eps") == 0) o.eps = parse_float(a, v, 1e-30f, 1.0f);
         else if (strcmp(a, "--clip") == 0) o.clip = parse_float(a, v, 0.0f, FLT_MAX);
-        else if (strcmp(a, "--moments") == 0) o.moments = parse_choice(a, v, "bf16", "fp32", NULL);
+        else if (strcmp(a, "--moments") == 0) { o.moments = parse_choice(a, v, "bf16", "fp32", NULL); o.moments_given = 1; }
+        else if (strcmp(a, "--optimizer") == 0) o.optimizer = parse_choice(a, v, "adamw", "adamw8bit", NULL);
         else if (strcmp(a, "--mst") == 0) o.mst_chunks = parse_auto_int(a, v);
         else if (strcmp(a, "--vocab-chunk") == 0) o.vocab_chunk = parse_auto_int(a, v);
         else if (strcmp(a, "--recompute") == 0) o.recompute = (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--offload") == 0) o.offload = (int)parse_int(a, v, 0, 1);
+        else if (strcmp(a, "--host-layers") == 0) o.host_layers = (int)parse_int(a, v, 1, INT32_MAX);
         else if (strcmp(a, "--gpu-mem") == 0) o.gpu_mem_gib = parse_float(a, v, 0.0f, 1e6f);
-        else if (strcmp(a, "--host-mem") == 0) o.host_mem_gib = parse_float(a, v, 0.0f, 1e6f);
+        else if (strcmp(a, "--host-mem") == 0) o.host_mem_gib = parse_float(a, v, 1.0f, 1e6f);
         else if (strcmp(a, "--eval-every") == 0) { o.eval_every = (int)parse_int(a, v, 0, INT32_MAX); o.eval_given = 1; }
         else if (strcmp(a, "--eval-batches") == 0) { o.eval_batches = (int)parse_int(a, v, 0, 1 << 20); o.eval_given = 1; }
         else if (strcmp(a, "--sample-every") == 0) { o.sample_every = (int)parse_int(a, v, 0, INT32_MAX); o.sample_given = 1; }
@@ -289,6 +308,8 @@ static Options options_parse(int argc, char **argv) {
             o.lora_given = 1;
         }
         else if (strcmp(a, "--base-quant") == 0) o.lora.base_quant = parse_base_quant(a, v);
+        else if (strcmp(a, "--plan-json") == 0) o.plan_json = v;
+        else if (strcmp(a, "--mem-trace") == 0) o.mem_trace = v;
         else die("internal: option '%s' has no handler", a);
     }
     if (o.preset && (o.model || o.resume)) die("--preset NAME builds a random-init model: it does not go with --model or --resume");
@@ -298,8 +319,14 @@ static Options options_parse(int argc, char **argv) {
         if (!o.eval_given) { o.eval_every = 0; o.eval_batches = 0; }
         o.checkpoints = o.ckpt_given;
     }
+    if (strcmp(o.optimizer, "adamw8bit") == 0 && o.moments_given)
+        die("--moments sets the moment type of --optimizer adamw; adamw8bit keeps 8-bit moments (drop --moments)");
     if (o.bench && o.steps < 2) die("--bench needs --steps >= 2 (the first step is always warm-up)");
+    if (o.host_layers > 0 && o.offload == 0) die("--host-layers N needs --offload 1");
     if (o.recompute == 0 && o.offload == 1) die("--offload 1 needs --recompute 1 (only recomputed layers can keep their inputs on the host)");
+    if (o.lora.rank > 0 && strcmp(o.optimizer, "adamw8bit") == 0)
+        die("--optimizer adamw8bit quantizes the moments of full-parameter training; LoRA adapters keep AdamW moments "
+            "(bf16 or fp32, small beside the base): drop --optimizer adamw8bit");
     if (o.lora.rank == 0 && o.lora_given) die("--lora-alpha and --lora-targets shape LoRA adapters: they need --lora-rank R");
     if (o.lora.rank > 0 && o.lora.alpha == 0.0f) o.lora.alpha = (float)o.lora.rank;
     char msg[256];
@@ -362,64 +389,6 @@ static uint16_t *random_init_model(ModelConfig *c, ParamLayout *layout, int voca
     uint64_t rng = rng_seed(seed ^ 0x1A17ULL);
     InitCtx ctx = {params, &rng, 1.0f / sqrtf(2.0f * c->n_layers)};
     param_layout_visit(layout, c, init_tensor, &ctx);
-    return params;
-}
-
-// A published config (--preset) with a random init for benchmarks: matrices N(0, 0.02), biases 0,
-// norm weights 1 (0 where the family scales by 1 + w). Tensors are cut into PRESET_INIT_CHUNK
-// pieces, each with its own seed from (seed, tensor, piece), filled in parallel (OpenMP), so 8B
-// parameters take seconds and the result does not depend on the thread count.
-#define PRESET_INIT_CHUNK ((size_t)1 << 20)
-
-typedef struct { size_t offset, n; float value; int normal; } InitTensor;  // value: when not normal
-typedef struct { InitTensor *t; int n; int norm_offset; } InitList;
-
-static void list_tensor(const char *name, size_t offset, size_t rows, size_t cols, void *ctx) {
-    InitList *l = (InitList *)ctx;
-    InitTensor *x = &l->t[l->n++];
-    x->offset = offset;
-    x->n = rows * cols;
-    x->normal = rows > 1;
-    x->value = strstr(name, "norm") != NULL ? (l->norm_offset ? 0.0f : 1.0f) : 0.0f;  // norms, biases
-}
-
-// c: the preset's config (mst_preset); fills *layout, returns the bf16 parameters (malloc'd).
-static uint16_t *random_init_preset(const ModelConfig *c, ParamLayout *layout, uint64_t seed) {
-    param_layout_init(layout, c);
-    InitList list;
-    list.t = (InitTensor *)mallocCheck((size_t)(c->n_layers * LT_COUNT + 3) * sizeof(InitTensor));
-    list.n = 0;
-    list.norm_offset = c->norm_offset;
-    param_layout_visit(layout, c, list_tensor, &list);
-    // work items: (tensor, piece) pairs, numbered by a prefix sum of the pieces per tensor
-    size_t *first = (size_t *)mallocCheck((size_t)(list.n + 1) * sizeof(size_t));
-    first[0] = 0;
-    for (int i = 0; i < list.n; i++) first[i + 1] = first[i] + (list.t[i].n + PRESET_INIT_CHUNK - 1) / PRESET_INIT_CHUNK;
-    uint16_t *params = (uint16_t *)mallocCheck(layout->total * sizeof(uint16_t));
-    long long items = (long long)first[list.n];
-#pragma omp parallel for schedule(dynamic, 4)
-    for (long long w = 0; w < items; w++) {
-        int ti = 0;
-        while (first[ti + 1] <= (size_t)w) ti++;  // a few hundred tensors: a scan is cheap next to 1M normals
-        const InitTensor *x = &list.t[ti];
-        size_t piece = (size_t)w - first[ti], lo = piece * PRESET_INIT_CHUNK;
-        size_t hi = lo + PRESET_INIT_CHUNK < x->n ? lo + PRESET_INIT_CHUNK : x->n;
-        uint16_t *out = params + x->offset;
-        if (!x->normal) {
-            for (size_t i = lo; i < hi; i++) out[i] = float_to_bf16_bits(x->value);
-            continue;
-        }
-        uint64_t rng = rng_seed(seed ^ ((uint64_t)ti << 40) ^ piece);
-        for (size_t i = lo; i < hi; i += 2) {  // Box-Muller: two normals per pair of uniforms
-            float u1 = rng_uniform(&rng), u2 = rng_uniform(&rng);
-            if (u1 < 1e-7f) u1 = 1e-7f;
-            float r = 0.02f * sqrtf(-2.0f * logf(u1)), a = 6.2831853f * u2;
-            out[i] = float_to_bf16_bits(r * cosf(a));
-            if (i + 1 < hi) out[i + 1] = float_to_bf16_bits(r * sinf(a));
-        }
-    }
-    free(first);
-    free(list.t);
     return params;
 }
 
@@ -520,9 +489,13 @@ typedef struct {
     int B, S, grad_accum;
     LoraConfig lora;    // rank 0: every weight trains; else only the adapters (lora.h)
     size_t n_train;     // trainable values: layout.total, or the adapters' count
-    // CPU: fp32 params are the master weights; fp32 AdamW moments
+    int adam8;          // --optimizer adamw8bit (full-parameter training only)
+    // CPU: fp32 params are the master weights; fp32 AdamW moments, or 8-bit ones (adam8)
     CpuModel cpu;
     float *mom1, *mom2;
+    Adam8Layout a8;
+    Adam8State q;
+    Adam8Codebooks books;
     // GPU
     GpuModel gpu;
     GpuSettings gs;
@@ -551,15 +524,20 @@ static size_t trainable_count(const ModelConfig *c, const LoraConfig *lc) {
     return l.total;
 }
 
-// Bytes the CPU path allocates: the model (params, grads or adapters, activations) and two fp32 moments.
-static size_t cpu_path_bytes(const ModelConfig *c, const LoraConfig *lc, int B, int S) {
+// Bytes the CPU path allocates: the model (params, grads or adapters, activations) and two fp32
+// moments of the trainable values (adam8: the 8-bit codes and block scales).
+static size_t cpu_path_bytes(const ModelConfig *c, const LoraConfig *lc, int B, int S, int adam8) {
+    ParamLayout l;
+    param_layout_init(&l, c);
+    Adam8Layout a;
+    adam8_layout_init(&a, &l, c);
     return (size_t)((long long)cpu_model_bytes(c, B, S) + cpu_lora_bytes(c, lc, B, S)) +
-           2 * trainable_count(c, lc) * sizeof(float);
+           (adam8 ? adam8_state_bytes(&a) : 2 * trainable_count(c, lc) * sizeof(float));
 }
 
 // Dies when the CPU path would need more than half of this machine's memory for c at B x S.
-static void cpu_path_check(const ModelConfig *c, const LoraConfig *lc, int B, int S) {
-    size_t need = cpu_path_bytes(c, lc, B, S), limit = physical_memory() / 2;
+static void cpu_path_check(const ModelConfig *c, const LoraConfig *lc, int B, int S, int adam8) {
+    size_t need = cpu_path_bytes(c, lc, B, S, adam8), limit = physical_memory() / 2;
     ParamLayout l;
     param_layout_init(&l, c);
     if (need > limit)
@@ -580,6 +558,18 @@ static double gpu_peak_flops(char *name, size_t name_len) {
     return 0.0;
 }
 
+// The model's name in records: the preset, the model file, or "default".
+static const char *model_name(const Options *o) { return o->preset ? o->preset : o->model ? o->model : "default"; }
+
+// --plan-json: the plan, its totals and its step timeline (mst.h) as one JSON object.
+static void write_plan_json(const char *path, const MemoryPlan *p, const ModelConfig *c, const char *model,
+                            size_t device_budget, size_t host_budget, int fits) {
+    FILE *f = fopenCheck(path, "w");
+    mst_plan_write_json(p, c, model, device_budget, host_budget, fits, f);
+    fcloseCheck(f, path);
+    printf("memory plan JSON: %s\n", path);
+}
+
 static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const uint16_t *params, const Options *o) {
     memset(t, 0, sizeof(*t));
     t->backend = backend;
@@ -590,14 +580,25 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     t->grad_accum = o->grad_accum;
     t->lora = o->lora;
     t->n_train = trainable_count(c, &o->lora);
+    t->adam8 = strcmp(o->optimizer, "adamw8bit") == 0;
     snprintf(t->device, sizeof(t->device), "cpu");
     if (backend == BACKEND_CPU) {
-        cpu_path_check(c, &t->lora, t->B, t->S);
+        cpu_path_check(c, &t->lora, t->B, t->S, t->adam8);
         cpu_model_init(&t->cpu, c, t->B, t->S);
         if (t->lora.rank) cpu_model_init_lora(&t->cpu, &t->lora, o->seed);
         cpu_model_load_bf16(&t->cpu, params);
-        t->mom1 = (float *)callocCheck(t->n_train, sizeof(float));
-        t->mom2 = (float *)callocCheck(t->n_train, sizeof(float));
+        if (!t->adam8) {
+            t->mom1 = (float *)callocCheck(t->n_train, sizeof(float));
+            t->mom2 = (float *)callocCheck(t->n_train, sizeof(float));
+            return;
+        }
+        adam8_layout_init(&t->a8, &t->layout, c);
+        adam8_codebooks_init(&t->books);
+        size_t blocks = t->a8.total;
+        t->q.m_codes = (uint8_t *)callocCheck(blocks, ADAM8_BLOCK);
+        t->q.v_codes = (uint8_t *)callocCheck(blocks, ADAM8_BLOCK);
+        t->q.m_absmax = (float *)callocCheck(blocks, sizeof(float));
+        t->q.v_absmax = (float *)callocCheck(blocks, sizeof(float));
         return;
     }
     GpuSettings *s = &t->gs;
@@ -607,15 +608,19 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     s->vocab_chunk = o->vocab_chunk;
     s->recompute = o->recompute;
     s->offload = o->offload;
+    s->host_layers = o->host_layers;
     s->grad_accum_steps = o->grad_accum;
     s->moment_type = strcmp(o->moments, "fp32") == 0 ? DT_FP32 : DT_BF16;
+    s->moments_8bit = t->adam8;
     s->master_weights = o->master_weights;
     s->gpu_mem_budget = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0);
     s->host_mem_budget = (size_t)(o->host_mem_gib * 1024.0 * 1024.0 * 1024.0);
     s->lora = o->lora;
     s->lora_seed = o->seed;
+    s->init_seed = o->seed;
     gpu_model_init(&t->gpu, c, params, s);
     gpu_model_print_plan(&t->gpu, stdout);
+    if (o->plan_json) write_plan_json(o->plan_json, &t->gpu.plan, c, model_name(o), s->gpu_mem_budget, s->host_mem_budget, 1);
     t->peak_flops = gpu_peak_flops(t->device, sizeof(t->device));
 }
 
@@ -655,7 +660,8 @@ static void trainer_step(Trainer *t, Batches *dl, const OptimizerStep *opt, Step
     }
     if (opt->clip > 0.0f && out->grad_norm > opt->clip) scale *= opt->clip / out->grad_norm;
     AdamWHparams h = {opt->lr, opt->beta1, opt->beta2, opt->eps, opt->weight_decay};
-    cpu_adamw_step(m, t->mom1, t->mom2, &h, opt->step, scale);
+    if (t->adam8) cpu_adamw8bit_step(m, &t->q, &t->a8, &t->books, &h, opt->step, scale);
+    else cpu_adamw_step(m, t->mom1, t->mom2, &h, opt->step, scale);
 }
 
 static float trainer_eval_loss(Trainer *t, const int32_t *tokens, const int32_t *targets) {
@@ -689,12 +695,36 @@ static void trainer_set_lora(Trainer *t, const float *in) {
     else memcpy(t->cpu.lora_params, in, t->n_train * sizeof(float));
 }
 
-// Optimizer state for the checkpoint. CPU: m1 | m2 | fp32 trainable values (the master weights, or
-// the adapters). GPU: the blob of gpu_model_get_optimizer_state (moments, master weights, previous
+// Optimizer state for the checkpoint. CPU: m1 | m2 (fp32) | fp32 trainable values (the master
+// weights, or the adapters); with adamw8bit m codes | m scales | v codes | v scales (adamw8bit.h) |
+// fp32 params. GPU: the blob of gpu_model_get_optimizer_state (moments, master weights, previous
 // grad norm).
+#define CPU_STATE_PIECES 5
+
+// The CPU path's state buffers in blob order; returns how many.
+static int cpu_state_pieces(Trainer *t, void **ptr, size_t *bytes) {
+    size_t n = t->n_train, blocks = t->a8.total;
+    int k = 0;
+    if (t->adam8) {
+        ptr[k] = t->q.m_codes; bytes[k++] = blocks * ADAM8_BLOCK;
+        ptr[k] = t->q.m_absmax; bytes[k++] = blocks * sizeof(float);
+        ptr[k] = t->q.v_codes; bytes[k++] = blocks * ADAM8_BLOCK;
+        ptr[k] = t->q.v_absmax; bytes[k++] = blocks * sizeof(float);
+    } else {
+        ptr[k] = t->mom1; bytes[k++] = n * sizeof(float);
+        ptr[k] = t->mom2; bytes[k++] = n * sizeof(float);
+    }
+    ptr[k] = cpu_model_trainable_params(&t->cpu); bytes[k++] = n * sizeof(float);
+    return k;
+}
+
 static size_t trainer_state_bytes(Trainer *t) {
     if (t->backend == BACKEND_GPU) return gpu_model_optimizer_state_bytes(&t->gpu);
-    return 3 * t->n_train * sizeof(float);
+    void *ptr[CPU_STATE_PIECES];
+    size_t bytes[CPU_STATE_PIECES], total = 0;
+    int n = cpu_state_pieces(t, ptr, bytes);
+    for (int i = 0; i < n; i++) total += bytes[i];
+    return total;
 }
 
 static void trainer_get_state(Trainer *t, void *buf) {
@@ -702,11 +732,13 @@ static void trainer_get_state(Trainer *t, void *buf) {
         gpu_model_get_optimizer_state(&t->gpu, buf);
         return;
     }
-    size_t n = t->n_train;
-    float *f = (float *)buf;
-    memcpy(f, t->mom1, n * sizeof(float));
-    memcpy(f + n, t->mom2, n * sizeof(float));
-    memcpy(f + 2 * n, cpu_model_trainable_params(&t->cpu), n * sizeof(float));
+    void *ptr[CPU_STATE_PIECES];
+    size_t bytes[CPU_STATE_PIECES], at = 0;
+    int n = cpu_state_pieces(t, ptr, bytes);
+    for (int i = 0; i < n; i++) {
+        memcpy((char *)buf + at, ptr[i], bytes[i]);
+        at += bytes[i];
+    }
 }
 
 static void trainer_set_state(Trainer *t, const void *buf) {
@@ -714,11 +746,13 @@ static void trainer_set_state(Trainer *t, const void *buf) {
         gpu_model_set_optimizer_state(&t->gpu, buf);
         return;
     }
-    size_t n = t->n_train;
-    const float *f = (const float *)buf;
-    memcpy(t->mom1, f, n * sizeof(float));
-    memcpy(t->mom2, f + n, n * sizeof(float));
-    memcpy(cpu_model_trainable_params(&t->cpu), f + 2 * n, n * sizeof(float));
+    void *ptr[CPU_STATE_PIECES];
+    size_t bytes[CPU_STATE_PIECES], at = 0;
+    int n = cpu_state_pieces(t, ptr, bytes);
+    for (int i = 0; i < n; i++) {
+        memcpy(ptr[i], (const char *)buf + at, bytes[i]);
+        at += bytes[i];
+    }
 }
 
 typedef struct { double used, total, plan, peak; } MemLine;  // GiB
@@ -733,7 +767,7 @@ static MemLine trainer_memory(Trainer *t) {
         l.plan = gib(r.planned);
         l.peak = gib(r.peak_used);
     } else {
-        l.used = l.plan = l.peak = gib(cpu_path_bytes(&t->c, &t->lora, t->B, t->S));
+        l.used = l.plan = l.peak = gib(cpu_path_bytes(&t->c, &t->lora, t->B, t->S, t->adam8));
         l.total = gib(physical_memory());
     }
     return l;
@@ -748,6 +782,10 @@ static void trainer_free(Trainer *t) {
     cpu_model_free(&t->cpu);
     free(t->mom1);
     free(t->mom2);
+    free(t->q.m_codes);
+    free(t->q.v_codes);
+    free(t->q.m_absmax);
+    free(t->q.v_absmax);
 }
 
 // ----------------------------------------------------------------------------
@@ -760,13 +798,16 @@ static void trainer_free(Trainer *t) {
 //   [4] trainable values (parameters, or adapter elements)  [5] FNV-1a hash of the model.bin header of the config
 //   [6] RNG state  [7..11] DataPosition of the train loader (epoch, shard, cursor, seq_len, n_shards)
 //   [12] payload bytes  [13] moment type (GPU)  [14] master weights (GPU)  [15] FNV-1a hash of the payload
-//   [16] LoRA rank (0: none)  [17] LoRA target mask  [18] LoRA alpha (float32 bits)  [19] base quantization
+//   [16] optimizer: 0 adamw, 1 adamw8bit (version 2; version 1 files have 0 here and are read as adamw)
+//   [17] LoRA rank (0: none)  [18] LoRA target mask  [19] LoRA alpha (float32 bits)  [20] base quantization
 //   rest 0
-// then the payload: trainer_get_state's bytes (CPU: fp32 m1 | m2 | params; GPU: gpu_model's blob,
-// which holds the previous grad norm used by the optimizer-in-backward clip).
+// then the payload: trainer_get_state's bytes (CPU: fp32 m1 | m2 | params, or 8-bit m codes | m scales
+// | v codes | v scales | fp32 params; GPU: gpu_model's blob, which holds the previous grad norm used
+// by the optimizer-in-backward clip).
 
 #define STATE_MAGIC 0x5353544DLL  // bytes 'M','T','S','S'
-#define STATE_VERSION 1
+#define STATE_VERSION 2
+#define STATE_VERSION_MIN 1       // the oldest version this build reads
 #define STATE_HEADER_INTS 64
 
 static uint64_t fnv1a(const void *data, size_t n, uint64_t h) {
@@ -875,10 +916,11 @@ static void ckpt_save(Trainer *t, const char *dir, int keep, int step, uint64_t 
     h[13] = t->backend == BACKEND_GPU ? (int64_t)t->gs.moment_type : 0;
     h[14] = t->backend == BACKEND_GPU ? t->gs.master_weights : 0;
     h[15] = (int64_t)fnv1a(payload, bytes, 0xCBF29CE484222325ULL);
-    h[16] = t->lora.rank;
-    h[17] = t->lora.rank ? (int64_t)t->lora.targets : 0;
-    memcpy(&h[18], &t->lora.alpha, sizeof(float));
-    h[19] = t->lora.base_quant;
+    h[16] = t->adam8;
+    h[17] = t->lora.rank;
+    h[18] = t->lora.rank ? (int64_t)t->lora.targets : 0;
+    memcpy(&h[19], &t->lora.alpha, sizeof(float));
+    h[20] = t->lora.base_quant;
     ckpt_path(path, sizeof(path), dir, "state", step);
     snprintf(tmp, sizeof(tmp), "%s.tmp", path);
     FILE *f = fopenCheck(tmp, "wb");
@@ -900,19 +942,20 @@ static void state_read_header(int64_t h[STATE_HEADER_INTS], const char *path, co
     freadCheck(h, sizeof(int64_t), STATE_HEADER_INTS, f, path);
     fcloseCheck(f, path);
     if (h[0] != STATE_MAGIC) die("%s: bad magic 0x%08llx (expected 0x%08llx): not a train_llama state file", path, (unsigned long long)h[0], (unsigned long long)STATE_MAGIC);
-    if (h[1] != STATE_VERSION) die("%s: unsupported state version %lld (this build reads version %d)", path, (long long)h[1], STATE_VERSION);
+    if (h[1] < STATE_VERSION_MIN || h[1] > STATE_VERSION)
+        die("%s: unsupported state version %lld (this build reads versions %d to %d)", path, (long long)h[1], STATE_VERSION_MIN, STATE_VERSION);
     if (h[12] < 0 || size != (long)(STATE_HEADER_INTS * sizeof(int64_t)) + h[12])
         die("%s: size %ld bytes disagrees with its header (%lld payload bytes): %s", path, size, (long long)h[12],
             size < (long)(STATE_HEADER_INTS * sizeof(int64_t)) + h[12] ? "truncated" : "trailing bytes");
     float alpha;
-    memcpy(&alpha, &h[18], sizeof(float));
-    if (h[16] != lc->rank || (lc->rank && (h[17] != (int64_t)lc->targets || alpha != lc->alpha)) || h[19] != lc->base_quant) {
+    memcpy(&alpha, &h[19], sizeof(float));
+    if (h[17] != lc->rank || (lc->rank && (h[18] != (int64_t)lc->targets || alpha != lc->alpha)) || h[20] != lc->base_quant) {
         char want[64], got[64];
         lora_targets_string(lc->targets, want, sizeof(want));
-        lora_targets_string((unsigned)h[17], got, sizeof(got));
+        lora_targets_string((unsigned)h[18], got, sizeof(got));
         die("%s: written with LoRA rank %lld alpha %g targets %s base %s; this run has rank %d alpha %g targets %s base %s "
-            "(resume with the same --lora-* and --base-quant flags)", path, (long long)h[16], alpha, h[16] ? got : "-",
-            base_quant_name((int)h[19]), lc->rank, lc->alpha, lc->rank ? want : "-", base_quant_name(lc->base_quant));
+            "(resume with the same --lora-* and --base-quant flags)", path, (long long)h[17], alpha, h[17] ? got : "-",
+            base_quant_name((int)h[20]), lc->rank, lc->alpha, lc->rank ? want : "-", base_quant_name(lc->base_quant));
     }
     size_t n_train = trainable_count(c, lc);
     if (h[4] != (int64_t)n_train || h[5] != config_hash(c))
@@ -927,6 +970,9 @@ static int state_load(Trainer *t, const char *path, uint64_t *rng, DataPosition 
     if (h[2] != t->backend)
         die("%s: written by the %s path; this run uses the %s path (the optimizer states differ: resume on the same backend)",
             path, h[2] == BACKEND_GPU ? "GPU" : "CPU", t->backend == BACKEND_GPU ? "GPU" : "CPU");
+    if (h[16] != t->adam8)
+        die("%s: written with --optimizer %s; this run uses --optimizer %s (the optimizer states differ: resume with the same optimizer)",
+            path, h[16] ? "adamw8bit" : "adamw", t->adam8 ? "adamw8bit" : "adamw");
     size_t bytes = trainer_state_bytes(t);
     if ((size_t)h[12] != bytes)
         die("%s: %lld bytes of optimizer state, this run needs %zu (other --moments or --master-weights? the file has moments %s, master %lld)",
@@ -1152,17 +1198,17 @@ static void print_bench(Trainer *t, const Options *o, double *ms, int n) {
     int gpu = t->backend == BACKEND_GPU;
     MemLine m = trainer_memory(t);
     printf("BENCH {\"model\": ");
-    json_string(stdout, o->preset ? o->preset : o->model ? o->model : "default");
+    json_string(stdout, model_name(o));
     printf(", \"backend\": \"%s\", \"device\": ", gpu ? "gpu" : "cpu");
     json_string(stdout, t->device);
     printf(", \"B\": %d, \"S\": %d, \"grad_accum\": %d, \"M\": %d, \"vocab_chunk\": %d, \"recompute\": %d, "
-           "\"offload\": %d, \"host_layers\": %d, \"moments\": \"%s\", \"master_weights\": %d, \"synthetic\": %d, "
-           "\"lora_rank\": %d, \"base_quant\": \"%s\", "
+           "\"offload\": %d, \"host_layers\": %d, \"optimizer\": \"%s\", \"moments\": \"%s\", \"master_weights\": %d, "
+           "\"synthetic\": %d, \"lora_rank\": %d, \"base_quant\": \"%s\", "
            "\"steps_timed\": %d, \"warmup\": %d, \"median_ms\": %.3f, \"tok_s\": %.1f, \"tflops\": %.4f, \"mfu\": ",
            t->B, t->S, t->grad_accum, gpu ? t->gs.mst_chunks : 1, gpu ? t->gs.vocab_chunk : t->c.vocab_size,
-           gpu ? t->gs.recompute : 0, gpu ? t->gs.offload : 0, gpu ? t->gs.host_layers : 0, o->moments,
-           o->master_weights, o->synthetic, o->lora.rank, base_quant_name(o->lora.base_quant), k, warm, med, tok_s,
-           fpt * tok_s / 1e12);
+           gpu ? t->gs.recompute : 0, gpu ? t->gs.offload : 0, gpu ? t->gs.host_layers : 0, o->optimizer,
+           t->adam8 ? "8bit" : o->moments, o->master_weights, o->synthetic, o->lora.rank,
+           base_quant_name(o->lora.base_quant), k, warm, med, tok_s, fpt * tok_s / 1e12);
     if (gpu && t->peak_flops > 0) printf("%.6f", fpt * tok_s / t->peak_flops);
     else printf("null");
     printf(", \"peak_gib\": %.4f, \"planned_gib\": %.4f, \"params\": %zu, \"flops_per_token\": %.6e, \"oom\": false}\n",
@@ -1200,8 +1246,9 @@ static int plan_only(const Options *o) {
     s.vocab_chunk = o->vocab_chunk;
     s.recompute = o->recompute;
     s.offload = o->offload;
+    s.host_layers = o->host_layers;
     s.grad_accum_steps = o->grad_accum;
-    s.moment_bytes = strcmp(o->moments, "fp32") == 0 ? 4 : 2;
+    s.moment_bytes = strcmp(o->optimizer, "adamw8bit") == 0 ? 1 : strcmp(o->moments, "fp32") == 0 ? 4 : 2;
     s.master_weights = o->master_weights;
     s.lora = o->lora;
     MstKernelFigures fig;
@@ -1214,7 +1261,11 @@ static int plan_only(const Options *o) {
     printf("plan for %s (%s), B=%d S=%d, device budget %.1f GiB, host budget %.1f GiB (%s)\n",
            o->preset ? o->preset : o->model, family_name(c.family), s.B, s.S, gib(device), gib(host),
            o->host_mem_gib > 0.0f ? "--host-mem" : "this machine's memory less 16 GiB, at least 3/4 of it");
-    if (!mst_plan_auto(&p, &c, &s, &fig, device, host, msg, sizeof(msg))) {
+    int valid = mst_settings_check(&c, &s, msg, sizeof(msg)) == NULL;
+    int fits = mst_plan_auto(&p, &c, &s, &fig, device, host, msg, sizeof(msg));
+    // Refused for its settings: no plan to write. Refused for its size: the most frugal plan's JSON.
+    if (o->plan_json && valid) write_plan_json(o->plan_json, &p, &c, model_name(o), device, host, fits);
+    if (!fits) {
         printf("%s", msg);
         return 1;
     }
@@ -1237,6 +1288,9 @@ int main(int argc, char **argv) {
     if (!o.cpu && cuda_device_count() > 0) backend = BACKEND_GPU;
     else if (!o.cpu) printf("no GPU found: training on the CPU reference path (fp32, OpenMP)\n");
     else printf("--cpu: training on the CPU reference path (fp32, OpenMP)\n");
+    if (backend == BACKEND_CPU && o.plan_json)
+        die("--plan-json writes the GPU memory plan: the CPU path has none (use it with --plan-only, or on a GPU)");
+    if (backend == BACKEND_CPU && o.mem_trace) die("--mem-trace measures GPU memory: it needs the GPU path");
     if (backend == BACKEND_GPU && o.skip_nonfinite)
         printf("note: on the GPU the update runs inside the backward pass, so a non-finite step stops the run even with --skip-nonfinite\n");
 
@@ -1255,7 +1309,6 @@ int main(int argc, char **argv) {
     } else if (o.model) {  // with LoRA also on --resume: the checkpoint holds the adapters, --model the base
         if (o.resume) resume_paths(&o, state_file, model_file, sizeof(state_file));
         params = model_load_bf16(&c, &layout, o.model);
-        params = model_load_bf16(&c, &layout, o.model);
     } else if (o.preset) {
         if (!mst_preset(o.preset, &c)) {
             fprintf(stderr, "error: unknown --preset '%s'; known: ", o.preset);
@@ -1265,9 +1318,9 @@ int main(int argc, char **argv) {
         if (backend == BACKEND_CPU)
             die("--preset %s is a full-size model for GPU benchmarks: the CPU reference path does not train it "
                 "(use a GPU, or the default model / --model on the CPU)", o.preset);
-        double t0 = now_ms();
-        params = random_init_preset(&c, &layout, o.seed);
-        printf("model: --preset %s, random init (seed %llu) in %.1f s\n", o.preset, (unsigned long long)o.seed, (now_ms() - t0) / 1e3);
+        param_layout_init(&layout, &c);
+        params = NULL;  // gpu_model_init draws the random init on the device
+        printf("model: --preset %s, random init on the GPU (seed %llu)\n", o.preset, (unsigned long long)o.seed);
     } else {
         params = random_init_model(&c, &layout, o.synthetic ? SYNTHETIC_DEFAULT_VOCAB : tok.vocab_size, o.seed);
         printf("model: none given: a small random-init Llama (seed %llu)\n", (unsigned long long)o.seed);
@@ -1304,6 +1357,12 @@ int main(int argc, char **argv) {
         lora_load(model_file, &c, &file, adapters);
         trainer_set_lora(&t, adapters);
         free(adapters);
+    }
+    FILE *mem_trace = NULL;
+    if (o.mem_trace) {
+        mem_trace = fopenCheck(o.mem_trace, "w");
+        gpu_model_profile_enable(&t.gpu);
+        step_profile_trace_memory(t.gpu.profile, mem_trace);
     }
 
     // data: the loaders check every token id against the model's vocabulary; synthetic batches
@@ -1376,6 +1435,11 @@ int main(int argc, char **argv) {
     if (o.bench) print_bench(&t, &o, step_ms, n_ms);
     free(step_ms);
     if (log) fcloseCheck(log, o.log);
+    if (mem_trace) {
+        step_profile_trace_memory(t.gpu.profile, NULL);
+        fcloseCheck(mem_trace, o.mem_trace);
+        printf("memory trace: %s\n", o.mem_trace);
+    }
     trainer_free(&t);
     batches_free(&train);
     batches_free(&val);

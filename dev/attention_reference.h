@@ -1,7 +1,8 @@
-// Shared by the attention test programs (dev/test_attention.cu: cuDNN path; dev/test_attention_softcap.cu:
-// soft-cap kernels): reproducible random bf16 inputs, the relative-l2 comparison row, a double-precision
-// CPU reference of causal GQA attention with sliding window, query scale and soft-cap (forward and
-// backward), and device helpers (NaN-poisoned buffers, downloads, random fill for timings).
+// Shared by the attention test programs (dev/test_attention.cu: cuDNN path; dev/test_attention_softcap.cu
+// and dev/test_attention_softcap_emu.cu: soft-cap kernels on the GPU and on the CPU emulator):
+// reproducible random bf16 inputs, the relative-l2 comparison row, the soft-cap test cases, a
+// double-precision CPU reference of causal GQA attention with sliding window, query scale and soft-cap
+// (forward and backward), and device helpers (NaN-poisoned buffers, downloads, random fill for timings).
 #ifndef DEV_ATTENTION_REFERENCE_H
 #define DEV_ATTENTION_REFERENCE_H
 
@@ -58,6 +59,56 @@ static AttentionShape make_shape(int B, int S, int Hq, int Hkv, int hd, float sc
     s.window = window;
     s.softcap = softcap;
     return s;
+}
+
+// ---- the soft-cap cases: dev/test_attention_softcap.cu runs them on the GPU, dev/test_attention_softcap_emu.cu
+// on the CPU warp emulator ----
+// Tolerances on ||got - ref|| / ||ref|| (the reference uses the same bf16 inputs, in double). A numpy
+// emulation of flash-attention tile loops in fp32 (bf16 out, bf16 O in D, bf16 gradients) on these
+// cases gives: out 1.5-1.6e-3, stats 2-6e-8, dv 1.6-1.7e-3, dq / dk 2.0-5.2e-3.
+// - out: scores, P and the P V sums stay in fp32 but P enters the tensor cores as bf16 and the output
+//   is rounded to bf16 (about 2^-9 / sqrt(3) = 1.1e-3 rms relative each); 8e-3 (the cuDNN test's
+//   figure) leaves room. A mask one key too wide moves out by about 1/window per row (12% at window 8).
+// - stats: fp32 log-sum-exp of scores from exact bf16 products summed in fp32: a few fp32 ulps of
+//   |lse|; 1e-4 still catches a wrong base, scale, cap or mask.
+// - dq, dk, dv: bf16 rounding of P, dS and each gradient plus D = rowsum(dO * O) taken from the bf16 O,
+//   amplified by the cancellation in dP - D where P is peaked (the hd 256 case: 5.2e-3); 1e-2 leaves
+//   1.9x there. A missing (1 - tanh^2) factor moves dq / dk by 25-130%.
+#define SOFTCAP_TOL_OUT 8e-3
+#define SOFTCAP_TOL_STATS 1e-4
+#define SOFTCAP_TOL_GRAD 1e-2
+
+typedef struct {
+    const char *label;
+    AttentionShape shape;  // B, S, Hq, Hkv, hd, scale, window, softcap
+} SoftcapCase;
+
+// Spread (std) of the raw scores scale q.k for these inputs: about 1.5 scale sqrt(hd); the first
+// cases put a good part of them where tanh bends (3 vs cap 5, 12 vs 50, 2.2 vs 3, 2.4 vs 10). Tiles
+// are 64 queries x 64 (forward, dK / dV) or 32 (dQ) keys: the cases cover partial last tiles, exact
+// multiples of 64, windows that skip tiles or end inside one, GQA groups of 1 to 4, and every head-dim
+// tile (64: hd 16, 40, 64; 128; 256). Window 2 puts the first key of a query tile's range, and the last
+// query of a key tile's range, right at a tile edge, where an off-by-one in the tile ranges drops a
+// (query, key) pair worth half of its row.
+static const SoftcapCase softcap_cases[] = {
+    {"small GQA, cap 5, window 8", {2, 37, 4, 2, 16, 0.5f, 8, 5.0f}},
+    {"Gemma-like hd 256, cap 50, window 64", {1, 300, 8, 4, 256, 0.5f, 64, 50.0f}},
+    {"no window, hd 128, Hkv 1, cap 3", {1, 150, 4, 1, 128, 0.125f, 0, 3.0f}},
+    {"MHA hd 64, window = S, cap 10", {2, 65, 2, 2, 64, 0.2f, 65, 10.0f}},
+    {"S = 1, hd 40", {3, 1, 2, 2, 40, 0.25f, 0, 5.0f}},
+    {"S = 128 (whole tiles), hd 64, cap 5", {1, 128, 4, 2, 64, 0.3f, 0, 5.0f}},
+    {"window 2 (tile edges), hd 64", {1, 200, 2, 1, 64, 0.3f, 2, 5.0f}},
+    {"Gemma-2-9B heads, S 203, window 96", {1, 203, 16, 8, 256, 0.0625f, 96, 50.0f}},
+};
+#define N_SOFTCAP_CASES ((int)(sizeof(softcap_cases) / sizeof(softcap_cases[0])))
+
+// Random inputs of a case: qkv (B*S, C) with q and k entries of magnitude up to 2 and v up to 1;
+// dout (B*S, Hq hd) up to 1. bf16 bits, never zero.
+static void fill_softcap_inputs(const AttentionShape *s, uint16_t *qkv, uint16_t *dout) {
+    size_t C = (size_t)(s->Hq + 2 * s->Hkv) * s->hd, rows = (size_t)s->B * s->S;
+    for (size_t r = 0; r < rows; r++)
+        for (size_t c = 0; c < C; c++) qkv[r * C + c] = random_bf16_nonzero(c < (size_t)(s->Hq + s->Hkv) * s->hd ? 2.0 : 1.0);
+    for (size_t i = 0; i < rows * s->Hq * s->hd; i++) dout[i] = random_bf16_nonzero(1.0);
 }
 
 // ---- CPU reference in double ----

@@ -24,6 +24,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include "adamw8bit.h"
 #include "model_config.h"
 #include "mst_kernels.h"
 #include "tests/test_util.h"
@@ -671,6 +672,44 @@ static void test_casts(TestReport *rep, size_t n, size_t off, uint64_t seed) {
     free(f); free(h); free(expect); free(back); free(back_ref);
 }
 
+// random_normal_fill against random_normal_at on the host (one bf16 step: the rounding plus float
+// differences of logf/sinf between host and device), its moments (5 standard errors), and constant_fill.
+static void test_random_fill(TestReport *rep, size_t n, uint64_t seed, uint64_t first, size_t off) {
+    char tcase[48];
+    snprintf(tcase, sizeof(tcase), "n=%zu first=%llu off=%zu el", n, (unsigned long long)first, off);
+    const float std = 0.02f;
+    DBuf d = dbuf_alloc(n * 2, off * 2);  // off elements: a 2-byte aligned but not 16-byte aligned start
+    dbuf_poison(&d);
+    random_normal_fill((bf16 *)d.p, n, seed, first, std, 0);
+    uint16_t *h = (uint16_t *)mallocCheck(n * 2);
+    dbuf_download(h, &d);
+    Cmp c;
+    cmp_begin(&c, "random_normal_fill", tcase, "out", "1 bf16 step of host twin");
+    double sum = 0.0, sq = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double ref = (double)(std * random_normal_at(seed, first + i)), got = bf(h[i]);
+        cmp_add(&c, got, ref, bf16_spacing(ref));
+        sum += got;
+        sq += got * got;
+    }
+    cmp_end(rep, &c);
+    double mean = sum / n, sd = sqrt(sq / n - mean * mean);
+    cmp_begin(&c, "random_normal_fill", tcase, "moments", "5 standard errors");
+    cmp_add(&c, mean / std, 0.0, 5.0 / sqrt((double)n));
+    cmp_add(&c, sd / std, 1.0, 5.0 * sqrt(0.5 / n) + 1.0 / 256.0);  // plus the bf16 rounding of each value
+    cmp_end(rep, &c);
+    constant_fill((bf16 *)d.p, n, 1.0f, 0);
+    dbuf_download(h, &d);
+    uint16_t *expect = (uint16_t *)mallocCheck(n * 2);
+    for (size_t i = 0; i < n; i++) expect[i] = float_to_bf16_bits(1.0f);
+    check_exact(rep, "constant_fill", tcase, "out", h, expect, n * 2);
+    DBuf *bufs[] = {&d};
+    check_guards(rep, "random/constant fill", tcase, bufs, 1);
+    dbuf_free(&d);
+    free(h);
+    free(expect);
+}
+
 static void test_accumulate_into(TestReport *rep, size_t n, DType dt, size_t off, uint64_t seed) {
     Rng rng = {seed};
     char tcase[48];
@@ -846,6 +885,21 @@ static void test_sum_reduce(TestReport *rep, int N, uint64_t seed) {
 // Optimizer
 // ---------------------------------------------------------------------------------------------
 
+// Sums the fused gradient-norm partials (d_part, grad_norm_partials() fp32) into the poisoned d_norm
+// and compares with ref (the sum of grad^2 in double) over `terms` positive terms: relative error at
+// most (terms per thread + tree levels) eps, as test_grad_norm's bound.
+static void check_sumsq_partials(TestReport *rep, const char *kernel, const char *tcase, const DBuf *d_part,
+                                 DBuf *d_norm, double ref, double terms) {
+    float got;
+    dbuf_poison(d_norm);
+    grad_norm_finish((float *)d_norm->p, (const float *)d_part->p, 0);
+    dbuf_download(&got, d_norm);
+    Cmp c;
+    cmp_begin(&c, kernel, tcase, "sum sq", "(terms/(P*256)+40)eps|ref|");
+    cmp_add(&c, got, ref, (terms / (grad_norm_partials() * 256.0) + 40.0) * F32_EPS * ref);
+    cmp_end(rep, &c);
+}
+
 // with_norm: the fused gradient-norm partials too (checked against the sum of grad^2 in double).
 static void test_adamw(TestReport *rep, size_t n, DType grad_t, DType mom_t, int use_master, size_t off, int with_norm,
                        uint64_t seed) {
@@ -871,16 +925,9 @@ static void test_adamw(TestReport *rep, size_t n, DType grad_t, DType mom_t, int
     adamw_update((bf16 *)d_p.p, use_master ? (float *)d_master.p : NULL, d_g.p, grad_t, d_m.p, d_v.p, mom_t, n, &hp,
                  with_norm ? (float *)d_part.p : NULL, 0);
     if (with_norm) {
-        float got_sumsq;
-        dbuf_poison(&d_norm);
-        grad_norm_finish((float *)d_norm.p, (const float *)d_part.p, 0);
-        dbuf_download(&got_sumsq, &d_norm);
         double ref_sumsq = 0.0;
         for (size_t i = 0; i < n; i++) ref_sumsq += typed_at(grad, grad_t, i) * typed_at(grad, grad_t, i);
-        Cmp cs;  // all terms positive: as test_grad_norm's bound
-        cmp_begin(&cs, "adamw_update", tcase, "sum sq", "(n/(P*256)+40)eps|ref|");
-        cmp_add(&cs, got_sumsq, ref_sumsq, ((double)n / (P * 256.0) + 40.0) * F32_EPS * ref_sumsq);
-        cmp_end(rep, &cs);
+        check_sumsq_partials(rep, "adamw_update", tcase, &d_part, &d_norm, ref_sumsq, (double)n);
     }
     uint16_t *gp = (uint16_t *)mallocCheck(n * 2);
     void *gm = mallocCheck(n * msz), *gv = mallocCheck(n * msz);
@@ -1004,6 +1051,81 @@ static void test_adamw_stochastic(TestReport *rep, size_t n) {
     free(param); free(grad); free(zeros);
 }
 
+// 8-bit AdamW against its CPU twin adamw8bit_update_cpu (adamw8bit.h), bit for bit: weights,
+// master weights, both moments' codes (padding past n included: it must stay untouched) and block
+// scales, after two steps (step 7, then 8 on the codes the first wrote). The twin itself is checked
+// against a double-precision AdamW and the code books' rounding bounds on the CPU by
+// tests/test_adamw8bit.c. Random weights, gradients, codes and scales; block 0 starts all zero
+// (absmax 0, as a fresh state). With master weights the bf16 param is a pure output and starts
+// poisoned. `off` misaligns every buffer by that many elements (codes by that many bytes).
+// with_norm: the fused gradient-norm partials too (both steps add; against 2 x the sum of grad^2).
+static void test_adamw8bit(TestReport *rep, size_t n, DType grad_t, int use_master, size_t off, int with_norm,
+                           uint64_t seed) {
+    Rng rng = {seed};
+    char tcase[48];
+    snprintf(tcase, sizeof(tcase), "n=%zu g=%s %s off=%zu%s", n, dtype_name(grad_t), use_master ? "master" : "sr", off,
+             with_norm ? " +norm" : "");
+    size_t nb = adam8_blocks(n), nc = nb * ADAM8_BLOCK, gsz = dtype_bytes(grad_t);
+    float *master = use_master ? rand_f32(&rng, n, -1.0, 1.0) : NULL;
+    uint16_t *param = rand_bf16(&rng, n, -1.0, 1.0);
+    void *grad = rand_typed(&rng, grad_t, n, -1.0, 1.0);
+    float *grad_f32 = (float *)mallocCheck(n * 4);
+    for (size_t i = 0; i < n; i++) grad_f32[i] = (float)typed_at(grad, grad_t, i);
+    uint8_t *codes = (uint8_t *)mallocCheck(2 * nc);
+    for (size_t i = 0; i < 2 * nc; i++) codes[i] = (uint8_t)rng_int(&rng, 256);
+    float *absmax = (float *)mallocCheck(2 * nb * 4);
+    for (size_t b = 0; b < nb; b++) {
+        absmax[b] = b == 0 ? 0.0f : (float)rng_uniform(&rng, 0.01, 0.1);
+        absmax[nb + b] = b == 0 ? 0.0f : (float)rng_uniform(&rng, 1e-4, 1e-2);
+    }
+    DBuf d_p = dbuf_from(param, n * 2, off * 2), d_g = dbuf_from(grad, n * gsz, off * gsz);
+    DBuf d_master = use_master ? dbuf_from(master, n * 4, off * 4) : dbuf_alloc(4, 0);
+    DBuf d_mq = dbuf_from(codes, nc, off), d_vq = dbuf_from(codes + nc, nc, off);
+    DBuf d_ma = dbuf_from(absmax, nb * 4, off * 4), d_va = dbuf_from(absmax + nb, nb * 4, off * 4);
+    if (use_master) dbuf_poison(&d_p);
+    int P = grad_norm_partials();
+    DBuf d_part = dbuf_alloc((size_t)P * 4, 0), d_norm = dbuf_alloc(4, 0);
+    cudaCheck(cudaMemset(d_part.p, 0, (size_t)P * 4));
+
+    Adam8Codebooks books;
+    adam8_codebooks_init(&books);
+    Adam8State host = {codes, codes + nc, absmax, absmax + nb};
+    for (int step = 7; step <= 8; step++) {
+        AdamWParams hp = {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, step, 1234u + (uint32_t)step};
+        adamw8bit_update((bf16 *)d_p.p, use_master ? (float *)d_master.p : NULL, d_g.p, grad_t, (uint8_t *)d_mq.p,
+                         (float *)d_ma.p, (uint8_t *)d_vq.p, (float *)d_va.p, n, &hp,
+                         with_norm ? (float *)d_part.p : NULL, 0);
+        Adam8Consts c = adam8_consts(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.grad_scale, hp.step, hp.seed);
+        adamw8bit_update_cpu(param, master, grad_f32, host, n, &c, &books);
+    }
+    if (with_norm) {  // two steps added to the same partials
+        double ref_sumsq = 0.0;
+        for (size_t i = 0; i < n; i++) ref_sumsq += 2.0 * (double)grad_f32[i] * grad_f32[i];
+        check_sumsq_partials(rep, "adamw8bit_update", tcase, &d_part, &d_norm, ref_sumsq, 2.0 * n);
+    }
+    uint16_t *gp = (uint16_t *)mallocCheck(n * 2);
+    uint8_t *gq = (uint8_t *)mallocCheck(nc);
+    float *gf = (float *)mallocCheck((n > nb ? n : nb) * 4);
+    dbuf_download(gp, &d_p);
+    check_exact(rep, "adamw8bit_update", tcase, "param", gp, param, n * 2);
+    if (use_master) {
+        dbuf_download(gf, &d_master);
+        check_exact(rep, "adamw8bit_update", tcase, "master", gf, master, n * 4);
+    }
+    dbuf_download(gq, &d_mq);
+    check_exact(rep, "adamw8bit_update", tcase, "m codes", gq, codes, nc);
+    dbuf_download(gq, &d_vq);
+    check_exact(rep, "adamw8bit_update", tcase, "v codes", gq, codes + nc, nc);
+    dbuf_download(gf, &d_ma);
+    check_exact(rep, "adamw8bit_update", tcase, "m absmax", gf, absmax, nb * 4);
+    dbuf_download(gf, &d_va);
+    check_exact(rep, "adamw8bit_update", tcase, "v absmax", gf, absmax + nb, nb * 4);
+    DBuf *bufs[] = {&d_p, &d_g, &d_master, &d_mq, &d_vq, &d_ma, &d_va, &d_part, &d_norm};
+    check_guards(rep, "adamw8bit_update", tcase, bufs, 9);
+    for (int i = 0; i < 9; i++) dbuf_free(bufs[i]);
+    free(master); free(param); free(grad); free(grad_f32); free(codes); free(absmax); free(gp); free(gq); free(gf);
+}
+
 // Two tensors (fp32 then bf16, the second misaligned by `off` elements) into the same partials.
 static void test_grad_norm(TestReport *rep, size_t n1, size_t n2, size_t off, uint64_t seed) {
     Rng rng = {seed};
@@ -1074,6 +1196,8 @@ typedef struct {
     bf16 *big_bf16, *p_bf16;
     float *master, *g_f32, *m_f32, *v_f32;
     bf16 *g_bf16, *m_bf16, *v_bf16;
+    uint8_t *m_codes, *v_codes;
+    float *m_absmax, *v_absmax;
 } Bench;
 
 typedef void (*BenchFn)(const Bench *b);
@@ -1118,6 +1242,11 @@ static void b_adamw_model(const Bench *b) {
 static void b_adamw_fp32_master(const Bench *b) {
     AdamWParams hp = {1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 3, 5u};
     adamw_update(b->p_bf16, b->master, b->g_f32, DT_FP32, b->m_f32, b->v_f32, DT_FP32, b->n_opt, &hp, NULL, 0);
+}
+static void b_adamw8bit_sr(const Bench *b) {
+    AdamWParams hp = {1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 3, 5u};
+    adamw8bit_update(b->p_bf16, NULL, b->g_f32, DT_FP32, b->m_codes, b->m_absmax, b->v_codes, b->v_absmax, b->n_opt,
+                     &hp, b->partials, 0);
 }
 static void b_grad_norm(const Bench *b) { grad_norm_accumulate(b->partials, b->g_f32, DT_FP32, b->n_opt, 0); }
 
@@ -1213,6 +1342,13 @@ static void run_timing(void) {
     b.m_bf16 = (bf16 *)bench_alloc(DT_BF16, b.n_opt, 28, -0.1f, 0.1f);
     b.v_bf16 = (bf16 *)bench_alloc(DT_BF16, b.n_opt, 29, 1e-4f, 1e-2f);
     b.partials = (float *)bench_alloc(DT_FP32, (size_t)grad_norm_partials(), 30, 0.0f, 0.0f);
+    size_t n_opt_blocks = adam8_blocks(b.n_opt);
+    cudaCheck(cudaMalloc((void **)&b.m_codes, n_opt_blocks * ADAM8_BLOCK));
+    cudaCheck(cudaMalloc((void **)&b.v_codes, n_opt_blocks * ADAM8_BLOCK));
+    cudaCheck(cudaMemset(b.m_codes, 0x90, n_opt_blocks * ADAM8_BLOCK));
+    cudaCheck(cudaMemset(b.v_codes, 0x90, n_opt_blocks * ADAM8_BLOCK));
+    b.m_absmax = (float *)bench_alloc(DT_FP32, n_opt_blocks, 31, 0.01f, 0.1f);
+    b.v_absmax = (float *)bench_alloc(DT_FP32, n_opt_blocks, 32, 1e-4f, 1e-2f);
     cudaCheck(cudaMalloc((void **)&b.row_max, (size_t)b.N * 4));
     cudaCheck(cudaMalloc((void **)&b.row_sum, (size_t)b.N * 4));
     cudaCheck(cudaMalloc((void **)&b.tlogit, (size_t)b.N * 4));
@@ -1250,12 +1386,14 @@ static void run_timing(void) {
     bench_row("adamw bf16 g/m/v, sr", s_opt, nopt * 14, b_adamw_bf16_sr, &b);
     bench_row("adamw fp32 g/m/v + master", s_opt, nopt * 30, b_adamw_fp32_master, &b);
     bench_row("adamw g fp32 m/v bf16 +norm", s_opt, nopt * 16, b_adamw_model, &b);
+    bench_row("adamw8bit g fp32, sr +norm", s_opt, nopt * 12 + nopt / ADAM8_BLOCK * 16, b_adamw8bit_sr, &b);
     bench_row("grad_norm_accumulate fp32", s_opt, nopt * 4, b_grad_norm, &b);
 
     void *dev_ptrs[] = {b.tokens, b.targets, b.uniq, b.offsets, b.positions, b.embed, b.x, b.y, b.dx, b.dy, b.w,
                         b.qkv, b.gate_up, b.h, b.dh, b.dlogits, b.rstd, b.scratch, b.dw, b.cos_sin, b.logits,
                         b.row_max, b.row_sum, b.tlogit, b.lse, b.losses, b.out, b.dembed, b.big_f32, b.partials,
-                        b.big_bf16, b.p_bf16, b.master, b.g_f32, b.m_f32, b.v_f32, b.g_bf16, b.m_bf16, b.v_bf16};
+                        b.big_bf16, b.p_bf16, b.master, b.g_f32, b.m_f32, b.v_f32, b.g_bf16, b.m_bf16, b.v_bf16,
+                        b.m_codes, b.v_codes, b.m_absmax, b.v_absmax};
     for (size_t i = 0; i < sizeof(dev_ptrs) / sizeof(dev_ptrs[0]); i++) cudaCheck(cudaFree(dev_ptrs[i]));
     free(tok); free(uniq); free(offs); free(pos); free(tgt); free(tab);
 }
@@ -1301,6 +1439,8 @@ static void run_gpu_tests(TestReport *rep) {
     test_casts(rep, (size_t)37 * 4099, 0, 54);
     test_casts(rep, (size_t)1 << 20, 0, 55);
     test_casts(rep, 1000, 1, 56);
+    test_random_fill(rep, (size_t)1 << 20, 61, 0, 0);
+    test_random_fill(rep, 4099, 62, 12345, 1);
     test_accumulate_into(rep, (size_t)37 * 4099, DT_FP32, 0, 57);
     test_accumulate_into(rep, (size_t)37 * 4099, DT_BF16, 0, 58);
     test_accumulate_into(rep, (size_t)1 << 20, DT_BF16, 0, 59);
@@ -1320,6 +1460,13 @@ static void run_gpu_tests(TestReport *rep) {
     test_adamw(rep, (size_t)1 << 20, DT_BF16, DT_FP32, 1, 0, 0, 83);
     test_adamw(rep, 1003, DT_FP32, DT_FP32, 0, 1, 1, 84);
     test_adamw_stochastic(rep, 100000);
+    test_adamw8bit(rep, (size_t)37 * 4099, DT_FP32, 0, 0, 0, 85);
+    test_adamw8bit(rep, (size_t)37 * 4099, DT_BF16, 1, 0, 1, 86);
+    test_adamw8bit(rep, (size_t)1 << 20, DT_FP32, 1, 0, 0, 87);
+    test_adamw8bit(rep, (size_t)1 << 20, DT_FP32, 0, 0, 1, 93);
+    test_adamw8bit(rep, 1003, DT_BF16, 0, 3, 1, 88);
+    test_adamw8bit(rep, 256, DT_FP32, 1, 1, 0, 89);
+    test_adamw8bit(rep, 5, DT_FP32, 0, 0, 1, 92);
     test_grad_norm(rep, (size_t)37 * 4099, (size_t)1 << 20, 0, 90);
     test_grad_norm(rep, 1003, 77777, 3, 91);
 }

@@ -118,6 +118,16 @@ def cells(models, seqs, batches, methods, rc_seqs):
     return out
 
 
+def dominated_by_failure(failures, B, S):
+    """The (B', S') in failures (cells of the same model and method that ran out of memory or were
+    refused) with B' <= B and S' <= S, or None: a cell with at least as many rows and as long rows
+    needs at least as much memory, so it is not run."""
+    for fb, fs in failures:
+        if fb <= B and fs <= S:
+            return fb, fs
+    return None
+
+
 def row_of(model, method, B, S, status, rec):
     """A result row: the fields of the table and CSV."""
     r = {"model": model, "method": method, "B": B, "S": S, "status": status}
@@ -143,6 +153,10 @@ def add_ratios(rows):
     return rows
 
 
+STATUS_TEXT = {"oom": "OOM", "refused": "does not fit", "timeout": "timeout", "error": "error", "skipped": "OOM*"}
+SKIPPED_NOTE = "OOM*: not run: the same method already ran out of memory (or did not fit) at no larger B and S"
+
+
 def fmt_cell(r, col):
     ok = r["status"] == "ok"
     if col == "model":
@@ -152,7 +166,7 @@ def fmt_cell(r, col):
     if col in ("B", "S"):
         return str(r[col])
     if not ok:
-        return {"oom": "OOM", "refused": "does not fit", "timeout": "timeout", "error": "error"}.get(r["status"], r["status"]) if col == "peak GiB" else "-"
+        return STATUS_TEXT.get(r["status"], r["status"]) if col == "peak GiB" else "-"
     if col == "tok/s":
         return f"{r['tok_s']:,.0f}"
     if col == "TFLOP/s":
@@ -225,7 +239,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Time per cell on an H100 (8B shapes, --steps 6): train_llama about 15-25 s of start-up "
-               "(host init of 8B parameters with OpenMP, upload, cuDNN plans) plus the steps (Llama-3-8B: "
+               "(random init of the 8B parameters on the GPU, cuDNN plans) plus the steps (Llama-3-8B: "
                "~0.5 s a step at S=4K, ~3 s at S=16K; x1.3 with recompute); hf_peer.py about 15-25 s of "
                "start-up (imports, GPU init) plus similar steps; a cell that is OOM ends in 10-30 s. Plan "
                "about 30-45 s a cell at S<=8K and 45-70 s at S=16K; the full default grid (2 models x 7 "
@@ -265,13 +279,22 @@ def main(argv=None):
     rows, t_start = [], time.time()
     jsonl = os.path.join(args.out, f"bench_step_{stamp}.jsonl")
     os.makedirs(args.out, exist_ok=True)
+    failures = {}
     for i, (m, meth, B, S) in enumerate(todo):
+        smaller = dominated_by_failure(failures.get((m, meth), []), B, S)
+        if smaller:
+            rows.append(row_of(m, meth, B, S, "skipped", None))
+            print(f"[{i + 1}/{len(todo)}] {m} {meth} B={B} S={S}: not run (B={smaller[0]} S={smaller[1]} did not fit)",
+                  flush=True)
+            continue
         cmd = method_command(meth, args, m, B, S)
         log = os.path.join(args.out, "logs", f"{stamp}_{m}_{meth}_B{B}_S{S}.txt")
         rc, out, timed_out, secs = run_command(cmd, args.timeout, log)
         status, rec = classify(rc, out, timed_out)
         row = row_of(m, meth, B, S, status, rec if isinstance(rec, dict) else None)
         rows.append(row)
+        if status in ("oom", "refused"):
+            failures.setdefault((m, meth), []).append((B, S))
         with open(jsonl, "a") as f:
             f.write(json.dumps({"cell": [m, meth, B, S], "status": status, "seconds": round(secs, 1),
                                 "record": rec if isinstance(rec, dict) else None,
@@ -281,6 +304,8 @@ def main(argv=None):
     add_ratios(rows)
     print()
     print(format_table(rows, COLUMNS, header_lines(argv)))
+    if any(r["status"] == "skipped" for r in rows):
+        print(SKIPPED_NOTE)
     path = os.path.join(args.out, f"bench_step_{stamp}.csv")
     write_csv(path, rows, ["model", "method", "B", "S", "status", "tok_s", "tflops", "mfu", "peak_gib", "ratio",
                            "ratio_ref", "median_ms", "M", "vocab_chunk", "recompute", "offload", "device"])

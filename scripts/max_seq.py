@@ -7,13 +7,15 @@ Methods
   ours-rc        train_llama --mst 1 --vocab-chunk V --recompute 1   (activation recomputation only)
   ours-mst       train_llama --mst auto --recompute 1                (MsT + recomputation)
   ours-offload   train_llama --mst auto --recompute 1 --offload 1    (MsT + recomputation + offload)
+  ours-rc-adam8, ours-mst-adam8, ours-offload-adam8
+                 the same with --optimizer adamw8bit (8-bit AdamW moments; not in the default list)
   hf, hf-gc      scripts/hf_peer.py without / with gradient checkpointing
   lora-Q-mst     LoRA (--lora-rank R on every projection, alpha 2R) over a frozen base stored as Q
                  (bf16, int8 or nf4: --base-quant none/int8/nf4), as ours-mst
   lora-Q-nomst   the same with MsT off (one chunk, one vocabulary tile), as ours-rc
   lora-Q-offload the same as ours-offload (MsT + recomputation + layer inputs in pinned host memory)
-The default --methods are the full-parameter ones (ours-*, hf, hf-gc); the LoRA rows are asked for by
-name, or all nine by --methods lora.
+The default --methods are the full-parameter AdamW ones (ours-vanilla/rc/mst/offload, hf, hf-gc); the
+-adam8 and LoRA rows are asked for by name, or all nine LoRA rows by --methods lora.
 
 A trial at S runs --steps full training steps (default 2); it passes when it prints a BENCH record
 that is not OOM. The search over multiples of --granule: for train_llama methods the upper bound
@@ -35,11 +37,13 @@ sys.path.insert(0, HERE)
 from bench_step import ROOT, classify, format_table, header_lines, run_command, write_csv  # noqa: E402
 from hf_peer import PRESETS, flops_per_token  # noqa: E402
 
-FULL_METHODS = ["ours-vanilla", "ours-rc", "ours-mst", "ours-offload", "hf", "hf-gc"]
+DEFAULT_METHODS = ["ours-vanilla", "ours-rc", "ours-mst", "ours-offload", "hf", "hf-gc"]
+ADAM8_SUFFIX = "-adam8"  # a train_llama method with --optimizer adamw8bit
+ADAM8_METHODS = [m + ADAM8_SUFFIX for m in ("ours-rc", "ours-mst", "ours-offload")]
 LORA_BASES = {"bf16": "none", "int8": "int8", "nf4": "nf4"}
 LORA_MODES = {"mst": "ours-mst", "nomst": "ours-rc", "offload": "ours-offload"}  # the full-parameter twin
 LORA_METHODS = [f"lora-{b}-{m}" for b in LORA_BASES for m in LORA_MODES]
-ALL_METHODS = FULL_METHODS + LORA_METHODS
+ALL_METHODS = DEFAULT_METHODS + ADAM8_METHODS + LORA_METHODS
 
 
 def method_flags(method, vocab, lora_rank=16):
@@ -48,10 +52,14 @@ def method_flags(method, vocab, lora_rank=16):
         _, base, mode = method.split("-")
         return method_flags(LORA_MODES[mode], vocab) + ["--lora-rank", str(lora_rank), "--lora-alpha",
                                                         str(2 * lora_rank), "--base-quant", LORA_BASES[base]]
-    return {"ours-vanilla": ["--mst", "1", "--vocab-chunk", str(vocab), "--recompute", "0", "--offload", "0"],
-            "ours-rc": ["--mst", "1", "--vocab-chunk", str(vocab), "--recompute", "1", "--offload", "0"],
-            "ours-mst": ["--mst", "auto", "--recompute", "1", "--offload", "0"],
-            "ours-offload": ["--mst", "auto", "--recompute", "1", "--offload", "1"]}.get(method)
+    base = method[:-len(ADAM8_SUFFIX)] if method.endswith(ADAM8_SUFFIX) else method
+    flags = {"ours-vanilla": ["--mst", "1", "--vocab-chunk", str(vocab), "--recompute", "0", "--offload", "0"],
+             "ours-rc": ["--mst", "1", "--vocab-chunk", str(vocab), "--recompute", "1", "--offload", "0"],
+             "ours-mst": ["--mst", "auto", "--recompute", "1", "--offload", "0"],
+             "ours-offload": ["--mst", "auto", "--recompute", "1", "--offload", "1"]}.get(base)
+    if flags is None or base == method:
+        return flags
+    return flags + ["--optimizer", "adamw8bit"]
 
 
 def is_train_llama(method):
@@ -282,9 +290,9 @@ def parse_args(argv):
                "trials end in 20-40 s). --time-budget stops before a trial that would not fit in it; rerun the "
                "same command to continue from --cache.")
     ap.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS))
-    ap.add_argument("--methods", default=",".join(FULL_METHODS),
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help=f"comma list of {', '.join(ALL_METHODS)}, or 'lora' for all lora-* "
-                         f"(default the full-parameter ones: {','.join(FULL_METHODS)})")
+                         f"(default the full-parameter ones: {','.join(DEFAULT_METHODS)})")
     ap.add_argument("--lora-rank", type=int, default=16, help="adapter rank of the lora-* methods (default 16)")
     ap.add_argument("--host-mem", type=float, default=None,
                     help="GiB of pinned host memory the offload methods may use (default: train_llama's, this "

@@ -13,9 +13,10 @@ import os
 import sys
 
 
-def read_log(path):
-    """Returns (step records, eval records) of one JSONL log; exits with a message on bad lines."""
-    steps, evals = [], []
+def read_jsonl(path):
+    """[(line number, record)] of the non-blank lines of a JSONL file; exits with a message on a line
+    that is not JSON or a file that cannot be read."""
+    records = []
     try:
         with open(path) as f:
             for n, line in enumerate(f, 1):
@@ -23,17 +24,24 @@ def read_log(path):
                 if not line:
                     continue
                 try:
-                    rec = json.loads(line)
+                    records.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
                     sys.exit(f"error: {path}:{n}: not a JSON object: {e}")
-                if "val_loss" in rec:
-                    evals.append(rec)
-                elif "loss" in rec:
-                    steps.append(rec)
-                else:
-                    sys.exit(f"error: {path}:{n}: neither a step line (loss) nor an eval line (val_loss)")
     except OSError as e:
         sys.exit(f"error: cannot read {path}: {e}")
+    return records
+
+
+def read_log(path):
+    """Returns (step records, eval records) of one JSONL log; exits with a message on bad lines."""
+    steps, evals = [], []
+    for n, rec in read_jsonl(path):
+        if "val_loss" in rec:
+            evals.append(rec)
+        elif "loss" in rec:
+            steps.append(rec)
+        else:
+            sys.exit(f"error: {path}:{n}: neither a step line (loss) nor an eval line (val_loss)")
     if not steps and not evals:
         sys.exit(f"error: {path}: no step or eval lines")
     return steps, evals

@@ -30,10 +30,14 @@ run model_loader ./build/test_model_loader
 run tokenizer ./build/test_tokenizer
 run dataloader ./build/test_dataloader
 run planner ./build/test_planner
+run attention_softcap_emu ./build/test_attention_softcap_emu
+run adamw8bit ./build/test_adamw8bit
 run export_py python3 -m pytest -q tests/test_export.py
 run prepare_py python3 -m pytest -q tests/test_prepare.py
 run resume bash tests/test_resume.sh
+run adamw8bit_train bash tests/test_adamw8bit_train.sh
 run bench_scripts python3 -m pytest -q tests/test_bench_scripts.py
+run plot_memory_py python3 -m pytest -q tests/test_plot_memory.py
 
 if nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then
     run gpu_kernels ./build/test_kernels --no-timing

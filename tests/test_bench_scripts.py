@@ -96,6 +96,16 @@ def rows_example():
     return bench_step.add_ratios(rows)
 
 
+def test_a_cell_dominated_by_a_failure_is_skipped():
+    failures = [(1, 8192)]
+    assert bench_step.dominated_by_failure(failures, 1, 16384) == (1, 8192)
+    assert bench_step.dominated_by_failure(failures, 2, 8192) == (1, 8192)
+    assert bench_step.dominated_by_failure(failures, 8, 4096) is None
+    assert bench_step.dominated_by_failure([], 1, 2048) is None
+    row = bench_step.row_of("m", "hf", 1, 16384, "skipped", None)
+    assert bench_step.fmt_cell(row, "peak GiB") == "OOM*"
+
+
 def test_ratios_against_hf_then_hf_gc():
     rows = rows_example()
     assert rows[0]["ratio"] == pytest.approx(2.0) and rows[0]["ratio_ref"] == "hf"
@@ -214,6 +224,23 @@ def test_method_flags():
     assert max_seq.method_flags("ours-vanilla", 128256) == ["--mst", "1", "--vocab-chunk", "128256", "--recompute",
                                                            "0", "--offload", "0"]
     assert "--offload" in max_seq.method_flags("ours-offload", 5) and max_seq.method_flags("hf", 5) is None
+    assert max_seq.method_flags("ours-mst-adam8", 5) == ["--mst", "auto", "--recompute", "1", "--offload", "0",
+                                                         "--optimizer", "adamw8bit"]
+    assert max_seq.method_flags("hf-adam8", 5) is None and max_seq.method_flags("ours-bogus-adam8", 5) is None
+    assert all(max_seq.method_flags(m, 5) is not None for m in max_seq.ALL_METHODS if m.startswith("ours"))
+    assert "ours-mst-adam8" not in max_seq.DEFAULT_METHODS
+    assert max_seq.parse_args(["--methods", "ours-mst-adam8", "--gpu-mem", "79"]).methods == ["ours-mst-adam8"]
+
+
+@pytest.mark.skipif(not os.access(os.path.join(ROOT, "train_llama"), os.X_OK), reason="./train_llama not built")
+def test_adam8_method_plans_more_than_bf16_moments(tmp_path):
+    """The planner bound of ours-mst-adam8 is read from train_llama and is above ours-mst's (8-bit moments
+    save ~14.7 GiB for llama3-8b) and above 144K (the target of issue 8, on an 80 GB H100)."""
+    args = max_seq.parse_args(["--methods", "ours-mst,ours-mst-adam8", "--gpu-mem", "79", "--s-max", "262144",
+                               "--binary", os.path.join(ROOT, "train_llama"), "--out", str(tmp_path)])
+    cache = max_seq.Cache(args.cache)
+    bf16, adam8 = (max_seq.plan_bound(args, "llama3-8b", m, cache) for m in args.methods)
+    assert 0 < bf16 < adam8 <= 262144 and adam8 >= 147456
 
 
 # ---- presets and FLOPs against the C sources
@@ -302,7 +329,7 @@ def test_lora_method_flags():
 
 
 def test_methods_default_and_lora_group():
-    assert max_seq.parse_args(["--gpu-mem", "79"]).methods == max_seq.FULL_METHODS
+    assert max_seq.parse_args(["--gpu-mem", "79"]).methods == max_seq.DEFAULT_METHODS
     assert max_seq.parse_args(["--methods", "ours-mst,lora"]).methods == ["ours-mst"] + max_seq.LORA_METHODS
     for bad in (["--methods", "lora-fp8-mst"], ["--lora-rank", "0"], ["--plan-only", "--methods", "lora"],
                 ["--plan-only", "--gpu-mem", "79", "--methods", "hf"]):

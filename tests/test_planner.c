@@ -1,11 +1,14 @@
 // Tests of the memory planner (mst.h): every entry of a tiny config against figures computed by
 // hand, the layout invariants (alignment, no overlap outside the shared region), monotonicity,
 // the auto choice (fits, prefers the fast settings, refuses with a useful message), settings
-// validation, and the Llama-3-8B plans at S = 96K and 128K on an 80 GiB GPU. LoRA: the entries of
-// a tiny LoRA plan on an NF4 base by hand (no base gradients, optimizer state of the adapters only,
-// the quantized records), and what LoRA and a 4-bit base save on Llama-3-8B.
+// validation, the memory timeline of one step (hand figures for the tiny config, invariants over
+// many settings, LoRA on an NF4 base and 8-bit moments included, MsT against the standard
+// transformer for Llama-3-8B), and the Llama-3-8B plans at S = 96K and 128K on an 80 GiB GPU. LoRA:
+// the entries of a tiny LoRA plan on an NF4 base by hand (no base gradients, optimizer state of the
+// adapters only, the quantized records), and what LoRA and a 4-bit base save on Llama-3-8B.
 // Build: gcc -O2 -Wall -Wextra -I. tests/test_planner.c -o build/test_planner -lm
 #include "mst.h"
+#include "tests/test_util.h"
 
 static int failures = 0;
 
@@ -148,7 +151,7 @@ static void test_layouts(void) {
                     MstSettings s = tiny_settings();
                     if (ci == 2) s.S = 4096;
                     s.recompute = rc; s.mst_chunks = m; s.offload = off; s.host_layers = off ? 1 : 0;
-                    s.grad_accum_steps = 1 + off; s.master_weights = rc;
+                    s.grad_accum_steps = 1 + off; s.master_weights = rc; s.moment_bytes = m == 4 ? 1 : 4;
                     MstKernelFigures f;
                     mst_kernel_figures_estimate(&cfgs[ci], s.B, s.S, &f);
                     MemoryPlan p;
@@ -261,7 +264,54 @@ static void test_auto(void) {
     bad = s; bad.moment_bytes = 3;
     CHECK(!mst_plan_auto(&p, &c, &bad, &f, (size_t)1 << 30, 0, msg, sizeof(msg)) && strstr(msg, "moment"),
           "moment bytes 3 must be refused; got: %s", msg);
+    bad = s; bad.moment_bytes = 1; bad.lora.rank = 4; bad.lora.alpha = 8.0f; bad.lora.targets = LORA_ALL_TARGETS;
+    CHECK(!mst_plan_auto(&p, &c, &bad, &f, (size_t)1 << 30, 0, msg, sizeof(msg)) && strstr(msg, "not LoRA"),
+          "8-bit moments with LoRA must be refused; got: %s", msg);
     printf("auto choice checked\n");
+}
+
+// 8-bit moments (adamw8bit.h): per moment, codes padded to whole 256-element blocks per tensor and
+// one fp32 scale per block. Tiny config by hand: embed 3200 -> 13 blocks; a layer: norm 1, wq 4,
+// wk 2, wv 2, wo 4, norm 1, gate 8, up 8, down 8 = 38; final norm 1; lm_head 13: 103 blocks.
+static void test_moments_8bit(void) {
+    ModelConfig c = tiny_config(2);
+    MstSettings s = tiny_settings();
+    s.moment_bytes = 1;
+    MemoryPlan p = plan_with(&c, s);
+    const PlanEntry *m = mst_plan_find(&p, "adam_m"), *v = mst_plan_find(&p, "adam_v");
+    const PlanEntry *ma = mst_plan_find(&p, "adam_m_absmax"), *va = mst_plan_find(&p, "adam_v_absmax");
+    CHECK(m && v && ma && va, "8-bit plan lacks adam_m / adam_v / adam_m_absmax / adam_v_absmax");
+    if (m && v && ma && va) {
+        CHECK(m->bytes == 103 * 256 && v->bytes == 103 * 256, "8-bit codes %zu, %zu bytes, expected %d", m->bytes, v->bytes, 103 * 256);
+        CHECK(ma->bytes == 512 && va->bytes == 512, "8-bit scales %zu, %zu bytes, expected 512 (103 x 4 = 412)", ma->bytes, va->bytes);
+        CHECK(m->category == MEM_OPTIMIZER && ma->category == MEM_OPTIMIZER, "8-bit state must count as optimizer");
+    }
+    size_t expect = TINY_ARENA - 2 * 100096 + 2 * 103 * 256 + 2 * 512;
+    CHECK(p.device_total == expect, "8-bit tiny arena %zu, expected %zu", p.device_total, expect);
+    printf("8-bit moments, tiny plan: codes 2 x %d + scales 2 x 512 bytes, arena %zu\n", 103 * 256, p.device_total);
+
+    // Llama-3-8B: 8-bit moments take a little over half of bf16's bytes (1 + 4/256 vs 2 per element)
+    ModelConfig big;
+    mst_preset("llama3-8b", &big);
+    MstSettings b = tiny_settings();
+    b.S = 4096; b.B = 1; b.moment_bytes = 2;
+    MemoryPlan p16 = plan_with(&big, b);
+    b.moment_bytes = 1;
+    MemoryPlan p8 = plan_with(&big, b);
+    double ratio = (double)p8.category_bytes[MEM_OPTIMIZER] / (double)p16.category_bytes[MEM_OPTIMIZER];
+    CHECK(ratio > 0.5 && ratio < 0.51, "llama3-8b 8-bit / bf16 optimizer bytes = %.4f, expected (0.5, 0.51)", ratio);
+    printf("llama3-8b optimizer state: bf16 %.2f GiB, 8-bit %.2f GiB (ratio %.4f)\n",
+           MST_GIB(p16.category_bytes[MEM_OPTIMIZER]), MST_GIB(p8.category_bytes[MEM_OPTIMIZER]), ratio);
+
+    // A budget that fits the 8-bit plan but not the bf16 one: refused, naming --optimizer adamw8bit
+    MstSettings a = b;
+    a.moment_bytes = 2; a.mst_chunks = 0; a.vocab_chunk = 0;
+    MstKernelFigures f = tiny_figures();
+    MemoryPlan tmp;
+    char msg[4096];
+    int ok = !mst_plan_auto(&tmp, &big, &a, &f, p8.device_total + p8.device_external, 0, msg, sizeof(msg));
+    CHECK(ok && strstr(msg, "--optimizer adamw8bit") != NULL, "bf16 moments at the 8-bit plan's size: expect a refusal naming adamw8bit; got: %s", msg);
+    printf("8-bit moments checked\n");
 }
 
 static void test_presets(void) {
@@ -278,6 +328,227 @@ static void test_presets(void) {
     ParamLayout lay;
     param_layout_init(&lay, &c);
     CHECK(lay.total == 8030261248ull, "llama3-8b has %zu parameters, expected 8030261248", lay.total);
+    // Gemma-2's soft-capped attention runs on the soft-cap kernels: their workspace is one fp32 per
+    // (b, query head, position), the figure attention_softcap_workspace_bytes gives on the GPU.
+    mst_preset("gemma2-9b", &c);
+    MstKernelFigures f;
+    mst_kernel_figures_estimate(&c, 2, 3000, &f);
+    CHECK(f.attn_workspace == (size_t)2 * 16 * 3000 * 4, "gemma2-9b attention workspace %zu, expected 2 Hq S floats",
+          f.attn_workspace);
+}
+
+// ---- the memory timeline of one step
+
+// The tiny plan's timeline (recompute, M=2, two vocabulary tiles, untied, optimizer in backward):
+// always live: params 50176 + rope 512 + moments 2 x 100096 + final-norm grads 256 + norm partials
+// 256 + the batch 6 x 256 = 252928; layer inputs 1280 each; x_final/dresid 1280; layer grads 37120;
+// attention part 5888 (ln1_rstd 256, qkv 2560, att 1280, att_stats 512, h1 1280); MLP chunk 4864
+// (ln2 768, ln2_rstd 256, gate_up 2560, glu 1280); dqkv 2560; LM-head set 20224; cuDNN workspace
+// 1024, reduction scratch 512.
+#define TINY_ALWAYS 252928
+
+static void test_timeline_hand(void) {
+    ModelConfig c = tiny_config(2);
+    MstSettings s = tiny_settings();
+    MstKernelFigures f = tiny_figures();
+    MemoryPlan p;
+    mst_plan_build(&p, &c, &s, &f);
+    MstPhase ph[64];
+    int n = mst_timeline(&p, ph);
+    static const int kinds[] = {PHASE_EMBED_FWD, PHASE_ATTN_FWD, PHASE_MLP_FWD, PHASE_ATTN_FWD, PHASE_MLP_FWD,
+                                PHASE_LM_HEAD, PHASE_HEAD_UPDATE, PHASE_RECOMPUTE, PHASE_MLP_BWD, PHASE_ATTN_BWD,
+                                PHASE_RECOMPUTE, PHASE_MLP_BWD, PHASE_ATTN_BWD, PHASE_EMBED_BWD, PHASE_OPTIMIZER};
+    static const int layers[] = {-1, 0, 0, 1, 1, -1, -1, 1, 1, 1, 0, 0, 0, -1, -1};
+    static const size_t device[] = {
+        TINY_ALWAYS + 1280,                                   // embedding: layer 0's input
+        TINY_ALWAYS + 1280 + 5888 + 1024,                     // attention fwd 0: + attention part, workspace
+        TINY_ALWAYS + 2 * 1280 + 1280 + 4864,                 // MLP fwd 0: + layer 1's input, h1, MLP chunk
+        TINY_ALWAYS + 2 * 1280 + 5888 + 1024,
+        TINY_ALWAYS + 2 * 1280 + 1280 + 1280 + 4864,          // MLP fwd 1 writes x_final
+        TINY_ALWAYS + 2 * 1280 + 1280 + 20224 + 512,          // LM head: its set (with the head's gradient), scratch
+        TINY_ALWAYS + 2 * 1280 + 1280 + 12800,                // head update: the head's gradient
+        TINY_ALWAYS + 2 * 1280 + 1280 + 37120 + 5888 + 1024,  // recompute 1: + layer grads
+        TINY_ALWAYS + 2 * 1280 + 1280 + 37120 + 5888 + 4864 + 512,
+        TINY_ALWAYS + 2 * 1280 + 1280 + 37120 + 5888 + 2560 + 1024 + 512,
+        TINY_ALWAYS + 1280 + 1280 + 37120 + 5888 + 1024,      // layer 1's input released
+        TINY_ALWAYS + 1280 + 1280 + 37120 + 5888 + 4864 + 512,
+        TINY_ALWAYS + 1280 + 1280 + 37120 + 5888 + 2560 + 1024 + 512,
+        TINY_ALWAYS + 1280 + 12800,                           // embedding bwd: dresid, the embedding's gradient
+        TINY_ALWAYS + 12800,                                  // optimizer: the embedding's gradient
+    };
+    int want = (int)(sizeof(kinds) / sizeof(kinds[0]));
+    CHECK(n == want && mst_timeline_length(&p) == want, "tiny timeline: %d phases (length %d), expected %d", n,
+          mst_timeline_length(&p), want);
+    printf("\n%-16s %6s %10s %10s\n", "phase", "layer", "live", "by hand");
+    size_t peak = 0;
+    for (int i = 0; i < n && i < want; i++) {
+        printf("%-16s %6d %10zu %10zu\n", mst_phase_id(ph[i].kind), ph[i].layer, ph[i].device, device[i]);
+        CHECK(ph[i].kind == kinds[i] && ph[i].layer == layers[i], "phase %d: %s %d, expected %s %d", i,
+              mst_phase_id(ph[i].kind), ph[i].layer, mst_phase_id(kinds[i]), layers[i]);
+        CHECK(ph[i].device == device[i], "phase %d (%s %d): %zu live bytes, expected %zu", i, mst_phase_id(ph[i].kind),
+              ph[i].layer, ph[i].device, device[i]);
+        if (ph[i].device > peak) peak = ph[i].device;
+    }
+    // The peak is layer 1's MLP backward. What the arena holds that is never live then: the part of
+    // the shared region beyond the attention part + one MLP chunk (20224 - 10752), and cuDNN's workspace.
+    size_t slack = (TINY_SHARED - (5888 + 4864)) + 1024;
+    MstPhase at;
+    CHECK(peak == ph[8].device && mst_timeline_peak(&p, &at) == TINY_ARENA - slack && at.kind == PHASE_MLP_BWD && at.layer == 1,
+          "tiny peak %zu at %s %d, expected arena %d - slack %zu at mlp_bwd 1", at.device, mst_phase_id(at.kind), at.layer,
+          TINY_ARENA, slack);
+    CHECK(ph[8].bytes[MEM_GRADIENTS] == 37120 + 256 + 256 && ph[8].bytes[MEM_ACTIVATIONS] == 2 * 1280,
+          "MLP bwd 1: gradients %zu, activations %zu", ph[8].bytes[MEM_GRADIENTS], ph[8].bytes[MEM_ACTIVATIONS]);
+    printf("tiny timeline: peak %zu bytes = arena %d - never-simultaneous slack %zu\n", peak, TINY_ARENA, slack);
+}
+
+// Invariants of one plan's timeline. Returns the number of phases.
+static int check_timeline(const MemoryPlan *p, const char *what) {
+    int n = mst_timeline_length(p);
+    MstPhase *ph = (MstPhase *)mallocCheck((size_t)n * sizeof(MstPhase));
+    CHECK(mst_timeline(p, ph) == n, "%s: timeline length", what);
+    int fwd_end = 0, head = 0;
+    for (int i = 0; i < n; i++) {
+        if (ph[i].kind == PHASE_LM_HEAD) { head = i; fwd_end = i - 1; }
+        size_t sum = 0;
+        for (int k = 0; k < MEM_CATEGORY_COUNT; k++) if (k != MEM_HOST) sum += ph[i].bytes[k];
+        CHECK(sum == ph[i].device && ph[i].device <= p->device_total && ph[i].bytes[MEM_HOST] <= p->host_total,
+              "%s: phase %d (%s) holds %zu bytes (categories %zu), arena %zu", what, i, mst_phase_id(ph[i].kind),
+              ph[i].device, sum, p->device_total);
+        CHECK(ph[i].bytes[MEM_WEIGHTS] == p->category_bytes[MEM_WEIGHTS] &&
+              ph[i].bytes[MEM_OPTIMIZER] == p->category_bytes[MEM_OPTIMIZER],
+              "%s: phase %d: weights and optimizer state are live all the time", what, i);
+    }
+    // Activations grow over the forward, all live at the LM head, released over the backward.
+    for (int i = 1; i <= fwd_end; i++)
+        CHECK(ph[i].bytes[MEM_ACTIVATIONS] >= ph[i - 1].bytes[MEM_ACTIVATIONS], "%s: activations shrink at forward phase %d", what, i);
+    for (int i = head + 1; i < n; i++)
+        CHECK(ph[i].bytes[MEM_ACTIVATIONS] <= ph[i - 1].bytes[MEM_ACTIVATIONS], "%s: activations grow at backward phase %d", what, i);
+    CHECK(ph[head].bytes[MEM_ACTIVATIONS] == p->category_bytes[MEM_ACTIVATIONS] && ph[head].bytes[MEM_HOST] == p->host_total,
+          "%s: at the LM head every saved activation is live (%zu of %zu)", what, ph[head].bytes[MEM_ACTIVATIONS],
+          p->category_bytes[MEM_ACTIVATIONS]);
+    CHECK(ph[n - 1].bytes[MEM_ACTIVATIONS] == 0 && ph[n - 1].bytes[MEM_HOST] == 0 && ph[n - 1].kind == PHASE_OPTIMIZER,
+          "%s: the step ends with every activation released", what);
+    // Every planned byte holds live data at some phase: no entry is planned and never used.
+    for (int j = 0; j < p->n_entries; j++) {
+        const PlanEntry *e = &p->entries[j];
+        int most = 0;
+        for (int i = 0; i < n; i++) {
+            int live = mst_entry_live(p, e, ph[i].kind, ph[i].layer);
+            CHECK(live >= 0 && live <= e->count, "%s: %s has %d of %d slices live", what, e->name, live, e->count);
+            if (live > most) most = live;
+        }
+        CHECK(most == e->count, "%s: %s is never fully live (%d of %d slices)", what, e->name, most, e->count);
+    }
+    free(ph);
+    return n;
+}
+
+static void test_timeline_invariants(void) {
+    ModelConfig cfgs[3];
+    cfgs[0] = tiny_config(4);
+    cfgs[1] = tiny_config(3);
+    cfgs[1].post_norms = 1; cfgs[1].qkv_bias = 1; cfgs[1].tied_embeddings = 1;
+    mst_preset("llama3-8b", &cfgs[2]);
+    int plans = 0;
+    for (int ci = 0; ci < 3; ci++) {
+        for (int rc = 0; rc < 2; rc++) {
+            for (int m = 1; m <= 4; m += 3) {
+                for (int host = 0; host <= (rc ? 3 : 0); host++) {
+                    for (int accum = 1; accum <= 2; accum++) {
+                        for (int v = 0; v < 3; v++) {  // 1: LoRA r4 on every target of an NF4 base; 2: 8-bit moments
+                            int lora = v == 1;
+                            MstSettings s = tiny_settings();
+                            if (ci == 2) { s.S = 4096; s.vocab_chunk = 16384; }
+                            s.recompute = rc; s.mst_chunks = m; s.offload = host > 0; s.host_layers = host;
+                            s.grad_accum_steps = accum;
+                            if (lora) {
+                                s.lora.rank = 4; s.lora.alpha = 8.0f; s.lora.targets = LORA_ALL_TARGETS;
+                                s.lora.base_quant = BASE_QUANT_NF4;
+                            }
+                            if (v == 2) s.moment_bytes = 1;
+                            MstKernelFigures f;
+                            mst_kernel_figures_estimate(&cfgs[ci], s.B, s.S, &f);
+                            MemoryPlan p;
+                            mst_plan_build(&p, &cfgs[ci], &s, &f);
+                            char what[128];
+                            snprintf(what, sizeof(what), "config %d recompute %d M %d host layers %d accum %d variant %d",
+                                     ci, rc, m, host, accum, v);
+                            int n = check_timeline(&p, what);
+                            int L = cfgs[ci].n_layers;
+                            int untied_oib = accum == 1 && !cfgs[ci].tied_embeddings && !lora;
+                            CHECK(n == 4 + untied_oib + (4 + rc) * L, "%s: %d phases", what, n);
+                            plans++;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // The standard transformer (M = 1, no recompute): the device memory in use only grows over the forward.
+    for (int ci = 0; ci < 3; ci++) {
+        MstSettings s = tiny_settings();
+        s.recompute = 0; s.mst_chunks = 1; s.vocab_chunk = cfgs[ci].vocab_size;
+        if (ci == 2) s.S = 4096;
+        MstKernelFigures f;
+        mst_kernel_figures_estimate(&cfgs[ci], s.B, s.S, &f);
+        MemoryPlan p;
+        mst_plan_build(&p, &cfgs[ci], &s, &f);
+        MstPhase ph[256];
+        int n = mst_timeline(&p, ph);
+        for (int i = 1; i < n && ph[i].kind != PHASE_LM_HEAD; i++)
+            CHECK(ph[i].device >= ph[i - 1].device, "config %d standard: memory drops at forward phase %d (%s %d)", ci, i,
+                  mst_phase_id(ph[i].kind), ph[i].layer);
+    }
+    printf("timeline invariants checked on %d plans\n", plans);
+}
+
+// Llama-3-8B at S = 16K on 78 GiB: the standard transformer does not fit, MsT + recompute does, and
+// its peak is far below the standard one's.
+static void test_timeline_llama3(void) {
+    ModelConfig c;
+    mst_preset("llama3-8b", &c);
+    MstSettings s;
+    memset(&s, 0, sizeof(s));
+    s.B = 1; s.S = 16384; s.grad_accum_steps = 1; s.moment_bytes = 2;
+    MstKernelFigures f;
+    mst_kernel_figures_estimate(&c, s.B, s.S, &f);
+    size_t budget = (size_t)78 << 30;
+    char msg[4096];
+    MstSettings std = s, rc = s, ms = s;
+    std.mst_chunks = 1; std.vocab_chunk = c.vocab_size;
+    rc = std; rc.recompute = 1;
+    ms.recompute = 1; ms.mst_chunks = 8;
+    MemoryPlan pstd, prc, pms;
+    int fits_std = mst_plan_auto(&pstd, &c, &std, &f, budget, 0, msg, sizeof(msg));
+    int fits_rc = mst_plan_auto(&prc, &c, &rc, &f, budget, 0, msg, sizeof(msg));
+    int fits_ms = mst_plan_auto(&pms, &c, &ms, &f, budget, 0, msg, sizeof(msg));
+    MstPhase at_std, at_rc, at_ms;
+    size_t peak_std = mst_timeline_peak(&pstd, &at_std), peak_rc = mst_timeline_peak(&prc, &at_rc);
+    size_t peak_ms = mst_timeline_peak(&pms, &at_ms);
+    printf("llama3-8b S=16384: standard peak %.2f GiB (%s), recompute %.2f GiB (%s %d), MsT M=8 + recompute %.2f GiB (%s %d)\n",
+           MST_GIB(peak_std), mst_phase_id(at_std.kind), MST_GIB(peak_rc), mst_phase_id(at_rc.kind), at_rc.layer,
+           MST_GIB(peak_ms), mst_phase_id(at_ms.kind), at_ms.layer);
+    CHECK(!fits_std && fits_rc && fits_ms, "fits: standard %d (expected 0), recompute %d, MsT %d", fits_std, fits_rc, fits_ms);
+    CHECK(peak_ms < peak_rc && peak_rc < peak_std && peak_std > budget && peak_ms < budget,
+          "peaks: MsT %zu < recompute %zu < standard %zu, and standard above the budget", peak_ms, peak_rc, peak_std);
+    CHECK(at_std.kind == PHASE_LM_HEAD, "the standard transformer peaks at the LM head, got %s", mst_phase_id(at_std.kind));
+    check_timeline(&pstd, "llama3-8b standard");
+    check_timeline(&pms, "llama3-8b MsT");
+}
+
+static void timeline_of_unknown_entry(void *arg) {
+    MemoryPlan *p = (MemoryPlan *)arg;
+    MstPhase ph[64];
+    mst_timeline(p, ph);
+}
+
+static void test_timeline_unknown_entry(void) {
+    ModelConfig c = tiny_config(2);
+    MemoryPlan p = plan_with(&c, tiny_settings());
+    snprintf(p.entries[3].name, sizeof(p.entries[3].name), "new_buffer");
+    TestReport r = {0, 0};
+    test_expect_exit(&r, "an entry without a liveness rule", timeline_of_unknown_entry, &p, 1, "no liveness rule for plan entry 'new_buffer'");
+    failures += r.failed;
 }
 
 // Llama-3-8B, B=1, recompute, bf16 moments, optimizer in backward, on an 80 GiB GPU
@@ -444,7 +715,12 @@ int main(void) {
     test_layouts();
     test_monotonic();
     test_auto();
+    test_moments_8bit();
     test_presets();
+    test_timeline_hand();
+    test_timeline_invariants();
+    test_timeline_llama3();
+    test_timeline_unknown_entry();
     print_llama3_plan(96 * 1024);
     print_llama3_plan(128 * 1024);
     if (failures) {

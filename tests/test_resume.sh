@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# train_llama end to end on the CPU path (--cpu): checkpoints, bit-exact resume, bad inputs,
+# train_llama end to end on the CPU path (--cpu): checkpoints, bit-exact resume (adamw and adamw8bit), bad inputs,
 # SIGINT, the memory planner's --plan-only, and LoRA on a quantized base with its export. Uses the default random-init model at a tiny
 # shape (S=32, B=2) on the shipped data. Ends with "N passed, M failed"; exits non-zero on failure.
 # Run from anywhere: `bash tests/test_resume.sh` (needs ./train_llama, built by `make`).
@@ -57,6 +57,22 @@ else
     bad "--keep-last 2 (exit $rc): $(ls "$K" 2>/dev/null | tr '\n' ' ')"
 fi
 
+# expect_resumed WHAT RC FULL_DIR FULL_OUT RESUMED_DIR RESUMED_OUT: the run resumed at step 4 (exit
+# status RC, steps 5..8 in RESUMED_OUT) ends with the same model_8.bin, state_8.bin and step lines
+# as the uninterrupted 8-step run
+expect_resumed() {
+    local what=$1 rc=$2 full=$3 full_out=$4 resumed=$5 resumed_out=$6
+    if [ "$rc" -eq 0 ] && cmp -s "$full/model_8.bin" "$resumed/model_8.bin" \
+        && cmp -s "$full/state_8.bin" "$resumed/state_8.bin" \
+        && [ "$(step_lines "$full_out" | sed -n 5,8p)" = "$(step_lines "$resumed_out")" ] \
+        && [ "$(step_lines "$resumed_out" | wc -l)" -eq 4 ]; then
+        ok "$what == the 8-step run: model_8.bin, state_8.bin and step lines 5..8 identical"
+    else
+        bad "$what: not bit-exact (exit $rc)"
+        diff <(step_lines "$full_out" | sed -n 5,8p) <(step_lines "$resumed_out")
+    fi
+}
+
 # (2) 4 steps, then --resume latest to 8, in one directory: bit for bit the 8-step run. The lr
 # schedule of a 4-step run differs from an 8-step one unless it is constant, so this pair runs
 # --schedule constant (with warmup) against a matching uninterrupted run; (2b) splits a cosine
@@ -67,28 +83,50 @@ CONST=(--schedule constant --warmup 3)
 "$BIN" "${TINY[@]}" "${CONST[@]}" --steps 8 --ckpt-every 4 --ckpt-dir "$C" > "$TMP/c.txt" 2>&1 \
     && "$BIN" "${TINY[@]}" "${CONST[@]}" --steps 4 --ckpt-dir "$R" > "$TMP/r1.txt" 2>&1 \
     && "$BIN" "${TINY[@]}" "${CONST[@]}" --steps 8 --ckpt-every 4 --ckpt-dir "$R" --resume latest > "$TMP/r2.txt" 2>&1
-rc=$?
-if [ $rc -eq 0 ] && cmp -s "$C/model_8.bin" "$R/model_8.bin" && cmp -s "$C/state_8.bin" "$R/state_8.bin" \
-    && [ "$(step_lines "$TMP/c.txt" | sed -n 5,8p)" = "$(step_lines "$TMP/r2.txt")" ] \
-    && [ "$(step_lines "$TMP/r2.txt" | wc -l)" -eq 4 ]; then
-    ok "4 steps + resume latest + 4 steps == 8 steps: model_8.bin, state_8.bin and step lines 5..8 identical"
-else
-    bad "resume (constant schedule) not bit-exact (exit $rc)"
-    diff <(step_lines "$TMP/c.txt" | sed -n 5,8p) <(step_lines "$TMP/r2.txt")
-fi
+expect_resumed "4 steps + resume latest + 4 steps (constant schedule)" $? "$C" "$TMP/c.txt" "$R" "$TMP/r2.txt"
 
 S="$TMP/s"
 "$BIN" "${TINY[@]}" --steps 8 --stop-after 4 --ckpt-dir "$S" > "$TMP/s1.txt" 2>&1 \
     && "$BIN" "${TINY[@]}" --steps 8 --ckpt-dir "$S" --resume "$S/state_4.bin" > "$TMP/s2.txt" 2>&1
 rc=$?
-if [ $rc -eq 0 ] && grep -q 'stopped after step 4' "$TMP/s1.txt" && cmp -s "$A/model_8.bin" "$S/model_8.bin" \
-    && cmp -s "$A/state_8.bin" "$S/state_8.bin" \
-    && [ "$(step_lines "$TMP/a.txt" | sed -n 5,8p)" = "$(step_lines "$TMP/s2.txt")" ]; then
-    ok "cosine run split by --stop-after 4 and --resume state_4.bin == the 8-step run, bit for bit"
+grep -q 'stopped after step 4' "$TMP/s1.txt" || rc=1
+expect_resumed "cosine run split by --stop-after 4 and --resume state_4.bin" $rc "$A" "$TMP/a.txt" "$S" "$TMP/s2.txt"
+
+# (2c) --optimizer adamw8bit (8-bit moments: codes and block scales in the state file): a cosine run
+# split by --stop-after 4 and resumed equals the uninterrupted 8-step run bit for bit; it trains
+# differently from adamw (the flag changes the math) and its state is about half as large (fp32
+# params 4 n + two moments of (1 + 4/256) n bytes, against 12 n: 0.503)
+E="$TMP/e"
+F="$TMP/f"
+A8=(--optimizer adamw8bit)
+"$BIN" "${TINY[@]}" "${A8[@]}" --steps 8 --ckpt-every 4 --ckpt-dir "$E" > "$TMP/e.txt" 2>&1 \
+    && "$BIN" "${TINY[@]}" "${A8[@]}" --steps 8 --stop-after 4 --ckpt-dir "$F" > "$TMP/f1.txt" 2>&1 \
+    && "$BIN" "${TINY[@]}" "${A8[@]}" --steps 8 --ckpt-dir "$F" --resume latest > "$TMP/f2.txt" 2>&1
+expect_resumed "adamw8bit: --stop-after 4 + --resume latest" $? "$E" "$TMP/e.txt" "$F" "$TMP/f2.txt"
+size_w=$(stat -c %s "$A/state_8.bin")
+size_8=$(stat -c %s "$E/state_8.bin")
+if [ "$(step_lines "$TMP/a.txt" | sed -n 2,8p)" != "$(step_lines "$TMP/e.txt" | sed -n 2,8p)" ] \
+    && [ $((size_8 * 100)) -lt $((size_w * 51)) ]; then
+    ok "adamw8bit trains differently from adamw; state file $size_8 bytes vs adamw's $size_w"
 else
-    bad "resume (cosine, --stop-after) not bit-exact (exit $rc)"
-    diff <(step_lines "$TMP/a.txt" | sed -n 5,8p) <(step_lines "$TMP/s2.txt")
+    bad "adamw8bit: same step lines as adamw, or state not smaller ($size_8 vs $size_w bytes)"
 fi
+expect_fail "adamw state resumed with adamw8bit" "written with --optimizer adamw;" "$BIN" "${TINY[@]}" "${A8[@]}" --steps 9 --resume "$A/state_8.bin"
+expect_fail "adamw8bit state resumed with adamw" "written with --optimizer adamw8bit" "$BIN" "${TINY[@]}" --steps 9 --resume "$E/state_8.bin"
+expect_fail "--moments with adamw8bit" "drop --moments" "$BIN" "${TINY[@]}" "${A8[@]}" --moments fp32 --steps 1
+# state version 1 (before [16] optimizer) is read as adamw; an unknown version is refused
+mkdir -p "$TMP/v1"
+cp "$A/model_8.bin" "$A/state_8.bin" "$TMP/v1/"
+printf '\x01' | dd of="$TMP/v1/state_8.bin" bs=1 seek=8 conv=notrunc status=none
+if "$BIN" "${TINY[@]}" --steps 9 --sample-tokens 0 --ckpt-dir "$TMP/v1" --resume latest > "$TMP/v1.txt" 2>&1 \
+    && grep -q '^step 9/9' "$TMP/v1.txt"; then
+    ok "a version-1 state file (adamw) still resumes"
+else
+    bad "version-1 state file did not resume"
+    tail -3 "$TMP/v1.txt"
+fi
+printf '\x07' | dd of="$TMP/v1/state_8.bin" bs=1 seek=8 conv=notrunc status=none
+expect_fail "state version 7" "unsupported state version 7" "$BIN" "${TINY[@]}" --steps 9 --resume "$TMP/v1/state_8.bin"
 
 # (3) bad inputs: each exits non-zero with a clear message
 mkdir -p "$TMP/bad" "$TMP/other"
@@ -206,6 +244,17 @@ else
     bad "--plan-only llama3-8b S=1048576 --offload 0 (exit $rc, expected 1 with a reason)"
     tail -5 "$TMP/p2.txt"
 fi
+"$BIN" --plan-only --preset llama3-8b --seq-len 131072 --gpu-mem 80 --offload 0 > "$TMP/p3.txt" 2>&1
+rc3=$?
+"$BIN" --plan-only --preset llama3-8b --seq-len 131072 --gpu-mem 80 --offload 0 --optimizer adamw8bit > "$TMP/p4.txt" 2>&1
+rc4=$?
+if [ $rc3 -eq 1 ] && grep -q 'it would fit with 8-bit optimizer moments' "$TMP/p3.txt" && [ $rc4 -eq 0 ] \
+    && grep -q 'moments 8-bit block-wise' "$TMP/p4.txt" && grep -q '^  adam_m_absmax' "$TMP/p4.txt"; then
+    ok "--plan-only llama3-8b S=131072 offload 0: bf16 moments refused (hint: 8-bit), adamw8bit fits: $(grep '^fits: ' "$TMP/p4.txt")"
+else
+    bad "--plan-only with adamw8bit (exit $rc3 / $rc4)"
+    tail -3 "$TMP/p3.txt" "$TMP/p4.txt"
+fi
 expect_fail "--plan-only unknown preset" "unknown --preset" "$BIN" --plan-only --preset nope --gpu-mem 80
 "$BIN" --plan-only --preset llama3-8b --seq-len 65536 --gpu-mem 80 --lora-rank 16 --base-quant nf4 > "$TMP/p3.txt" 2>&1
 rc=$?
@@ -275,6 +324,9 @@ fi
 expect_fail "--base-quant without LoRA" "needs LoRA" "$BIN" "${TINY[@]}" --base-quant nf4
 expect_fail "--lora-rank without a base" "give the base with --model" "$BIN" "${TINY[@]}" --lora-rank 4
 expect_fail "--lora-alpha without --lora-rank" "they need --lora-rank R" "$BIN" "${TINY[@]}" --model "$LB" --lora-alpha 8
+expect_fail "LoRA with --optimizer adamw8bit" "LoRA adapters keep AdamW moments" "$BIN" "${TL[@]}" --optimizer adamw8bit --steps 2
+expect_fail "--plan-only LoRA with --optimizer adamw8bit" "LoRA adapters keep AdamW moments" \
+    "$BIN" --plan-only --preset llama3-8b --gpu-mem 78 --lora-rank 16 --optimizer adamw8bit
 expect_fail "--lora-targets with a typo" "'qq' is not one of" "$BIN" "${TINY[@]}" --model "$LB" --lora-rank 4 --lora-targets q,qq
 expect_fail "resume with another LoRA rank" "this run asks for rank 8" "$BIN" "${TL[@]}" --lora-rank 8 --steps 6 --resume latest --ckpt-dir "$TMP/lb"
 expect_fail "resume a LoRA state with another base quantization" "base nf4; this run has rank 4 alpha 8 targets q,v,o,down base int8" \
