@@ -15,7 +15,8 @@
 // the same matrix of settings and checks on the adapters (gradients, AdamW), with a frozen base
 // (the plan has no base gradients); and a quantized base (int8, NF4): loss and adapter gradients
 // against the CPU reference model computing with the same dequantized bf16 weights (cpu_model.h),
-// within the same bf16 tolerances.
+// within the same bf16 tolerances; the device random init on an NF4 base equals the upload of its
+// bf16 weights.
 //
 // Tolerances. bf16 storage has an 8-bit mantissa (2^-9 ~ 2e-3 relative rounding per op); through two
 // layers of bf16 GEMM inputs, residual stream and attention the errors compound. The yardstick is
@@ -428,6 +429,38 @@ static void check_quantized_base(const Case *cs, int kind) {
     cpu_model_free(&cpu);
 }
 
+// The benchmark init (gpu_model_init with no weights, as for --preset) on a quantized base: the
+// layers are drawn into the dequantized-layer buffer and quantized one by one. A model initialized
+// from the same draw's bf16 weights (read back from a bf16-base model) and quantized on upload must
+// give the same loss, bit for bit.
+static void check_random_init_quantized(const Case *cs, int kind) {
+    GpuSettings s = case_settings(cs, 3, 64, 2, DT_FP32);
+    s.init_seed = 1234;
+    s.lora = cs->lora;
+    GpuModel m;
+    gpu_model_init(&m, &cs->config, NULL, &s);
+    uint16_t *w = (uint16_t *)mallocCheck(cs->layout.total * sizeof(uint16_t));
+    gpu_model_get_params(&m, w);
+    gpu_model_free(&m);
+    float loss[2];
+    for (int from_host = 0; from_host < 2; from_host++) {
+        s = case_settings(cs, 3, 64, 2, DT_FP32);
+        s.init_seed = 1234;
+        s.lora = cs->lora;
+        s.lora.base_quant = kind;
+        gpu_model_init(&m, &cs->config, from_host ? w : NULL, &s);
+        gpu_model_set_lora(&m, cs->p0);
+        loss[from_host] = gpu_model_eval_loss(&m, cs->tokens, cs->targets);
+        gpu_model_free(&m);
+    }
+    char detail[160];
+    snprintf(detail, sizeof(detail), "%s base: loss %.9g drawn on the device, %.9g uploaded", base_quant_name(kind),
+             loss[0], loss[1]);
+    printf("  random init on a %s\n", detail);
+    expect(loss[0] == loss[1] && isfinite(loss[0]), "random init on a %s", detail);
+    free(w);
+}
+
 static void run_case(const char *name, int lora) {
     Case cs;
     case_load(&cs, name, lora);
@@ -532,6 +565,7 @@ static void run_case(const char *name, int lora) {
         printf("  quantized base (int8, NF4) vs the CPU model with the same dequantized weights\n");
         check_quantized_base(&cs, BASE_QUANT_INT8);
         check_quantized_base(&cs, BASE_QUANT_NF4);
+        check_random_init_quantized(&cs, BASE_QUANT_NF4);
     } else {
         check_state_round_trip(&cs, 1);
     }
