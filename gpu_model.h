@@ -9,6 +9,7 @@
 #define GPU_MODEL_H
 
 #include "cuda_utils.h"
+#include "lora_gpu.h"
 #include "model_config.h"
 #include "mst.h"
 #include "step_profile.h"
@@ -25,7 +26,9 @@ typedef struct {
     int moments_8bit;       // 1: 8-bit block-wise moments (--optimizer adamw8bit; adamw8bit.h)
     int master_weights;     // 1: fp32 master weights (bf16 weights are round-to-nearest copies)
     size_t gpu_mem_budget;  // bytes for arena + cuBLASLt workspace; 0: free memory minus a 1 GiB margin
-    size_t host_mem_budget; // pinned bytes for offloaded layer inputs; 0: 3/4 of physical memory
+    size_t host_mem_budget; // pinned bytes for offloaded layer inputs; 0: mst_default_host_budget(physical memory)
+    LoraConfig lora;        // rank 0: every weight trains; else adapters on a frozen (optionally quantized) base
+    uint64_t lora_seed;     // initialization of new adapters (lora_init_params)
     uint64_t init_seed;     // gpu_model_init with no parameters: the seed of the random init
     int attn_head_groups;   // attention backward in 1, 2, 4 or 8 head-group calls (less cuDNN workspace); 0 = auto
 } GpuSettings;
@@ -94,6 +97,10 @@ typedef struct {
     int has_prev_norm;
     size_t peak_used;
     StepProfile *profile;  // NULL unless gpu_model_profile_enable
+    // LoRA: the adapters and their gradients, the quantized base (lora_gpu.h). With LoRA the AdamW
+    // moments and master weights above are the adapters' (n_train values) and the base has no gradients.
+    GpuLora lora;
+    size_t n_train;    // values with gradients and optimizer state: layout.total, or the adapters'
 } GpuModel;
 
 // Resolves the auto settings in *s, plans, refuses (dies with the plan breakdown and what would
@@ -117,15 +124,22 @@ void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_
 float gpu_model_eval_loss(GpuModel *m, const int32_t *tokens, const int32_t *targets);
 // Logits (V, fp32, soft-capped where the family does) at position n_tokens - 1 of one sequence.
 void gpu_model_next_token_logits(GpuModel *m, const int32_t *tokens, int n_tokens, float *logits_host);
+// The bf16 weights (layout.total); with LoRA the frozen base (refused when it is quantized: the bf16
+// base is not kept).
 void gpu_model_get_params(GpuModel *m, uint16_t *params_bf16_host);
-// Optimizer state blob: m | v (moment_type) | [master fp32] | float prev_grad_norm | int32 has_prev | 8 zero bytes.
-// With moments_8bit, m and v are each codes (adam8_layout.total * ADAM8_BLOCK bytes, uint8) | scales
-// (adam8_layout.total fp32): m codes | m scales | v codes | v scales | [master] | the same trailer.
+// The LoRA adapters (lora.h layout, n_train floats: the bf16 adapters widened / the values rounded to bf16).
+void gpu_model_get_lora(GpuModel *m, float *host);
+void gpu_model_set_lora(GpuModel *m, const float *host);
+// Optimizer state blob over the n_train trainable values:
+// m | v (moment_type) | [master fp32] | float prev_grad_norm | int32 has_prev | 8 zero bytes.
+// With moments_8bit (full-parameter only), m and v are each codes (adam8_layout.total * ADAM8_BLOCK
+// bytes, uint8) | scales (adam8_layout.total fp32): m codes | m scales | v codes | v scales | [master] | the same trailer.
 size_t gpu_model_optimizer_state_bytes(const GpuModel *m);
 void gpu_model_get_optimizer_state(GpuModel *m, void *host);
 void gpu_model_set_optimizer_state(GpuModel *m, const void *host);
 void gpu_model_memory_report(GpuModel *m, MemoryReport *r);
-// The gradients accumulated so far (layout.total floats); needs grad_accum_steps > 1.
+// The gradients accumulated so far (n_train floats: every parameter, or with LoRA the adapters);
+// needs grad_accum_steps > 1.
 void gpu_model_debug_grads(GpuModel *m, float *grads_host);
 void gpu_model_free(GpuModel *m);
 // The cuBLASLt / cuDNN handles are created by the first gpu_model_init and shared by later models;

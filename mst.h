@@ -9,14 +9,19 @@
 // vocabulary tiles) run in gpu_model.cu on the buffers planned here.
 //
 // Buffers (N = B*S tokens, c = chunk rows = ceil(N / M), vc = vocabulary columns per tile):
-//   weights        params bf16, RoPE cos/sin table (S, hd) fp32
-//   optimizer      AdamW moments m, v (bf16 or fp32; or 8-bit codes + an fp32 scale per 256-element
-//                  block, adamw8bit.h), optional fp32 master weights
+//   weights        params bf16, RoPE cos/sin table (S, hd) fp32; with LoRA the adapters (bf16) and
+//                  the block-diagonal B of q|k|v and gate|up (lora_gpu.h); with a quantized base
+//                  the per-layer records (quant.h), one dequantized layer (bf16) and, bf16, only
+//                  the embedding, final norm and LM head
+//   optimizer      AdamW moments m, v (bf16 or fp32; or, full-parameter only, 8-bit codes + an fp32
+//                  scale per 256-element block, adamw8bit.h), optional fp32 master weights: of every
+//                  parameter, or with LoRA of the adapters only (the base is frozen)
 //   gradients      fp32: the full model with gradient accumulation; with optimizer-in-backward
 //                  (grad_accum_steps = 1) one layer's block + embedding/LM head + final norm;
 //                  grad-norm partial sums. An untied model's embedding/LM-head gradient buffer
 //                  lives in the shared region (below): it is in use only when no layer is
-//                  (counted there, as intermediates)
+//                  (counted there, as intermediates). With LoRA the same for the adapters only
+//                  (all layers, or one layer's block) and no embedding/LM-head gradients
 //   activations    saved layer inputs (N, d) bf16 per device-resident layer; without recompute
 //                  also each layer's attention activations (and with M = 1 its MLP ones)
 //   intermediates  the residual stream's end (x_final, which the LM head's backward overwrites
@@ -34,6 +39,7 @@
 #define MST_H
 
 #include "adamw8bit.h"
+#include "lora.h"
 #include "model_config.h"
 
 #define MST_ALIGN 256
@@ -63,6 +69,7 @@ typedef struct {
     int master_weights;    // 1: fp32 master copy of the weights
     int attn_head_groups;  // G: the attention backward runs in G calls over Hq/G query heads each, which
                            // divides cuDNN's fp32 workspace by about G; 1, 2, 4 or 8 dividing Hkv; 0 = auto
+    LoraConfig lora;       // rank 0: every weight trains; else adapters on a frozen (optionally quantized) base
 } MstSettings;
 
 // Figures that only the kernels' modules know. On the GPU the model fills them from cuDNN and
@@ -164,7 +171,8 @@ static inline const char *mst_settings_check(const ModelConfig *c, const MstSett
         return buf;
     }
     if (s->moment_bytes != 1 && s->moment_bytes != 2 && s->moment_bytes != 4) { snprintf(buf, len, "moment bytes %d must be 1 (8-bit), 2 (bf16) or 4 (fp32)", s->moment_bytes); return buf; }
-    return NULL;
+    if (s->moment_bytes == 1 && s->lora.rank) { snprintf(buf, len, "8-bit moments are for full-parameter training, not LoRA adapters"); return buf; }
+    return lora_config_check(&s->lora, buf, len);
 }
 
 // ---- building a plan ----
@@ -245,6 +253,26 @@ static inline void plan_mlp_acts(PlanBuilder *b, const ModelConfig *c, size_t ro
     }
 }
 
+// LoRA weights: the adapters (bf16) and the materialized block-diagonal B of the fused groups.
+static inline void plan_lora_weights(PlanBuilder *b, const LoraLayout *L) {
+    plan_add(b, "lora_params", L->total * 2, 1, MEM_WEIGHTS);
+    if (L->group_rank[LG_QKV]) plan_add(b, "lora_bblk_qkv", L->group_out[LG_QKV] * L->group_rank[LG_QKV] * 2, 1, MEM_WEIGHTS);
+    if (L->group_rank[LG_GATE_UP]) plan_add(b, "lora_bblk_gate_up", L->group_out[LG_GATE_UP] * L->group_rank[LG_GATE_UP] * 2, 1, MEM_WEIGHTS);
+}
+
+// LoRA working buffers of one group at a time over up to n rows: u = x A_cat^T and du (n, R) bf16,
+// dB_blk (out_g, R) fp32, each sized for the largest group.
+static inline void plan_lora_scratch(PlanBuilder *b, const LoraLayout *L, size_t n) {
+    size_t R = 0, dbblk = 0;
+    for (int g = 0; g < LORA_GROUP_COUNT; g++) {
+        if ((size_t)L->group_rank[g] > R) R = (size_t)L->group_rank[g];
+        if (L->group_out[g] * L->group_rank[g] > dbblk) dbblk = L->group_out[g] * L->group_rank[g];
+    }
+    plan_add(b, "lora_u", n * R * 2, 1, MEM_INTERMEDIATES);
+    plan_add(b, "lora_du", n * R * 2, 1, MEM_INTERMEDIATES);
+    plan_add(b, "lora_dbblk", dbblk * 4, 1, MEM_INTERMEDIATES);
+}
+
 // Builds the plan for fully resolved settings (mst_chunks >= 1, vocab_chunk >= 1, host_layers
 // explicit). Dies on invalid settings (callers validate user input with mst_settings_check first).
 static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig) {
@@ -270,11 +298,24 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     p->mlp_saved = (s->mst_chunks == 1 && !s->recompute);
     size_t rows = (size_t)p->chunk_rows, vc = (size_t)s->vocab_chunk;
 
+    LoraLayout lora;
+    lora_layout_init(&lora, c, &s->lora);
+    size_t n_train = s->lora.rank ? lora.total : lay.total;  // values with gradients and optimizer state
+
     PlanBuilder b;
     memset(&b, 0, sizeof(b));
     b.p = p;
-    plan_add(&b, "params", lay.total * 2, 1, MEM_WEIGHTS);
+    if (s->lora.base_quant != BASE_QUANT_NONE) {
+        QuantLayerLayout q;
+        quant_layer_layout_init(&q, &lay, s->lora.base_quant);
+        plan_add(&b, "params", quant_rest_elems(&lay, L) * 2, 1, MEM_WEIGHTS);
+        plan_add(&b, "qbase", q.bytes, L, MEM_WEIGHTS);
+        plan_add(&b, "qbase_layer", lay.layer_size * 2, 1, MEM_WEIGHTS);
+    } else {
+        plan_add(&b, "params", lay.total * 2, 1, MEM_WEIGHTS);
+    }
     plan_add(&b, "rope_cos_sin", S * c->head_dim * 4, 1, MEM_WEIGHTS);
+    if (s->lora.rank) plan_lora_weights(&b, &lora);
     if (s->moment_bytes == 1) {  // codes (every tensor padded to whole blocks) and block scales
         Adam8Layout a8;
         adam8_layout_init(&a8, &lay, c);
@@ -283,11 +324,14 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
         plan_add(&b, "adam_m_absmax", a8.total * sizeof(float), 1, MEM_OPTIMIZER);
         plan_add(&b, "adam_v_absmax", a8.total * sizeof(float), 1, MEM_OPTIMIZER);
     } else {
-        plan_add(&b, "adam_m", lay.total * s->moment_bytes, 1, MEM_OPTIMIZER);
-        plan_add(&b, "adam_v", lay.total * s->moment_bytes, 1, MEM_OPTIMIZER);
+        plan_add(&b, "adam_m", n_train * s->moment_bytes, 1, MEM_OPTIMIZER);
+        plan_add(&b, "adam_v", n_train * s->moment_bytes, 1, MEM_OPTIMIZER);
     }
-    if (s->master_weights) plan_add(&b, "master", lay.total * 4, 1, MEM_OPTIMIZER);
-    if (s->grad_accum_steps > 1) {
+    if (s->master_weights) plan_add(&b, "master", n_train * 4, 1, MEM_OPTIMIZER);
+    if (s->lora.rank) {
+        if (s->grad_accum_steps > 1) plan_add(&b, "lora_grads", lora.total * 4, 1, MEM_GRADIENTS);
+        else plan_add(&b, "lora_layer_grads", lora.layer_size * 4, 1, MEM_GRADIENTS);
+    } else if (s->grad_accum_steps > 1) {
         plan_add(&b, "grads", lay.total * 4, 1, MEM_GRADIENTS);
     } else {
         plan_add(&b, "layer_grads", lay.layer_size * 4, 1, MEM_GRADIENTS);
@@ -318,11 +362,12 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     if (c->post_norms) plan_add(&b, "attn_tmp", N * d * 2, 1, MEM_INTERMEDIATES);
     if (!p->mlp_saved) plan_mlp_acts(&b, c, rows, 1, MEM_INTERMEDIATES);
     if (c->post_norms) plan_add(&b, "mlp_tmp", (p->mlp_saved ? N : rows) * d * 2, 1, MEM_INTERMEDIATES);
+    if (s->lora.rank) plan_lora_scratch(&b, &lora, N);
     plan_share_begin(&b, SHARE_LMHEAD);
     // Untied optimizer-in-backward: the head's gradient lives from the LM-head pass to its update
     // right after it, and the embedding's from the end of the layers' backward to its update, both
     // times when no layer's working buffers are in use.
-    if (s->grad_accum_steps == 1 && !c->tied_embeddings) plan_add(&b, "embed_head_grads", V * d * 4, 1, MEM_GRADIENTS);
+    if (s->grad_accum_steps == 1 && !c->tied_embeddings && !s->lora.rank) plan_add(&b, "embed_head_grads", V * d * 4, 1, MEM_GRADIENTS);
     plan_add(&b, "xf", rows * d * 2, 1, MEM_INTERMEDIATES);
     plan_add(&b, "xf_rstd", rows * 4, 1, MEM_INTERMEDIATES);
     plan_add(&b, "dxf", rows * d * 2, 1, MEM_INTERMEDIATES);
@@ -512,7 +557,9 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
              MST_HUMAN(device_budget), MST_HUMAN(host_budget));
     for (int k = 0; k < MEM_CATEGORY_COUNT; k++) plan_appendf(msg, msg_len, " %s %.2f %s%s", mst_category_name(k), MST_HUMAN(p->category_bytes[k]), k + 1 < MEM_CATEGORY_COUNT ? "," : "\n");
 
-    // Longest sequence that fits with these settings (binary search on S with the frugal choices).
+    // Longest sequence that fits with these settings (binary search on S, each S with the full
+    // search: with offload the host budget can bind before the device's, and then fewer offloaded
+    // layers than the frugal choice's all of them fit a longer sequence).
     int lo = 0, hi = s->S;
     while (hi - lo > 1) {
         int mid = lo + (hi - lo) / 2;
@@ -520,10 +567,8 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
         t.S = mid;
         if (t.mst_chunks > t.B * mid) t.mst_chunks = t.B * mid;
         MstKernelFigures g = mst_figures_rescale(fig, s->S, mid);
-        MstSettings tf = plan_frugal(c, &t, &g);
         MemoryPlan tmp;
-        mst_plan_build(&tmp, c, &tf, &g);
-        if (mst_plan_fits(&tmp, device_budget, host_budget)) lo = mid; else hi = mid;
+        if (plan_search_groups(&tmp, c, &t, &g, device_budget, host_budget)) lo = mid; else hi = mid;
     }
     if (lo > 0) plan_appendf(msg, msg_len, "  with these settings the longest sequence that fits is about S=%d (B=%d)\n", lo, s->B);
     else plan_appendf(msg, msg_len, "  with these settings nothing fits, not even S=1 (the weights and optimizer state alone are too large)\n");
@@ -534,7 +579,7 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     if (!s->recompute) { alt[n_alt].what = "recompute on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; n_alt++; }
     if (!s->offload) { alt[n_alt].what = "recompute + offload on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; alt[n_alt].t.offload = 1; alt[n_alt].t.host_layers = 0; n_alt++; }
     if (s->moment_bytes == 4) { alt[n_alt].what = "bf16 optimizer moments"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 2; n_alt++; }
-    if (s->moment_bytes > 1) { alt[n_alt].what = "8-bit optimizer moments (--optimizer adamw8bit)"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 1; n_alt++; }
+    if (s->moment_bytes > 1 && !s->lora.rank) { alt[n_alt].what = "8-bit optimizer moments (--optimizer adamw8bit)"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 1; n_alt++; }
     if (s->master_weights) { alt[n_alt].what = "no fp32 master weights"; alt[n_alt].t = *s; alt[n_alt].t.master_weights = 0; n_alt++; }
     if (s->grad_accum_steps > 1) { alt[n_alt].what = "grad_accum_steps=1 (optimizer in backward)"; alt[n_alt].t = *s; alt[n_alt].t.grad_accum_steps = 1; n_alt++; }
     int any = 0;
@@ -574,6 +619,9 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
 //                  (dqkv, datt): attention bwd; one layer's gradients: the layer's backward
 //   LM-head set    the LM head phase; an untied embedding/head gradient also at the head update,
 //                  the embedding bwd and the optimizer (tied: from the LM head to the optimizer)
+//   LoRA           adapters, their B blocks and full gradients, the quantized base and its one
+//                  dequantized layer (it keeps the last layer loaded): always; the adapter input
+//                  products u: every layer phase; one layer's adapter gradients, du, dB_blk: its backward
 //   workspace      cuDNN's in the attention phases; the reduction scratch in the norm backwards
 // Bytes are counted by each entry's own category (unlike plan.category_bytes, which counts the
 // shared region as intermediates), over the arena only (not the cuBLASLt workspace).
@@ -614,6 +662,7 @@ static inline int phase_is_backward(int kind) { return kind >= PHASE_RECOMPUTE &
 #define PHASE_BIT(kind) (1u << (kind))
 #define PHASES_ATTENTION (PHASE_BIT(PHASE_ATTN_FWD) | PHASE_BIT(PHASE_RECOMPUTE) | PHASE_BIT(PHASE_ATTN_BWD))
 #define PHASES_LAYER_BWD (PHASE_BIT(PHASE_RECOMPUTE) | PHASE_BIT(PHASE_MLP_BWD) | PHASE_BIT(PHASE_ATTN_BWD))
+#define PHASES_LAYER (PHASE_BIT(PHASE_ATTN_FWD) | PHASE_BIT(PHASE_MLP_FWD) | PHASES_LAYER_BWD)
 #define PHASES_NORM_BWD (PHASE_BIT(PHASE_LM_HEAD) | PHASE_BIT(PHASE_MLP_BWD) | PHASE_BIT(PHASE_ATTN_BWD))
 #define PHASES_EMBED_HEAD_GRAD (PHASE_BIT(PHASE_LM_HEAD) | PHASE_BIT(PHASE_HEAD_UPDATE) | PHASE_BIT(PHASE_EMBED_BWD) | PHASE_BIT(PHASE_OPTIMIZER))
 static inline int phase_in(int kind, unsigned mask) { return (int)((mask >> kind) & 1u); }
@@ -658,9 +707,10 @@ static inline int name_in(const char *name, const char *const *list) {
 // Slices of entry e that hold live data during phase (kind, layer). Dies on an entry without a rule
 // (a new plan entry must say when it is live).
 static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int kind, int layer) {
-    static const char *const always[] = {"params", "rope_cos_sin", "adam_m", "adam_v", "adam_m_absmax", "adam_v_absmax", "master", "grads",
-                                         "final_norm_grads", "grad_norm_partials", "tokens", "targets", "embed_unique",
-                                         "embed_offsets", "embed_positions", "scalars", NULL};
+    static const char *const always[] = {"params", "rope_cos_sin", "adam_m", "adam_v", "adam_m_absmax", "adam_v_absmax",
+                                         "master", "grads", "final_norm_grads", "grad_norm_partials", "tokens", "targets",
+                                         "embed_unique", "embed_offsets", "embed_positions", "scalars", "qbase",
+                                         "qbase_layer", "lora_params", "lora_bblk_qkv", "lora_bblk_gate_up", "lora_grads", NULL};
     static const char *const attn_acts[] = {"ln1", "ln1_rstd", "qkv", "att", "att_stats", "h1", "ao", "ao_rstd", NULL};
     static const char *const mlp_acts[] = {"ln2", "ln2_rstd", "gate_up", "glu", "dn", "dn_rstd", NULL};
     static const char *const lm_head_set[] = {"xf", "xf_rstd", "dxf", "dxf_acc", "logits", "dlogits", "ce_max", "ce_sum",
@@ -691,7 +741,9 @@ static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int ki
         int s = staging_live(p, kind, layer);
         return s < e->count ? s : e->count;
     }
-    if (strcmp(n, "layer_grads") == 0) return phase_in(kind, PHASES_LAYER_BWD);
+    if (strcmp(n, "layer_grads") == 0 || strcmp(n, "lora_layer_grads") == 0) return phase_in(kind, PHASES_LAYER_BWD);
+    if (strcmp(n, "lora_u") == 0) return phase_in(kind, PHASES_LAYER);
+    if (strcmp(n, "lora_du") == 0 || strcmp(n, "lora_dbblk") == 0) return phase_in(kind, PHASES_LAYER_BWD);
     if (strcmp(n, "embed_head_grads") == 0) {
         if (saved) return kind >= PHASE_LM_HEAD;  // tied: the head's gradient, then the embedding's added
         return phase_in(kind, PHASES_EMBED_HEAD_GRAD);
@@ -762,6 +814,12 @@ static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
             s->attn_head_groups == 2 ? " | attention backward in 2 head groups"
             : s->attn_head_groups == 4 ? " | attention backward in 4 head groups"
             : s->attn_head_groups == 8 ? " | attention backward in 8 head groups" : "");
+    if (s->lora.rank) {
+        char targets[64];
+        lora_targets_string(s->lora.targets, targets, sizeof(targets));
+        fprintf(f, "  LoRA rank %d on %s: frozen base (%s), gradients and optimizer state of the adapters only\n",
+                s->lora.rank, targets, s->lora.base_quant == BASE_QUANT_NONE ? "bf16" : base_quant_name(s->lora.base_quant));
+    }
     fprintf(f, "  %-20s %12s  %-13s %s\n", "buffer", "MiB", "category", "region");
     for (int i = 0; i < p->n_entries; i++) {
         const PlanEntry *e = &p->entries[i];
