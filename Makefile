@@ -50,7 +50,8 @@ C_FLAGS := -O2 -Wall -Wextra -fopenmp -I.
 HEADERS := $(wildcard *.h)
 GPU_OBJS := build/mst_kernels.o build/matmul.o build/attention_cudnn.o build/attention_softcap.o build/gpu_model.o
 CPU_TESTS := build/test_cpu_model build/test_model_loader build/test_tokenizer build/test_dataloader build/test_planner \
-	build/test_attention_softcap_emu build/test_adamw8bit
+	build/test_attention_softcap_emu build/test_adamw8bit \
+	build/test_dist build/test_zero build/test_ulysses
 GPU_TESTS := build/test_llama build/test_kernels build/test_matmul build/test_attention build/test_attention_softcap
 
 .PHONY: all test deps clean

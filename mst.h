@@ -35,6 +35,7 @@
 
 #include "adamw8bit.h"
 #include "model_config.h"
+#include "zero.h"
 
 #define MST_ALIGN 256
 #define MST_MAX_ENTRIES 64
@@ -419,15 +420,6 @@ static inline int plan_search(MemoryPlan *p, const ModelConfig *c, const MstSett
     return 0;
 }
 
-static inline void plan_appendf(char *buf, size_t len, const char *fmt, ...) {
-    size_t used = strlen(buf);
-    if (used + 1 >= len) return;
-    va_list args;
-    va_start(args, fmt);
-    vsnprintf(buf + used, len - used, fmt, args);
-    va_end(args);
-}
-
 // The moment format of a moment_bytes setting, as the plan prints it.
 static inline const char *mst_moments_name(int moment_bytes) {
     return moment_bytes == 4 ? "fp32" : moment_bytes == 2 ? "bf16" : "8-bit block-wise";
@@ -463,7 +455,7 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
              s->B, s->S, MST_HUMAN(p->device_total + p->device_external), MST_HUMAN(p->device_total),
              MST_HUMAN(p->device_external), MST_HUMAN(p->host_total), f.mst_chunks, f.vocab_chunk, p->host_layers,
              MST_HUMAN(device_budget), MST_HUMAN(host_budget));
-    for (int k = 0; k < MEM_CATEGORY_COUNT; k++) plan_appendf(msg, msg_len, " %s %.2f %s%s", mst_category_name(k), MST_HUMAN(p->category_bytes[k]), k + 1 < MEM_CATEGORY_COUNT ? "," : "\n");
+    for (int k = 0; k < MEM_CATEGORY_COUNT; k++) appendf(msg, msg_len, " %s %.2f %s%s", mst_category_name(k), MST_HUMAN(p->category_bytes[k]), k + 1 < MEM_CATEGORY_COUNT ? "," : "\n");
 
     // Longest sequence that fits with these settings (binary search on S with the frugal choices).
     int lo = 0, hi = s->S;
@@ -478,8 +470,8 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
         mst_plan_build(&tmp, c, &tf, &g);
         if (mst_plan_fits(&tmp, device_budget, host_budget)) lo = mid; else hi = mid;
     }
-    if (lo > 0) plan_appendf(msg, msg_len, "  with these settings the longest sequence that fits is about S=%d (B=%d)\n", lo, s->B);
-    else plan_appendf(msg, msg_len, "  with these settings nothing fits, not even S=1 (the weights and optimizer state alone are too large)\n");
+    if (lo > 0) appendf(msg, msg_len, "  with these settings the longest sequence that fits is about S=%d (B=%d)\n", lo, s->B);
+    else appendf(msg, msg_len, "  with these settings nothing fits, not even S=1 (the weights and optimizer state alone are too large)\n");
 
     // Single settings changes that would make it fit.
     struct { const char *what; MstSettings t; } alt[6];
@@ -494,11 +486,11 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     for (int i = 0; i < n_alt; i++) {
         MemoryPlan tmp;
         if (plan_search(&tmp, c, &alt[i].t, fig, device_budget, host_budget)) {
-            plan_appendf(msg, msg_len, "  it would fit with %s (M=%d, vocab chunk %d, %d offloaded layers)\n", alt[i].what, tmp.settings.mst_chunks, tmp.settings.vocab_chunk, tmp.host_layers);
+            appendf(msg, msg_len, "  it would fit with %s (M=%d, vocab chunk %d, %d offloaded layers)\n", alt[i].what, tmp.settings.mst_chunks, tmp.settings.vocab_chunk, tmp.host_layers);
             any = 1;
         }
     }
-    if (!any) plan_appendf(msg, msg_len, "  no single change of recompute/offload/moments/master/accumulation makes it fit at this S\n");
+    if (!any) appendf(msg, msg_len, "  no single change of recompute/offload/moments/master/accumulation makes it fit at this S\n");
     return 0;
 }
 

@@ -31,6 +31,9 @@ run dataloader ./build/test_dataloader
 run planner ./build/test_planner
 run attention_softcap_emu ./build/test_attention_softcap_emu
 run adamw8bit ./build/test_adamw8bit
+run dist ./build/test_dist
+run zero ./build/test_zero
+run ulysses ./build/test_ulysses
 run export_py python3 -m pytest -q tests/test_export.py
 run prepare_py python3 -m pytest -q tests/test_prepare.py
 run resume bash tests/test_resume.sh
