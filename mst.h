@@ -30,11 +30,19 @@
 //                  norm/bias gradient reductions (the cuBLASLt workspace is allocated by
 //                  matmul_init: device_external)
 //   host           pinned host slots of offloaded layer inputs (the first host_layers layers)
+// Several GPUs (ranks > 1, zero.h and ulysses.h): the moments and master weights are this GPU's
+// ZeRO shard (the longest of any rank), a gradient-shard buffer receives the summed gradient of
+// this GPU's part of a block, and optimizer-in-backward keeps two layer-gradient buffers (one is
+// reduced on the side stream while backward fills the other). With sequence parallelism S is this
+// GPU's tokens per row; attention works on all ranks * S tokens of this GPU's heads: the RoPE
+// table and attention statistics cover the whole sequence, and the head-layout q|k|v, attention
+// output, their gradients and the all-to-all send / receive buffers join the layer working set.
 #ifndef MST_H
 #define MST_H
 
 #include "adamw8bit.h"
 #include "model_config.h"
+#include "ulysses.h"
 #include "zero.h"
 
 #define MST_ALIGN 256
@@ -62,7 +70,13 @@ typedef struct {
     int moment_bytes;      // bytes per AdamW moment element: 2 (bf16), 4 (fp32), or 1: 8-bit block-wise
                            // (adamw8bit.h: 1 byte + an fp32 scale per ADAM8_BLOCK elements)
     int master_weights;    // 1: fp32 master copy of the weights
+    int ranks;             // GPUs sharing the gradient sums and the optimizer state; 0 or 1: one GPU
+    int seq_parallel;      // 1 (ranks > 1): Ulysses sequence parallel; S is this GPU's tokens of a row
 } MstSettings;
+
+static inline int mst_ranks(const MstSettings *s) { return s->ranks > 1 ? s->ranks : 1; }
+// Tokens of a whole row: S, or ranks * S under sequence parallelism.
+static inline int mst_full_seq(const MstSettings *s) { return s->seq_parallel ? mst_ranks(s) * s->S : s->S; }
 
 // Figures that only the kernels' modules know. On the GPU the model fills them from cuDNN and
 // the launchers; without a GPU mst_kernel_figures_estimate() gives documented estimates.
@@ -140,6 +154,11 @@ static inline const char *mst_settings_check(const ModelConfig *c, const MstSett
     }
     if (s->grad_accum_steps < 1) { snprintf(buf, len, "grad_accum_steps %d must be >= 1", s->grad_accum_steps); return buf; }
     if (s->moment_bytes != 1 && s->moment_bytes != 2 && s->moment_bytes != 4) { snprintf(buf, len, "moment bytes %d must be 1 (8-bit), 2 (bf16) or 4 (fp32)", s->moment_bytes); return buf; }
+    if (s->moment_bytes == 1 && mst_ranks(s) > 1) { snprintf(buf, len, "8-bit moments are not sharded over several GPUs (ZeRO): use --moments bf16 or fp32 with %d GPUs", s->ranks); return buf; }
+    if (s->ranks < 0 || (s->seq_parallel && s->ranks < 2)) { snprintf(buf, len, "ranks %d (sequence parallel %d): sequence parallelism needs 2 or more GPUs", s->ranks, s->seq_parallel); return buf; }
+    if ((long)mst_full_seq(s) * s->B > (1L << 31)) { snprintf(buf, len, "B*S = %ld tokens over all GPUs is too many", (long)mst_full_seq(s) * s->B); return buf; }
+    UlyssesHeads u;
+    if (s->seq_parallel && ulysses_heads_init(&u, s->ranks, c->n_heads, c->n_kv_heads, c->head_dim, buf, len)) return buf;
     return NULL;
 }
 
@@ -187,20 +206,42 @@ static inline void plan_share_end(PlanBuilder *b) {
     b->p->shared_bytes = b->shared_end - b->shared_begin;
 }
 
+// Sequence-parallel head counts of this GPU (query heads, q|k|v heads); all heads on one GPU.
+static inline void plan_local_heads(const ModelConfig *c, const MstSettings *s, size_t *hq, size_t *hqkv) {
+    UlyssesHeads u;
+    char msg[256];
+    if (!s->seq_parallel) {
+        *hq = (size_t)c->n_heads;
+        *hqkv = (size_t)c->n_heads + 2 * (size_t)c->n_kv_heads;
+        return;
+    }
+    if (ulysses_heads_init(&u, s->ranks, c->n_heads, c->n_kv_heads, c->head_dim, msg, sizeof(msg))) die("memory plan: %s", msg);
+    *hq = (size_t)ulysses_local_heads(&u, 0);
+    *hqkv = (size_t)ulysses_local_heads(&u, 1);
+}
+
 // The attention part of one layer over n rows: norm, fused QKV, attention output and its
 // log-sum-exp statistics, the residual after attention (h1), and with post-norms the o-proj output.
 // Without keep_ln1 (recompute) the normed input has no buffer of its own: the forward writes it to
 // h1's (read only by the QKV projection, before h1 is written) and the backward recomputes it into
-// qkv's (dead once the attention backward is done).
-static inline void plan_attention_acts(PlanBuilder *b, const ModelConfig *c, size_t n, size_t B, size_t S,
-                                       int count, int category, int keep_ln1) {
-    size_t d = (size_t)c->d_model, q = (size_t)c->n_heads * c->head_dim;
-    size_t qkv = q + 2 * (size_t)c->n_kv_heads * c->head_dim;
+// qkv's (dead once the attention backward is done). Sequence parallel: the statistics are of this
+// GPU's heads over the whole sequence, and the head-layout q|k|v and attention output (B, ranks * S
+// rows) are kept too.
+static inline void plan_attention_acts(PlanBuilder *b, const ModelConfig *c, const MstSettings *s, size_t n, int count,
+                                       int category, int keep_ln1) {
+    size_t d = (size_t)c->d_model, q = (size_t)c->n_heads * c->head_dim, hd = (size_t)c->head_dim;
+    size_t qkv = q + 2 * (size_t)c->n_kv_heads * c->head_dim, hq, hqkv;
+    size_t rows_full = (size_t)s->B * mst_full_seq(s);
+    plan_local_heads(c, s, &hq, &hqkv);
     if (keep_ln1) plan_add(b, "ln1", n * d * 2, count, category);
     plan_add(b, "ln1_rstd", n * 4, count, category);
     plan_add(b, "qkv", n * qkv * 2, count, category);
     plan_add(b, "att", n * q * 2, count, category);
-    plan_add(b, "att_stats", B * c->n_heads * S * 4, count, category);
+    plan_add(b, "att_stats", rows_full * hq * 4, count, category);
+    if (s->seq_parallel) {
+        plan_add(b, "qkv_heads", rows_full * hqkv * hd * 2, count, category);
+        plan_add(b, "att_heads", rows_full * hq * hd * 2, count, category);
+    }
     plan_add(b, "h1", n * d * 2, count, category);
     if (c->post_norms) {
         plan_add(b, "ao", n * d * 2, count, category);
@@ -219,6 +260,17 @@ static inline void plan_mlp_acts(PlanBuilder *b, const ModelConfig *c, size_t ro
         plan_add(b, "dn", rows * d * 2, count, category);
         plan_add(b, "dn_rstd", rows * 4, count, category);
     }
+}
+
+// Sequence parallel, in the layer working set: the all-to-all send and receive buffers (the
+// largest exchange is q|k|v) and the head-layout gradients of the attention output and of q|k|v.
+static inline void plan_sequence_parallel(PlanBuilder *b, const ModelConfig *c, const MstSettings *s) {
+    size_t hq, hqkv, hd = (size_t)c->head_dim, rows_full = (size_t)s->B * mst_full_seq(s);
+    plan_local_heads(c, s, &hq, &hqkv);
+    plan_add(b, "a2a_send", rows_full * hqkv * hd * 2, 1, MEM_INTERMEDIATES);
+    plan_add(b, "a2a_recv", rows_full * hqkv * hd * 2, 1, MEM_INTERMEDIATES);
+    plan_add(b, "datt_heads", rows_full * hq * hd * 2, 1, MEM_INTERMEDIATES);
+    plan_add(b, "dqkv_heads", rows_full * hqkv * hd * 2, 1, MEM_INTERMEDIATES);
 }
 
 // Builds the plan for fully resolved settings (mst_chunks >= 1, vocab_chunk >= 1, host_layers
@@ -250,8 +302,10 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     memset(&b, 0, sizeof(b));
     b.p = p;
     plan_add(&b, "params", lay.total * 2, 1, MEM_WEIGHTS);
-    plan_add(&b, "rope_cos_sin", S * c->head_dim * 4, 1, MEM_WEIGHTS);
-    if (s->moment_bytes == 1) {  // codes (every tensor padded to whole blocks) and block scales
+    size_t state = lay.total, shard = 0;  // optimizer-state elements of this GPU, gradient-shard elements
+    if (mst_ranks(s) > 1) zero_figures(&lay, c, s->ranks, &state, &shard);
+    plan_add(&b, "rope_cos_sin", (size_t)mst_full_seq(s) * c->head_dim * 4, 1, MEM_WEIGHTS);
+    if (s->moment_bytes == 1) {  // codes (every tensor padded to whole blocks) and block scales; one GPU only
         Adam8Layout a8;
         adam8_layout_init(&a8, &lay, c);
         plan_add(&b, "adam_m", a8.total * ADAM8_BLOCK, 1, MEM_OPTIMIZER);
@@ -259,22 +313,23 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
         plan_add(&b, "adam_m_absmax", a8.total * sizeof(float), 1, MEM_OPTIMIZER);
         plan_add(&b, "adam_v_absmax", a8.total * sizeof(float), 1, MEM_OPTIMIZER);
     } else {
-        plan_add(&b, "adam_m", lay.total * s->moment_bytes, 1, MEM_OPTIMIZER);
-        plan_add(&b, "adam_v", lay.total * s->moment_bytes, 1, MEM_OPTIMIZER);
+        plan_add(&b, "adam_m", state * s->moment_bytes, 1, MEM_OPTIMIZER);
+        plan_add(&b, "adam_v", state * s->moment_bytes, 1, MEM_OPTIMIZER);
     }
-    if (s->master_weights) plan_add(&b, "master", lay.total * 4, 1, MEM_OPTIMIZER);
+    if (s->master_weights) plan_add(&b, "master", state * 4, 1, MEM_OPTIMIZER);
     if (s->grad_accum_steps > 1) {
         plan_add(&b, "grads", lay.total * 4, 1, MEM_GRADIENTS);
     } else {
-        plan_add(&b, "layer_grads", lay.layer_size * 4, 1, MEM_GRADIENTS);
+        plan_add(&b, "layer_grads", lay.layer_size * 4, mst_ranks(s) > 1 ? 2 : 1, MEM_GRADIENTS);
         if (c->tied_embeddings) plan_add(&b, "embed_head_grads", V * d * 4, 1, MEM_GRADIENTS);
         plan_add(&b, "final_norm_grads", d * 4, 1, MEM_GRADIENTS);
     }
+    if (shard > 0) plan_add(&b, "grad_shard", shard * 4, 1, MEM_GRADIENTS);
     plan_add(&b, "grad_norm_partials", fig->grad_norm_partials * 4, 1, MEM_GRADIENTS);
     if (p->device_layers > 0) plan_add(&b, "layer_inputs", N * d * 2, p->device_layers, MEM_ACTIVATIONS);
     if (p->host_layers > 0) plan_add(&b, "layer_inputs_host", N * d * 2, p->host_layers, MEM_HOST);
     if (!s->recompute) {
-        plan_attention_acts(&b, c, N, B, S, L, MEM_ACTIVATIONS, 1);
+        plan_attention_acts(&b, c, s, N, L, MEM_ACTIVATIONS, 1);
         if (p->mlp_saved) plan_mlp_acts(&b, c, N, L, MEM_ACTIVATIONS);
     }
     plan_add(&b, "tokens", N * 4, 1, MEM_INTERMEDIATES);
@@ -288,7 +343,8 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     if (p->host_layers > 0) plan_add(&b, "x_offload", N * d * 2, p->host_layers > 1 ? 2 : 1, MEM_INTERMEDIATES);
 
     plan_share_begin(&b, SHARE_LAYER);
-    if (s->recompute) plan_attention_acts(&b, c, N, B, S, 1, MEM_INTERMEDIATES, 0);
+    if (s->recompute) plan_attention_acts(&b, c, s, N, 1, MEM_INTERMEDIATES, 0);
+    if (s->seq_parallel) plan_sequence_parallel(&b, c, s);
     if (q > d) plan_add(&b, "datt", N * q * 2, 1, MEM_INTERMEDIATES);
     plan_add(&b, "dqkv", N * qkv * 2, 1, MEM_INTERMEDIATES);
     if (c->post_norms) plan_add(&b, "attn_tmp", N * d * 2, 1, MEM_INTERMEDIATES);
@@ -452,7 +508,7 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     snprintf(msg, msg_len,
              "does not fit: B=%d S=%d needs %.2f %s on the device (arena %.2f %s + cuBLASLt %.2f %s) and %.2f %s pinned host "
              "even with M=%d, vocab chunk %d, %d offloaded layers; budget %.2f %s device, %.2f %s host.\n  breakdown:",
-             s->B, s->S, MST_HUMAN(p->device_total + p->device_external), MST_HUMAN(p->device_total),
+             s->B, mst_full_seq(s), MST_HUMAN(p->device_total + p->device_external), MST_HUMAN(p->device_total),
              MST_HUMAN(p->device_external), MST_HUMAN(p->host_total), f.mst_chunks, f.vocab_chunk, p->host_layers,
              MST_HUMAN(device_budget), MST_HUMAN(host_budget));
     for (int k = 0; k < MEM_CATEGORY_COUNT; k++) appendf(msg, msg_len, " %s %.2f %s%s", mst_category_name(k), MST_HUMAN(p->category_bytes[k]), k + 1 < MEM_CATEGORY_COUNT ? "," : "\n");
@@ -470,7 +526,7 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
         mst_plan_build(&tmp, c, &tf, &g);
         if (mst_plan_fits(&tmp, device_budget, host_budget)) lo = mid; else hi = mid;
     }
-    if (lo > 0) appendf(msg, msg_len, "  with these settings the longest sequence that fits is about S=%d (B=%d)\n", lo, s->B);
+    if (lo > 0) appendf(msg, msg_len, "  with these settings the longest sequence that fits is about S=%d (B=%d)\n", lo * (mst_full_seq(s) / s->S), s->B);
     else appendf(msg, msg_len, "  with these settings nothing fits, not even S=1 (the weights and optimizer state alone are too large)\n");
 
     // Single settings changes that would make it fit.
@@ -479,7 +535,7 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     if (!s->recompute) { alt[n_alt].what = "recompute on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; n_alt++; }
     if (!s->offload) { alt[n_alt].what = "recompute + offload on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; alt[n_alt].t.offload = 1; alt[n_alt].t.host_layers = 0; n_alt++; }
     if (s->moment_bytes == 4) { alt[n_alt].what = "bf16 optimizer moments"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 2; n_alt++; }
-    if (s->moment_bytes > 1) { alt[n_alt].what = "8-bit optimizer moments (--optimizer adamw8bit)"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 1; n_alt++; }
+    if (s->moment_bytes > 1 && mst_ranks(s) == 1) { alt[n_alt].what = "8-bit optimizer moments (--optimizer adamw8bit)"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 1; n_alt++; }
     if (s->master_weights) { alt[n_alt].what = "no fp32 master weights"; alt[n_alt].t = *s; alt[n_alt].t.master_weights = 0; n_alt++; }
     if (s->grad_accum_steps > 1) { alt[n_alt].what = "grad_accum_steps=1 (optimizer in backward)"; alt[n_alt].t = *s; alt[n_alt].t.grad_accum_steps = 1; n_alt++; }
     int any = 0;
@@ -605,8 +661,9 @@ static inline int name_in(const char *name, const char *const *list) {
 static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int kind, int layer) {
     static const char *const always[] = {"params", "rope_cos_sin", "adam_m", "adam_v", "master", "grads",
                                          "final_norm_grads", "grad_norm_partials", "tokens", "targets", "embed_unique",
-                                         "embed_offsets", "embed_positions", "scalars", NULL};
-    static const char *const attn_acts[] = {"ln1", "ln1_rstd", "qkv", "att", "att_stats", "h1", "ao", "ao_rstd", NULL};
+                                         "embed_offsets", "embed_positions", "scalars", "grad_shard", NULL};
+    static const char *const attn_acts[] = {"ln1", "ln1_rstd", "qkv", "att", "att_stats", "h1", "ao", "ao_rstd",
+                                             "qkv_heads", "att_heads", NULL};
     static const char *const mlp_acts[] = {"ln2", "ln2_rstd", "gate_up", "glu", "dn", "dn_rstd", NULL};
     static const char *const lm_head_set[] = {"xf", "xf_rstd", "dxf", "dxf_acc", "logits", "dlogits", "ce_max", "ce_sum",
                                               "ce_target", "ce_lse", "losses", NULL};
@@ -636,12 +693,15 @@ static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int ki
         int s = staging_live(p, kind, layer);
         return s < e->count ? s : e->count;
     }
-    if (strcmp(n, "layer_grads") == 0) return phase_in(kind, PHASES_LAYER_BWD);
+    // two buffers (side stream): one is still read by the previous layer's update while backward fills the other
+    if (strcmp(n, "layer_grads") == 0) return phase_in(kind, PHASES_LAYER_BWD) ? e->count : 0;
     if (strcmp(n, "embed_head_grads") == 0) {
         if (saved) return kind >= PHASE_LM_HEAD;  // tied: the head's gradient, then the embedding's added
         return phase_in(kind, PHASES_EMBED_HEAD_GRAD);
     }
     if (strcmp(n, "dqkv") == 0 || strcmp(n, "datt") == 0) return kind == PHASE_ATTN_BWD;
+    if (strcmp(n, "datt_heads") == 0 || strcmp(n, "dqkv_heads") == 0) return kind == PHASE_ATTN_BWD;
+    if (strcmp(n, "a2a_send") == 0 || strcmp(n, "a2a_recv") == 0) return phase_in(kind, PHASES_ATTENTION);
     if (strcmp(n, "attn_tmp") == 0) return phase_in(kind, PHASES_ATTENTION);
     if (strcmp(n, "mlp_tmp") == 0) return kind == PHASE_MLP_FWD || kind == PHASE_MLP_BWD;
     if (strcmp(n, "attn_workspace") == 0) return phase_in(kind, PHASES_ATTENTION);
@@ -699,11 +759,16 @@ static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
     const MstSettings *s = &p->settings;
     fprintf(f, "memory plan: B=%d S=%d | M=%d (%d chunks of %d rows) | vocab chunk %d (%d tile%s, %s) | recompute %s | "
                "offload %s (%d of %d layer inputs on the host) | %s | moments %s%s\n",
-            s->B, s->S, s->mst_chunks, p->n_chunks, p->chunk_rows, s->vocab_chunk, p->vocab_tiles,
+            s->B, mst_full_seq(s), s->mst_chunks, p->n_chunks, p->chunk_rows, s->vocab_chunk, p->vocab_tiles,
             p->vocab_tiles == 1 ? "" : "s", p->vocab_tiles == 1 ? "one pass" : "two passes", s->recompute ? "on" : "off",
             s->offload ? "on" : "off", p->host_layers, p->host_layers + p->device_layers,
             s->grad_accum_steps > 1 ? "gradient accumulation (fp32 full-model gradients)" : "optimizer in backward (fp32 gradients of one layer)",
             mst_moments_name(s->moment_bytes), s->master_weights ? " + fp32 master weights" : "");
+    if (mst_ranks(s) > 1) {
+        if (s->seq_parallel) fprintf(f, "  %d GPUs, sequence parallel: this GPU holds %d of the %d tokens of each row (%d rows)", s->ranks, s->S, mst_full_seq(s), s->B);
+        else fprintf(f, "  %d GPUs, data parallel: this GPU trains %d of the %d rows of a batch", s->ranks, s->B, s->B * s->ranks);
+        fprintf(f, "; ZeRO: it keeps 1/%d of the optimizer state and updates that part of the weights\n", s->ranks);
+    }
     fprintf(f, "  %-20s %12s  %-13s %s\n", "buffer", "MiB", "category", "region");
     for (int i = 0; i < p->n_entries; i++) {
         const PlanEntry *e = &p->entries[i];

@@ -2,8 +2,9 @@
 // hand, the layout invariants (alignment, no overlap outside the shared region), monotonicity,
 // the auto choice (fits, prefers the fast settings, refuses with a useful message), settings
 // validation, the memory timeline of one step (hand figures for the tiny config, invariants over
-// many settings, MsT against the standard transformer for Llama-3-8B), and the Llama-3-8B plans at
-// S = 96K and 128K on an 80 GiB GPU.
+// many settings, MsT against the standard transformer for Llama-3-8B), the Llama-3-8B plans at
+// S = 96K and 128K on an 80 GiB GPU, and the plans of several GPUs (sharded optimizer state,
+// sequence-parallel buffers by hand, the longest Llama-3-8B sequence on 2 and 8 GPUs against one).
 // Build: gcc -O2 -Wall -Wextra -I. tests/test_planner.c -o build/test_planner -lm
 #include "mst.h"
 #include "tests/test_util.h"
@@ -569,6 +570,94 @@ static void test_host_budget(void) {
     CHECK(mst_default_host_budget(0) == 0, "no memory: %zu", mst_default_host_budget(0));
 }
 
+// Several GPUs: the ZeRO shard sizes, the second layer-gradient buffer, and the sequence-parallel
+// buffers of the tiny config (Hq 4, Hkv 2 over 2 GPUs: 2 query heads and 1 kv head each; S = 10
+// tokens per GPU, 20 in all) by hand.
+static void test_several_gpus(void) {
+    ModelConfig c = tiny_config(2);
+    ParamLayout lay;
+    param_layout_init(&lay, &c);
+    size_t state, shard;
+    zero_figures(&lay, &c, 2, &state, &shard);
+    MstSettings dp = tiny_settings();
+    dp.ranks = 2;
+    MemoryPlan p = plan_with(&c, dp);
+    check_layout(&p, "2 GPUs data parallel");
+    const PlanEntry *m = mst_plan_find(&p, "adam_m"), *g = mst_plan_find(&p, "grad_shard"), *lg = mst_plan_find(&p, "layer_grads");
+    CHECK(m && m->bytes == mst_align(state * 4) && state < lay.total / 2 + 5 * ZERO_ALIGN, "adam_m of one of 2 GPUs: %zu bytes, state %zu of %zu",
+          m ? m->bytes : 0, state, lay.total);
+    CHECK(g && g->bytes == mst_align(shard * 4), "grad_shard %zu bytes, expected %zu", g ? g->bytes : 0, mst_align(shard * 4));
+    CHECK(lg && lg->count == 2, "optimizer in backward over 2 GPUs keeps 2 layer-gradient buffers");
+    CHECK(mst_plan_find(&p, "a2a_send") == NULL && mst_plan_find(&p, "qkv_heads") == NULL, "data parallel has no all-to-all buffers");
+    MstSettings one = tiny_settings();
+    CHECK(plan_with(&c, one).category_bytes[MEM_OPTIMIZER] > p.category_bytes[MEM_OPTIMIZER], "sharded moments are smaller than one GPU's");
+
+    const Expected SP[] = {
+        {"rope_cos_sin", 768, MEM_WEIGHTS, SHARE_NONE},       // 20 positions x hd 8 x 4 = 640
+        {"att_stats", 512, MEM_INTERMEDIATES, SHARE_LAYER},   // B 2 x 2 heads x 20 x 4 = 320
+        {"qkv_heads", 2560, MEM_INTERMEDIATES, SHARE_LAYER},  // 2 x 20 rows x (2 + 1 + 1) heads x 8 x 2
+        {"att_heads", 1280, MEM_INTERMEDIATES, SHARE_LAYER},  // 2 x 20 x 2 x 8 x 2
+        {"a2a_send", 2560, MEM_INTERMEDIATES, SHARE_LAYER},
+        {"a2a_recv", 2560, MEM_INTERMEDIATES, SHARE_LAYER},
+        {"datt_heads", 1280, MEM_INTERMEDIATES, SHARE_LAYER},
+        {"dqkv_heads", 2560, MEM_INTERMEDIATES, SHARE_LAYER},
+        {"qkv", 2560, MEM_INTERMEDIATES, SHARE_LAYER},        // this GPU's 20 rows, all heads: as on one GPU
+    };
+    MstSettings sp = tiny_settings();
+    sp.ranks = 2;
+    sp.seq_parallel = 1;
+    p = plan_with(&c, sp);
+    check_layout(&p, "2 GPUs sequence parallel");
+    for (size_t i = 0; i < sizeof(SP) / sizeof(SP[0]); i++) {
+        const PlanEntry *e = mst_plan_find(&p, SP[i].name);
+        CHECK(e && e->bytes == SP[i].bytes && e->category == SP[i].category && e->share == SP[i].share,
+              "sequence parallel %s: %zu bytes (expected %zu)", SP[i].name, e ? e->bytes : 0, SP[i].bytes);
+    }
+    sp.recompute = 0;
+    p = plan_with(&c, sp);
+    check_layout(&p, "2 GPUs sequence parallel without recompute");
+    const PlanEntry *qh = mst_plan_find(&p, "qkv_heads");
+    CHECK(qh && qh->count == 2 && qh->category == MEM_ACTIVATIONS, "without recompute every layer keeps its head-layout q|k|v");
+
+    char msg[512];
+    MstSettings bad = tiny_settings();
+    bad.seq_parallel = 1;
+    CHECK(mst_settings_check(&c, &bad, msg, sizeof(msg)) && strstr(msg, "2 or more GPUs"), "sequence parallel on one GPU refused: %s", msg);
+    bad.ranks = 3;
+    CHECK(mst_settings_check(&c, &bad, msg, sizeof(msg)) && strstr(msg, "split evenly"), "4 heads over 3 GPUs refused: %s", msg);
+    printf("several-GPU plans checked\n");
+}
+
+// The longest S (a multiple of 1024) of Llama-3-8B, B=1, recompute, no offload, bf16 moments, on
+// `ranks` GPUs of 78 GiB (sequence parallel when ranks > 1), from the planner.
+static int llama3_longest(int ranks) {
+    ModelConfig c;
+    mst_preset("llama3-8b", &c);
+    int lo = 0, hi = 4096;  // in units of 1024 tokens
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        MstSettings s;
+        memset(&s, 0, sizeof(s));
+        s.B = 1; s.S = mid * 1024 / ranks; s.recompute = 1; s.grad_accum_steps = 1; s.moment_bytes = 2;
+        s.ranks = ranks; s.seq_parallel = ranks > 1;
+        MstKernelFigures f;
+        mst_kernel_figures_estimate(&c, s.B, s.S, &f);
+        MemoryPlan p;
+        char msg[4096];
+        if (mst_plan_auto(&p, &c, &s, &f, (size_t)78 << 30, 0, msg, sizeof(msg))) lo = mid;
+        else hi = mid;
+    }
+    return lo * 1024;
+}
+
+static void test_llama3_scaling(void) {
+    int s1 = llama3_longest(1), s2 = llama3_longest(2), s8 = llama3_longest(8);
+    printf("Llama-3-8B longest S (planner, 78 GiB per GPU, recompute, no offload): 1 GPU %d, 2 GPUs %d (%.2fx), 8 GPUs %d (%.2fx)\n",
+           s1, s2, (double)s2 / s1, s8, (double)s8 / s1);
+    CHECK(s2 >= 1.8 * s1, "2 GPUs must plan at least 1.8x the longest sequence of one (%d vs %d)", s2, s1);
+    CHECK(s8 > s2, "8 GPUs must plan a longer sequence than 2 (%d vs %d)", s8, s2);
+}
+
 int main(void) {
     test_host_budget();
     test_hand_figures();
@@ -581,6 +670,8 @@ int main(void) {
     test_timeline_invariants();
     test_timeline_llama3();
     test_timeline_unknown_entry();
+    test_several_gpus();
+    test_llama3_scaling();
     print_llama3_plan(96 * 1024);
     print_llama3_plan(128 * 1024);
     if (failures) {
