@@ -47,6 +47,7 @@ if nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then
     run gpu_attention ./build/test_attention
     run gpu_attention_softcap ./build/test_attention_softcap
     run gpu_model ./build/test_llama
+    run gpu_comm ./build/test_comm
 else
     echo "=== GPU tests SKIPPED: no GPU found (nvidia-smi lists none); run 'make test' on a GPU machine or dev/device_check.sh on the device"
 fi
