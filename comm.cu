@@ -117,6 +117,7 @@ void comm_init(Comm *c, const DistEnv *e, const char *dir, double timeout_s) {
     c->rank = e->rank;
     c->world = e->world;
     c->local_rank = e->local_rank;
+    c->local_world = e->local_world;
     c->timeout_s = timeout_s;
     int n = cuda_device_count();
     if (n == 0) die("rank %d: no GPU visible: every process of a multi-GPU run needs one", c->rank);

@@ -33,7 +33,7 @@ static inline void nccl_check(ncclResult_t r, const char *file, int line) {
 #define ncclCheck(call) nccl_check((call), __FILE__, __LINE__)
 
 typedef struct {
-    int rank, world, local_rank, device;
+    int rank, world, local_rank, local_world, device;
     ncclComm_t grads, seq;
     DistPeer *peers;       // (world) pid and host of every rank
     double timeout_s;

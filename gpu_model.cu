@@ -19,9 +19,12 @@
 // Optimizer-in-backward (grad_accum_steps == 1): each layer's AdamW runs right after its backward
 // on the one-layer fp32 gradient buffer; an untied LM head is updated right after the LM-head pass
 // (it is touched once), the embedding (with the tied head's gradient) and the final norm last.
+// Several GPUs: the hooks below call gpu_dist.cu for the gradient sums and sharded updates (on a
+// side stream, block by block) and comm.cu for the sequence-parallel attention (attention_core_*).
 #include <math.h>
 #include <unistd.h>
 #include "attention.h"
+#include "gpu_dist.h"
 #include "gpu_model.h"
 #include "matmul.h"
 #include "mst_kernels.h"
@@ -35,10 +38,17 @@
 
 static bf16 *W(const GpuModel *m, int l, int t) { return m->params + param_offset(&m->layout, l, t); }
 
+// The one-layer gradient buffer of layer l: with the side stream (several GPUs, or
+// overlap_optimizer) layers alternate between two, so that the side stream sums (several GPUs) and
+// applies one while backward fills the other.
+static float *layer_grad_block(const GpuModel *m, int l) {
+    return m->layer_grads + (size_t)(l % m->layer_grad_buffers) * m->layout.layer_size;
+}
+
 // Gradient of tensor t of layer l: the full-model buffer, or the one-layer buffer.
 static float *G(const GpuModel *m, int l, int t) {
     if (m->grads) return m->grads + param_offset(&m->layout, l, t);
-    return m->layer_grads + m->layout.layer.offset[t];
+    return layer_grad_block(m, l) + m->layout.layer.offset[t];
 }
 static float *grad_embed(const GpuModel *m) { return m->grads ? m->grads + m->layout.embed : m->embed_head_grads; }
 static float *grad_head(const GpuModel *m) { return m->grads ? m->grads + m->layout.lm_head : m->embed_head_grads; }
@@ -74,6 +84,29 @@ static AttentionShape attention_shape(const ModelConfig *c, int layer, int B, in
     return sh;
 }
 
+// Sequence parallel over sp ranks: attention sees every token (sp * S) of this rank's heads.
+static AttentionShape attention_shape_sp(const ModelConfig *c, int layer, int B, int S, int sp, const UlyssesHeads *u) {
+    AttentionShape sh = attention_shape(c, layer, B, S * sp);
+    if (sp > 1) {
+        sh.Hq = u->hq_loc;
+        sh.Hkv = u->hkv_loc;
+    }
+    return sh;
+}
+
+// Ranks of the sequence-parallel split the settings ask for (1: none), with their heads in *u.
+static int settings_sp(const ModelConfig *c, const GpuSettings *s, UlyssesHeads *u) {
+    memset(u, 0, sizeof(*u));
+    if (s->seq_parallel && s->comm == NULL) die("sequence parallel needs several GPUs (GpuSettings.comm)");
+    if (!s->seq_parallel || s->comm->world == 1) return 1;
+    char why[256];
+    if (ulysses_heads_init(u, s->comm->world, c->n_heads, c->n_kv_heads, c->head_dim, why, sizeof(why))) die("%s", why);
+    return s->comm->world;
+}
+
+// RoPE position of this rank's first token of a row (sequence parallel: rank * S).
+static int rope_offset(const GpuModel *m, int Sn) { return m->sp > 1 ? m->comm->rank * Sn : 0; }
+
 // 1 when cuDNN would take the shape but for its soft-cap (Gemma-2): such layers run the soft-cap
 // kernels of attention_softcap.cu instead; every other shape goes to cuDNN.
 static int attention_via_softcap(const AttentionShape *sh) {
@@ -94,6 +127,55 @@ static void layer_attention_backward(bf16 *dqkv, const bf16 *dout, const bf16 *o
                                      const bf16 *qkv, const AttentionShape *sh, void *workspace, cudaStream_t st) {
     if (attention_via_softcap(sh)) attention_softcap_backward(dqkv, dout, out, stats, qkv, sh, workspace, st);
     else attention_backward(dqkv, dout, out, stats, qkv, sh, workspace, st);
+}
+
+// Attention of layer l on a->qkv (Bn rows of Sn tokens, RoPE applied) -> a->att, a->att_stats.
+// Sequence parallel: q|k|v goes to the head layout (every token, this rank's heads), attention runs
+// there, and its output comes back to this rank's tokens (Ulysses, comm.h).
+static void attention_core_forward(GpuModel *m, int l, const LayerActs *a, int Bn, int Sn) {
+    AttentionShape sh = attention_shape_sp(&m->config, l, Bn, Sn, m->sp, &m->heads);
+    cudaStream_t st = m->stream;
+    step_profile_mark(m->profile, PROF_SDPA_FWD, st);
+    if (m->sp == 1) {
+        layer_attention_forward(a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
+    } else {
+        ulysses_to_heads(m->comm, a->qkv_heads, m->a2a_send, a->qkv, Bn, Sn, &m->heads, 1, st);
+        layer_attention_forward(a->att_heads, a->att_stats, a->qkv_heads, &sh, m->attn_workspace, st);
+        ulysses_from_heads(m->comm, a->att, m->a2a_recv, a->att_heads, Bn, Sn, &m->heads, 0, st);
+    }
+    step_profile_mark(m->profile, PROF_ATTN_OUT, st);
+}
+
+// datt (this rank's tokens) -> m->dqkv, the way back through the same layouts.
+static void attention_core_backward(GpuModel *m, int l, const LayerActs *a, const bf16 *datt) {
+    int B = m->settings.B, S = m->settings.S;
+    AttentionShape sh = attention_shape_sp(&m->config, l, B, S, m->sp, &m->heads);
+    cudaStream_t st = m->stream;
+    step_profile_mark(m->profile, PROF_SDPA_BWD, st);
+    if (m->sp == 1) {
+        layer_attention_backward(m->dqkv, datt, a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
+    } else {
+        ulysses_to_heads(m->comm, m->datt_heads, m->a2a_send, datt, B, S, &m->heads, 0, st);
+        layer_attention_backward(m->dqkv_heads, m->datt_heads, a->att_heads, a->att_stats, a->qkv_heads, &sh, m->attn_workspace, st);
+        ulysses_from_heads(m->comm, m->dqkv, m->a2a_recv, m->dqkv_heads, B, S, &m->heads, 1, st);
+    }
+    step_profile_mark(m->profile, PROF_ATTN_IN_BWD, st);
+}
+
+// Waits for `stream`; with several GPUs under the watchdog (a collective may be in it).
+static void model_sync(GpuModel *m, cudaStream_t stream, const char *what) {
+    if (m->comm) comm_wait(m->comm, stream, what);
+    else cudaCheck(cudaStreamSynchronize(stream));
+}
+
+// host[n] = scalars[0 .. n) (loss sum, squared grad norm), over all ranks with several GPUs.
+static void read_scalars(GpuModel *m, float *host, int n) {
+    if (m->comm) {
+        dist_read_scalars(m, host, n);
+        return;
+    }
+    cudaCheck(cudaMemcpyAsync(host, m->scalars, (size_t)n * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
+    cudaCheck(cudaStreamSynchronize(m->stream));
 }
 
 // Pointer to slice `slice` of a plan entry (entries with one slice serve every slice), or NULL
@@ -121,11 +203,8 @@ static void attention_block_forward(GpuModel *m, int l, const LayerActs *a, cons
     step_profile_mark(m->profile, PROF_ATTN_IN, st);
     rmsnorm_forward(a->ln1, a->ln1_rstd, in, W(m, l, LT_ATTN_NORM), N, d, c->norm_eps, norm_w_offset(m), st);
     linear_forward(a->qkv, DT_BF16, a->ln1, W(m, l, LT_WQ), c->qkv_bias ? W(m, l, LT_BQ) : NULL, N, d, qkv_features(c), 0, st);
-    rope_apply(a->qkv, m->rope, N, Sn, 0, c->n_heads, c->n_kv_heads, c->head_dim, 0, st);
-    AttentionShape sh = attention_shape(c, l, Bn, Sn);
-    step_profile_mark(m->profile, PROF_SDPA_FWD, st);
-    layer_attention_forward(a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
-    step_profile_mark(m->profile, PROF_ATTN_OUT, st);
+    rope_apply(a->qkv, m->rope, N, Sn, rope_offset(m, Sn), c->n_heads, c->n_kv_heads, c->head_dim, 0, st);
+    attention_core_forward(m, l, a, Bn, Sn);
     cudaCheck(cudaMemcpyAsync(a->h1, in, (size_t)N * d * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
     if (c->post_norms) {
         linear_forward(a->ao, DT_BF16, a->att, W(m, l, LT_WO), NULL, N, q, d, 0, st);
@@ -332,11 +411,8 @@ static void attention_block_backward(GpuModel *m, int l, const LayerActs *a, con
     bf16 *datt = m->datt != NULL ? m->datt : a->h1;
     linear_backward_weight(G(m, l, LT_WO), DT_FP32, dao, a->att, N, q, d, !fresh, st);
     linear_backward_input(datt, dao, W(m, l, LT_WO), N, q, d, 0, st);
-    AttentionShape sh = attention_shape(c, l, m->settings.B, m->settings.S);
-    step_profile_mark(m->profile, PROF_SDPA_BWD, st);
-    layer_attention_backward(m->dqkv, datt, a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
-    step_profile_mark(m->profile, PROF_ATTN_IN_BWD, st);
-    rope_apply(m->dqkv, m->rope, N, m->settings.S, 0, c->n_heads, c->n_kv_heads, c->head_dim, 1, st);
+    attention_core_backward(m, l, a, datt);
+    rope_apply(m->dqkv, m->rope, N, m->settings.S, rope_offset(m, m->settings.S), c->n_heads, c->n_kv_heads, c->head_dim, 1, st);
     const bf16 *ln1 = a->ln1;
     if (m->settings.recompute) {  // ln1 shared h1's buffer in the forward: recompute it where q, k, v were
         rmsnorm_forward(a->qkv, a->ln1_rstd, in, W(m, l, LT_ATTN_NORM), N, d, c->norm_eps, norm_w_offset(m), st);
@@ -364,38 +440,90 @@ static int layer_tensor_id(int l, int t) { return 1 + l * LT_COUNT + t; }
 static int final_norm_id(const ModelConfig *c) { return 1 + c->n_layers * LT_COUNT; }
 static int lm_head_id(const ModelConfig *c) { return 2 + c->n_layers * LT_COUNT; }
 
-// AdamW on one tensor (offset, rows x cols elements of the flat layout) with gradient `grad`.
-// Weight decay only on matrices (rows > 1): not on norms and biases. Optimizer-in-backward adds the
-// gradient's squares to the norm partials in the same pass.
-static void adamw_tensor(GpuModel *m, size_t offset, size_t rows, size_t cols, const float *grad, int tensor_id,
-                         const OptimizerStep *opt, float clip_scale) {
+// AdamW on elements [lo, hi) of tensor t (gpu_dist.h). Weight decay only on matrices (rows > 1):
+// not on norms and biases. sumsq_partials non-NULL: the gradient's squares are added to them in the
+// same pass.
+void gm_adamw_slice(GpuModel *m, const GmTensor *t, size_t lo, size_t hi, const float *grad, size_t state_at,
+                    const OptimizerStep *opt, float clip_scale, float *sumsq_partials, cudaStream_t stream) {
     AdamWParams p;
     p.lr = opt->lr;
     p.beta1 = opt->beta1;
     p.beta2 = opt->beta2;
     p.eps = opt->eps;
-    p.weight_decay = rows > 1 ? opt->weight_decay : 0.0f;
+    p.weight_decay = t->rows > 1 ? opt->weight_decay : 0.0f;
     p.grad_scale = clip_scale;
     p.step = opt->step;
-    p.seed = tensor_seed(opt->seed, tensor_id, opt->step);
-    float *norm_partials = m->grads == NULL ? m->grad_norm_partials : NULL;
-    if (m->settings.moments_8bit) {
-        size_t b = adam8_block_of(&m->adam8_layout, &m->layout, offset);
-        adamw8bit_update(m->params + offset, m->master ? m->master + offset : NULL, grad, DT_FP32,
+    p.seed = tensor_seed(opt->seed, t->id, opt->step);
+    p.index_base = lo;
+    if (m->settings.moments_8bit) {  // one GPU only (mst_settings_check): always a whole tensor
+        size_t b = adam8_block_of(&m->adam8_layout, &m->layout, t->offset);
+        adamw8bit_update(m->params + t->offset, m->master ? m->master + t->offset : NULL, grad, DT_FP32,
                          (uint8_t *)m->adam_m + b * ADAM8_BLOCK, m->adam_m_absmax + b, (uint8_t *)m->adam_v + b * ADAM8_BLOCK,
-                         m->adam_v_absmax + b, rows * cols, &p, norm_partials, m->stream);
+                         m->adam_v_absmax + b, hi - lo, &p, sumsq_partials, stream);
         return;
     }
     size_t mb = dtype_bytes(m->settings.moment_type);
-    adamw_update(m->params + offset, m->master ? m->master + offset : NULL, grad, DT_FP32, (char *)m->adam_m + offset * mb,
-                 (char *)m->adam_v + offset * mb, m->settings.moment_type, rows * cols, &p, norm_partials, m->stream);
+    adamw_update(m->params + t->offset + lo, m->master ? m->master + state_at : NULL, grad, DT_FP32, (char *)m->adam_m + state_at * mb,
+                 (char *)m->adam_v + state_at * mb, m->settings.moment_type, hi - lo, &p, sumsq_partials, stream);
 }
 
-static void adamw_layer(GpuModel *m, int l, const OptimizerStep *opt, float clip_scale) {
+// AdamW on one whole tensor (offset, rows x cols elements of the flat layout) with gradient `grad`
+// on `stream`. Optimizer-in-backward adds the gradient's squares to the norm partials in the same pass.
+static void adamw_tensor(GpuModel *m, size_t offset, size_t rows, size_t cols, const float *grad, int tensor_id,
+                         const OptimizerStep *opt, float clip_scale, cudaStream_t stream) {
+    GmTensor t = {offset, rows, cols, tensor_id};
+    gm_adamw_slice(m, &t, 0, rows * cols, grad, offset, opt, clip_scale, m->grads == NULL ? m->grad_norm_partials : NULL, stream);
+}
+
+int gm_block_tensors(const GpuModel *m, int b, GmTensor *out) {
+    const ModelConfig *c = &m->config;
+    const ParamLayout *p = &m->layout;
+    size_t V = (size_t)c->vocab_size, d = (size_t)c->d_model;
+    if (b == 0 || b == zero_block_lm_head(c)) {
+        GmTensor t = {b == 0 ? p->embed : p->lm_head, V, d, b == 0 ? 0 : lm_head_id(c)};
+        out[0] = t;
+        return 1;
+    }
+    if (b == zero_block_final_norm(c)) {
+        GmTensor t = {p->final_norm, 1, d, final_norm_id(c)};
+        out[0] = t;
+        return 1;
+    }
+    int l = b - zero_block_layer(0), n = 0;
+    for (int k = 0; k < LT_COUNT; k++) {
+        if (p->layer.offset[k] == SIZE_MAX) continue;
+        GmTensor t = {param_offset(p, l, k), p->layer.rows[k], p->layer.cols[k], layer_tensor_id(l, k)};
+        out[n++] = t;
+    }
+    return n;
+}
+
+static void adamw_layer(GpuModel *m, int l, const OptimizerStep *opt, float clip_scale, cudaStream_t stream) {
     const ParamLayout *p = &m->layout;
     for (int t = 0; t < LT_COUNT; t++) {
         if (p->layer.offset[t] == SIZE_MAX) continue;
-        adamw_tensor(m, param_offset(p, l, t), p->layer.rows[t], p->layer.cols[t], G(m, l, t), layer_tensor_id(l, t), opt, clip_scale);
+        adamw_tensor(m, param_offset(p, l, t), p->layer.rows[t], p->layer.cols[t], G(m, l, t), layer_tensor_id(l, t), opt, clip_scale,
+                     stream);
+    }
+}
+
+void gm_side_after_compute(GpuModel *m) {
+    cudaCheck(cudaEventRecord(m->ev_compute, m->stream));
+    cudaCheck(cudaStreamWaitEvent(m->grad_stream, m->ev_compute, 0));
+}
+
+// Optimizer-in-backward of layer l, its backward queued: AdamW on the compute stream; with the side
+// stream there (the backward of layer l - 1 goes on meanwhile; same kernels in the same order, so
+// the same numbers); several GPUs: the sum over the ranks first (gpu_dist.cu).
+static void update_layer(GpuModel *m, int l, const OptimizerStep *opt, float clip_scale) {
+    if (m->comm) {
+        dist_update_block(m, zero_block_layer(l), layer_grad_block(m, l), m->ev_grads_free[l % 2], opt, clip_scale);
+    } else if (m->grad_stream) {
+        gm_side_after_compute(m);
+        adamw_layer(m, l, opt, clip_scale, m->grad_stream);
+        cudaCheck(cudaEventRecord(m->ev_grads_free[l % 2], m->grad_stream));
+    } else {
+        adamw_layer(m, l, opt, clip_scale, m->stream);
     }
 }
 
@@ -404,12 +532,22 @@ static float clip_scale_for(float norm, float clip) {
 }
 
 // Gradient accumulation: after the last micro step, the global norm over the full gradient buffer,
-// AdamW on every tensor with the clip scale, and the gradients zeroed. Returns the norm.
+// AdamW on every tensor with the clip scale, and the gradients zeroed. Returns the norm. Several
+// GPUs: the gradient summed over the ranks first, each rank updating its parts (gpu_dist.cu).
 static float optimizer_step_full(GpuModel *m, const OptimizerStep *opt) {
     const ModelConfig *c = &m->config;
     const ParamLayout *p = &m->layout;
     cudaStream_t st = m->stream;
     step_profile_mark(m->profile, PROF_OPTIMIZER, st);
+    if (m->comm) {
+        float norm = dist_reduce_grads(m);
+        dist_update_parts(m, opt, clip_scale_for(norm, opt->clip));
+        return norm;
+    }
+    if (m->capture) {
+        cudaCheck(cudaMemcpyAsync(m->capture_grads, m->grads, p->total * sizeof(float), cudaMemcpyDeviceToHost, st));
+        m->capture = 0;
+    }
     cudaCheck(cudaMemsetAsync(m->grad_norm_partials, 0, (size_t)m->plan.figures.grad_norm_partials * sizeof(float), st));
     grad_norm_accumulate(m->grad_norm_partials, m->grads, DT_FP32, p->total, st);
     grad_norm_finish(m->scalars + 1, m->grad_norm_partials, st);
@@ -418,11 +556,11 @@ static float optimizer_step_full(GpuModel *m, const OptimizerStep *opt) {
     cudaCheck(cudaStreamSynchronize(st));
     float norm = sqrtf(sumsq);
     float scale = clip_scale_for(norm, opt->clip);
-    adamw_tensor(m, p->embed, (size_t)c->vocab_size, (size_t)c->d_model, m->grads + p->embed, 0, opt, scale);
-    for (int l = 0; l < c->n_layers; l++) adamw_layer(m, l, opt, scale);
-    adamw_tensor(m, p->final_norm, 1, (size_t)c->d_model, m->grads + p->final_norm, final_norm_id(c), opt, scale);
+    adamw_tensor(m, p->embed, (size_t)c->vocab_size, (size_t)c->d_model, m->grads + p->embed, 0, opt, scale, st);
+    for (int l = 0; l < c->n_layers; l++) adamw_layer(m, l, opt, scale, st);
+    adamw_tensor(m, p->final_norm, 1, (size_t)c->d_model, m->grads + p->final_norm, final_norm_id(c), opt, scale, st);
     if (!c->tied_embeddings)
-        adamw_tensor(m, p->lm_head, (size_t)c->vocab_size, (size_t)c->d_model, m->grads + p->lm_head, lm_head_id(c), opt, scale);
+        adamw_tensor(m, p->lm_head, (size_t)c->vocab_size, (size_t)c->d_model, m->grads + p->lm_head, lm_head_id(c), opt, scale, st);
     cudaCheck(cudaMemsetAsync(m->grads, 0, p->total * sizeof(float), st));
     return norm;
 }
@@ -477,16 +615,17 @@ static void recompute_attention_block(GpuModel *m, int l, const LayerActs *a, co
 
 // Optimizer-in-backward: the layer's norm and bias gradients are sums added into their buffers, so
 // they start at zero; the matrices' gradients are overwritten by their first GEMM of the step.
-static void zero_layer_vector_grads(GpuModel *m) {
+static void zero_layer_vector_grads(GpuModel *m, int l) {
     const ParamLayout *p = &m->layout;
     for (int t = 0; t < LT_COUNT; t++) {
         if (p->layer.offset[t] == SIZE_MAX || p->layer.rows[t] != 1) continue;
-        cudaCheck(cudaMemsetAsync(m->layer_grads + p->layer.offset[t], 0, p->layer.cols[t] * sizeof(float), m->stream));
+        cudaCheck(cudaMemsetAsync(G(m, l, t), 0, p->layer.cols[t] * sizeof(float), m->stream));
     }
 }
 
 // The backward pass through every layer (reverse order) and the embedding, with the offload
-// prefetch pipeline and, with optimizer-in-backward, each layer's AdamW right after its backward.
+// prefetch pipeline and, with optimizer-in-backward, each layer's AdamW right after its backward
+// (several GPUs: handed to the side stream, which sums the layer's gradient over the ranks first).
 static void backward_layers(GpuModel *m, const OptimizerStep *opt, float clip_scale, int opt_in_backward) {
     const ModelConfig *c = &m->config;
     int L = c->n_layers;
@@ -494,7 +633,10 @@ static void backward_layers(GpuModel *m, const OptimizerStep *opt, float clip_sc
     for (int l = L - 1; l >= 0; l--) {
         if (l > 0 && is_host_layer(m, l - 1)) fetch_from_host(m, l - 1);  // prefetch while layer l runs
         if (is_host_layer(m, l)) cudaCheck(cudaStreamWaitEvent(st, m->ev_fetched[l % 2], 0));
-        if (opt_in_backward) zero_layer_vector_grads(m);
+        if (opt_in_backward) {
+            if (m->grad_stream) cudaCheck(cudaStreamWaitEvent(st, m->ev_grads_free[l % 2], 0));  // layer l + 2's update has read it
+            zero_layer_vector_grads(m, l);
+        }
         const LayerActs *a = &m->acts[l];
         const bf16 *in = layer_input(m, l);
         if (m->settings.recompute) recompute_attention_block(m, l, a, in);
@@ -503,7 +645,7 @@ static void backward_layers(GpuModel *m, const OptimizerStep *opt, float clip_sc
         if (is_host_layer(m, l)) cudaCheck(cudaEventRecord(m->ev_free[l % 2], st));
         if (opt_in_backward) {
             step_profile_mark(m->profile, PROF_OPTIMIZER, st);
-            adamw_layer(m, l, opt, clip_scale);
+            update_layer(m, l, opt, clip_scale);
         }
     }
     step_profile_mark(m->profile, PROF_EMBEDDING, st);
@@ -525,6 +667,7 @@ void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_
     int opt_in_backward = accum == 1;
     cudaStream_t st = m->stream;
     int n_valid = upload_batch(m, tokens, targets, N);
+    if (m->comm) n_valid = dist_sum_count(m, n_valid);  // the loss is the mean over every rank's valid targets
     float grad_scale = n_valid > 0 ? 1.0f / ((float)n_valid * (float)accum) : 0.0f;
     // Optimizer-in-backward clips with the previous step's norm (this step's is known only at the end).
     float clip_scale = (opt_in_backward && m->has_prev_norm) ? clip_scale_for(m->prev_grad_norm, opt->clip) : 1.0f;
@@ -537,19 +680,31 @@ void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_
     lm_head_pass(m, N, grad_scale, 1);
     if (opt_in_backward && !c->tied_embeddings) {  // the untied head is complete: update it, reuse its buffer
         step_profile_mark(m->profile, PROF_OPTIMIZER, st);
-        adamw_tensor(m, m->layout.lm_head, (size_t)c->vocab_size, (size_t)c->d_model, m->embed_head_grads, lm_head_id(c), opt, clip_scale);
+        if (m->comm) {  // its buffer is in the layers' shared working set: the sum must have read it first
+            dist_update_block(m, zero_block_lm_head(c), m->embed_head_grads, m->ev_head_free, opt, clip_scale);
+            cudaCheck(cudaStreamWaitEvent(st, m->ev_head_free, 0));
+        } else {
+            adamw_tensor(m, m->layout.lm_head, (size_t)c->vocab_size, (size_t)c->d_model, m->embed_head_grads, lm_head_id(c), opt,
+                         clip_scale, st);
+        }
     }
     backward_layers(m, opt, clip_scale, opt_in_backward);
-    if (opt_in_backward) {
+    if (opt_in_backward && m->comm) {
         step_profile_mark(m->profile, PROF_OPTIMIZER, st);
-        adamw_tensor(m, m->layout.embed, (size_t)c->vocab_size, (size_t)c->d_model, m->embed_head_grads, 0, opt, clip_scale);
-        adamw_tensor(m, m->layout.final_norm, 1, (size_t)c->d_model, m->final_norm_grads, final_norm_id(c), opt, clip_scale);
+        dist_finish_update(m, opt, clip_scale);
+    } else if (opt_in_backward) {
+        step_profile_mark(m->profile, PROF_OPTIMIZER, st);
+        if (m->grad_stream) {  // the layers' updates add to the norm partials first
+            cudaCheck(cudaEventRecord(m->ev_grad_done, m->grad_stream));
+            cudaCheck(cudaStreamWaitEvent(st, m->ev_grad_done, 0));
+        }
+        adamw_tensor(m, m->layout.embed, (size_t)c->vocab_size, (size_t)c->d_model, m->embed_head_grads, 0, opt, clip_scale, st);
+        adamw_tensor(m, m->layout.final_norm, 1, (size_t)c->d_model, m->final_norm_grads, final_norm_id(c), opt, clip_scale, st);
         grad_norm_finish(m->scalars + 1, m->grad_norm_partials, st);
     }
     step_profile_end_step(m->profile, st);
     float sums[2];
-    cudaCheck(cudaMemcpyAsync(sums, m->scalars, 2 * sizeof(float), cudaMemcpyDeviceToHost, st));
-    cudaCheck(cudaStreamSynchronize(st));
+    read_scalars(m, sums, opt_in_backward ? 2 : 1);
     out->n_valid = n_valid;
     out->loss = n_valid > 0 ? sums[0] / (float)n_valid : 0.0f;
     out->grad_norm = 0.0f;
@@ -564,42 +719,57 @@ void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_
     }
 }
 
+void gpu_model_capture_grads(GpuModel *m, float *grads_host) {
+    if (m->settings.grad_accum_steps < 2)
+        die("capturing the gradient needs grad_accum_steps > 1 (optimizer-in-backward never holds the whole gradient)");
+    if (grads_host == NULL && (m->comm == NULL || m->comm->rank == 0)) die("capturing the gradient needs a host buffer");
+    m->capture = 1;
+    m->capture_grads = grads_host;
+}
+
 // Evaluation and sampling are left out of --profile's step figures.
 float gpu_model_eval_loss(GpuModel *m, const int32_t *tokens, const int32_t *targets) {
     int N = m->plan.n_tokens;
     StepProfile *profile = m->profile;
     m->profile = NULL;
     int n_valid = upload_batch(m, tokens, targets, N);
+    if (m->comm) n_valid = dist_sum_count(m, n_valid);
     forward_layers(m, m->settings.B, m->settings.S, 0);
     lm_head_pass(m, N, 0.0f, 0);
     m->profile = profile;
     float sum;
-    cudaCheck(cudaMemcpyAsync(&sum, m->scalars, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
-    cudaCheck(cudaStreamSynchronize(m->stream));
+    read_scalars(m, &sum, 1);
     return n_valid > 0 ? sum / (float)n_valid : 0.0f;
 }
 
 // One sequence padded to S with token 0 (causal attention: the padding never reaches position
-// n_tokens - 1), then the final norm and LM head on that one row, tile by tile.
+// n_tokens - 1), then the final norm and LM head on that one row, tile by tile. Sequence parallel:
+// every rank runs its S of the sp * S positions; the rank holding position n_tokens - 1 computes
+// the logits and sends each tile to the others.
 void gpu_model_next_token_logits(GpuModel *m, const int32_t *tokens, int n_tokens, float *logits_host) {
     const ModelConfig *c = &m->config;
     int S = m->settings.S, d = c->d_model, V = c->vocab_size, vc = m->plan.settings.vocab_chunk;
-    if (n_tokens < 1 || n_tokens > S) die("next-token logits: %d tokens, expected 1..%d (the planned sequence length)", n_tokens, S);
+    int first = rope_offset(m, S), last = n_tokens - 1, owner = last / S;
+    if (n_tokens < 1 || n_tokens > S * m->sp)
+        die("next-token logits: %d tokens, expected 1..%d (the planned sequence length)", n_tokens, S * m->sp);
     memset(m->h_tokens, 0, (size_t)S * sizeof(int32_t));
-    memcpy(m->h_tokens, tokens, (size_t)n_tokens * sizeof(int32_t));
+    if (n_tokens > first) memcpy(m->h_tokens, tokens + first, (size_t)(n_tokens - first < S ? n_tokens - first : S) * sizeof(int32_t));
     upload_batch(m, m->h_tokens, NULL, S);
     StepProfile *profile = m->profile;
     m->profile = NULL;
     forward_layers(m, 1, S, 0);
     m->profile = profile;
     cudaStream_t st = m->stream;
-    rmsnorm_forward(m->xf, m->xf_rstd, m->x_final + (size_t)(n_tokens - 1) * d, m->params + m->layout.final_norm, 1, d,
-                    c->norm_eps, norm_w_offset(m), st);
+    int mine = m->sp == 1 || m->comm->rank == owner;
+    if (mine)
+        rmsnorm_forward(m->xf, m->xf_rstd, m->x_final + (size_t)(last - owner * S) * d, m->params + m->layout.final_norm, 1, d,
+                        c->norm_eps, norm_w_offset(m), st);
     for (int v0 = 0; v0 < V; v0 += vc) {
         int vt = V - v0 < vc ? V - v0 : vc;
-        logits_tile(m, 1, v0, vt);
+        if (mine) logits_tile(m, 1, v0, vt);
+        if (m->sp > 1) comm_broadcast_f32(m->comm, m->logits, (size_t)vt, owner, st);
         cudaCheck(cudaMemcpyAsync(logits_host + v0, m->logits, (size_t)vt * sizeof(float), cudaMemcpyDeviceToHost, st));
-        cudaCheck(cudaStreamSynchronize(st));  // the next tile overwrites m->logits
+        model_sync(m, st, "next-token logits");  // the next tile overwrites m->logits
     }
     if (c->final_softcap > 0.0f) {
         for (int v = 0; v < V; v++) logits_host[v] = c->final_softcap * tanhf(logits_host[v] / c->final_softcap);
@@ -621,7 +791,9 @@ static void check_supported(const ModelConfig *c, const GpuSettings *s) {
         for (int l = 0; l < c->n_layers; l++) if (config_layer_is_sliding(c, l) == sliding) { layer = l; break; }
         if (layer < 0) continue;
         char why[256];
-        AttentionShape sh = attention_shape(c, layer, s->B, s->S);
+        UlyssesHeads u;
+        int sp = settings_sp(c, s, &u);
+        AttentionShape sh = attention_shape_sp(c, layer, s->B, s->S, sp, &u);
         int ok = attention_via_softcap(&sh) ? attention_softcap_supported(&sh, why, sizeof(why))
                                             : attention_supported(&sh, why, sizeof(why));
         if (!ok)
@@ -635,9 +807,11 @@ static void check_supported(const ModelConfig *c, const GpuSettings *s) {
 static MstKernelFigures kernel_figures(const ModelConfig *c, const GpuSettings *s) {
     MstKernelFigures f;
     f.attn_workspace = 0;
+    UlyssesHeads u;
+    int sp = settings_sp(c, s, &u);
     for (int l = 0; l < c->n_layers && l < 2; l++) {
         for (int b = 0; b < 2; b++) {
-            AttentionShape sh = attention_shape(c, l, b == 0 ? s->B : 1, s->S);
+            AttentionShape sh = attention_shape_sp(c, l, b == 0 ? s->B : 1, s->S, sp, &u);
             size_t w = attention_via_softcap(&sh) ? attention_softcap_workspace_bytes(&sh)
                                                   : attention_workspace_bytes(&sh);
             if (w > f.attn_workspace) f.attn_workspace = w;
@@ -664,6 +838,7 @@ static void bind_buffers(GpuModel *m) {
     m->master = (float *)plan_ptr(m, "master", 0);
     m->grads = (float *)plan_ptr(m, "grads", 0);
     m->layer_grads = (float *)plan_ptr(m, "layer_grads", 0);
+    m->layer_grad_buffers = m->layer_grads ? mst_plan_find(&m->plan, "layer_grads")->count : 1;
     m->embed_head_grads = (float *)plan_ptr(m, "embed_head_grads", 0);
     m->final_norm_grads = (float *)plan_ptr(m, "final_norm_grads", 0);
     m->grad_norm_partials = (float *)plan_req(m, "grad_norm_partials", 0);
@@ -695,6 +870,11 @@ static void bind_buffers(GpuModel *m) {
     m->losses = (float *)plan_req(m, "losses", 0);
     m->attn_workspace = plan_req(m, "attn_workspace", 0);
     m->reduce_scratch = (float *)plan_req(m, "reduce_scratch", 0);
+    m->grad_shard = (float *)plan_ptr(m, "grad_shard", 0);
+    m->a2a_send = (bf16 *)plan_ptr(m, "a2a_send", 0);
+    m->a2a_recv = (bf16 *)plan_ptr(m, "a2a_recv", 0);
+    m->datt_heads = (bf16 *)plan_ptr(m, "datt_heads", 0);
+    m->dqkv_heads = (bf16 *)plan_ptr(m, "dqkv_heads", 0);
     m->acts = (LayerActs *)callocCheck((size_t)c->n_layers, sizeof(LayerActs));
     for (int l = 0; l < c->n_layers; l++) {
         LayerActs *a = &m->acts[l];
@@ -712,6 +892,8 @@ static void bind_buffers(GpuModel *m) {
         a->glu = (bf16 *)plan_req(m, "glu", l);
         a->dn = (bf16 *)plan_ptr(m, "dn", l);
         a->dn_rstd = (float *)plan_ptr(m, "dn_rstd", l);
+        a->qkv_heads = (bf16 *)plan_ptr(m, "qkv_heads", l);
+        a->att_heads = (bf16 *)plan_ptr(m, "att_heads", l);
     }
 }
 
@@ -775,12 +957,30 @@ static void random_init_params(GpuModel *m, uint64_t seed, cudaStream_t stream) 
     param_layout_visit(&m->layout, &m->config, random_init_tensor, &ctx);
 }
 
+// The side stream of the layers' updates (several GPUs: also of the gradient sums) and its events.
+static void side_stream_init(GpuModel *m) {
+    cudaCheck(cudaStreamCreateWithFlags(&m->grad_stream, cudaStreamNonBlocking));
+    cudaEvent_t *events[] = {&m->ev_compute, &m->ev_grads_free[0], &m->ev_grads_free[1], &m->ev_head_free, &m->ev_grad_done};
+    for (size_t i = 0; i < sizeof(events) / sizeof(events[0]); i++)
+        cudaCheck(cudaEventCreateWithFlags(events[i], cudaEventDisableTiming));
+}
+
+static void side_stream_free(GpuModel *m) {
+    cudaCheck(cudaStreamSynchronize(m->grad_stream));
+    cudaEvent_t events[] = {m->ev_compute, m->ev_grads_free[0], m->ev_grads_free[1], m->ev_head_free, m->ev_grad_done};
+    for (size_t i = 0; i < sizeof(events) / sizeof(events[0]); i++) cudaCheck(cudaEventDestroy(events[i]));
+    cudaCheck(cudaStreamDestroy(m->grad_stream));
+    m->grad_stream = NULL;
+}
+
 void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf16, GpuSettings *s) {
     memset(m, 0, sizeof(*m));
     m->config = *c;
     param_layout_init(&m->layout, c);
     adam8_layout_init(&m->adam8_layout, &m->layout, c);
     if (s->moment_type != DT_FP32 && s->moment_type != DT_BF16) die("moment type %d is not fp32 or bf16", (int)s->moment_type);
+    m->comm = s->comm;
+    m->sp = settings_sp(c, s, &m->heads);
     size_t free_b, total_b;
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
     ensure_handles();
@@ -799,8 +999,11 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     ms.grad_accum_steps = s->grad_accum_steps;
     ms.moment_bytes = s->moments_8bit ? 1 : (int)dtype_bytes(s->moment_type);
     ms.master_weights = s->master_weights;
+    ms.ranks = m->comm ? m->comm->world : 1;
+    ms.seq_parallel = m->sp > 1;
+    ms.overlap_optimizer = s->overlap_optimizer && s->grad_accum_steps == 1;
     if (s->gpu_mem_budget == 0) s->gpu_mem_budget = free_b > GPU_MEM_MARGIN ? free_b - GPU_MEM_MARGIN : 0;
-    if (s->host_mem_budget == 0) s->host_mem_budget = mst_default_host_budget(physical_memory_bytes());
+    if (s->host_mem_budget == 0) s->host_mem_budget = mst_default_host_budget(physical_memory_bytes()) / (m->comm ? m->comm->local_world : 1);
     char msg[4096];
     if (!mst_plan_auto(&m->plan, c, &ms, &fig, s->gpu_mem_budget, s->host_mem_budget, msg, sizeof(msg)))
         die("%s %dx%d: refusing to start: %s", family_name(c->family), s->B, s->S, msg);
@@ -816,9 +1019,11 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     m->arena_drop = free_before - free_after;
     if (m->plan.host_total > 0) cudaCheck(cudaHostAlloc((void **)&m->host_block, m->plan.host_total, cudaHostAllocDefault));
     bind_buffers(m);
+    if (m->comm) dist_model_init(m);
 
     cudaCheck(cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking));
     cudaCheck(cudaStreamCreateWithFlags(&m->copy_stream, cudaStreamNonBlocking));
+    if (m->comm || ms.overlap_optimizer) side_stream_init(m);
     for (int b = 0; b < 2; b++) {
         cudaCheck(cudaEventCreateWithFlags(&m->ev_written[b], cudaEventDisableTiming));
         cudaCheck(cudaEventCreateWithFlags(&m->ev_saved[b], cudaEventDisableTiming));
@@ -830,16 +1035,19 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     cudaStream_t st = m->stream;
     if (params_bf16) cudaCheck(cudaMemcpyAsync(m->params, params_bf16, p->total * sizeof(uint16_t), cudaMemcpyHostToDevice, st));
     else random_init_params(m, s->init_seed, st);
-    float *rope = (float *)mallocCheck((size_t)s->S * c->head_dim * sizeof(float));
-    rope_table_fill(rope, s->S, c->head_dim, c->rope_theta, c->rope_scaling, c->rope_factor, c->rope_low_freq_factor,
+    size_t positions = (size_t)s->S * m->sp;  // sequence parallel: every position of the whole row
+    float *rope = (float *)mallocCheck(positions * c->head_dim * sizeof(float));
+    rope_table_fill(rope, (int)positions, c->head_dim, c->rope_theta, c->rope_scaling, c->rope_factor, c->rope_low_freq_factor,
                     c->rope_high_freq_factor, c->rope_orig_max_pos);
-    cudaCheck(cudaMemcpyAsync(m->rope, rope, (size_t)s->S * c->head_dim * sizeof(float), cudaMemcpyHostToDevice, st));
-    // the moments start at zero (the master weights, the last piece, come from the weights below)
-    void *state[OPT_STATE_PIECES];
-    size_t state_bytes[OPT_STATE_PIECES];
-    int n_moments = opt_state_pieces(m, state, state_bytes) - (m->master != NULL);
-    for (int i = 0; i < n_moments; i++) cudaCheck(cudaMemsetAsync(state[i], 0, state_bytes[i], st));
-    if (m->master) cast_bf16_to_fp32(m->master, m->params, p->total, st);
+    cudaCheck(cudaMemcpyAsync(m->rope, rope, positions * c->head_dim * sizeof(float), cudaMemcpyHostToDevice, st));
+    // the moments start at zero (several GPUs: this rank's parts; the master weights come from the weights below)
+    static const char *const moments[] = {"adam_m", "adam_v", "adam_m_absmax", "adam_v_absmax"};
+    for (size_t i = 0; i < sizeof(moments) / sizeof(moments[0]); i++) {
+        const PlanEntry *e = mst_plan_find(&m->plan, moments[i]);
+        if (e) cudaCheck(cudaMemsetAsync(plan_req(m, moments[i], 0), 0, e->bytes, st));
+    }
+    if (m->master && m->comm) dist_init_master(m);
+    else if (m->master) cast_bf16_to_fp32(m->master, m->params, p->total, st);
     if (m->grads) cudaCheck(cudaMemsetAsync(m->grads, 0, p->total * sizeof(float), st));
     cudaCheck(cudaStreamSynchronize(st));
     free(rope);
@@ -885,30 +1093,43 @@ size_t gpu_model_optimizer_state_bytes(const GpuModel *m) {
     return total;
 }
 
+// Several GPUs: every rank calls it; rank 0 gathers the whole state (the others may pass NULL).
 void gpu_model_get_optimizer_state(GpuModel *m, void *host) {
     void *ptr[OPT_STATE_PIECES];
     size_t bytes[OPT_STATE_PIECES], at = 0;
     int n = opt_state_pieces(m, ptr, bytes);
     char *h = (char *)host;
-    cudaCheck(cudaStreamSynchronize(m->stream));
-    for (int i = 0; i < n; i++) {
-        cudaCheck(cudaMemcpy(h + at, ptr[i], bytes[i], cudaMemcpyDeviceToHost));
-        at += bytes[i];
+    if (m->comm) {
+        dist_get_optimizer_state(m, h);
+        if (h == NULL) return;
+        for (int i = 0; i < n; i++) at += bytes[i];
+    } else {
+        cudaCheck(cudaStreamSynchronize(m->stream));
+        for (int i = 0; i < n; i++) {
+            cudaCheck(cudaMemcpy(h + at, ptr[i], bytes[i], cudaMemcpyDeviceToHost));
+            at += bytes[i];
+        }
     }
     int32_t trailer[4] = {0, m->has_prev_norm, 0, 0};
     memcpy(&trailer[0], &m->prev_grad_norm, sizeof(float));
     memcpy(h + at, trailer, sizeof(trailer));
 }
 
+// Several GPUs: every rank passes the whole state and keeps its parts.
 void gpu_model_set_optimizer_state(GpuModel *m, const void *host) {
     void *ptr[OPT_STATE_PIECES];
     size_t bytes[OPT_STATE_PIECES], at = 0;
     int n = opt_state_pieces(m, ptr, bytes);
     const char *h = (const char *)host;
     cudaCheck(cudaStreamSynchronize(m->stream));
-    for (int i = 0; i < n; i++) {
-        cudaCheck(cudaMemcpy(ptr[i], h + at, bytes[i], cudaMemcpyHostToDevice));
-        at += bytes[i];
+    if (m->comm) {
+        dist_set_optimizer_state(m, h);
+        for (int i = 0; i < n; i++) at += bytes[i];
+    } else {
+        for (int i = 0; i < n; i++) {
+            cudaCheck(cudaMemcpy(ptr[i], h + at, bytes[i], cudaMemcpyHostToDevice));
+            at += bytes[i];
+        }
     }
     int32_t trailer[4];
     memcpy(trailer, h + at, sizeof(trailer));
@@ -938,6 +1159,8 @@ void gpu_model_debug_grads(GpuModel *m, float *grads_host) {
 void gpu_model_free(GpuModel *m) {
     cudaCheck(cudaStreamSynchronize(m->stream));
     cudaCheck(cudaStreamSynchronize(m->copy_stream));
+    if (m->comm) dist_model_free(m);
+    if (m->grad_stream) side_stream_free(m);
     for (int b = 0; b < 2; b++) {
         cudaCheck(cudaEventDestroy(m->ev_written[b]));
         cudaCheck(cudaEventDestroy(m->ev_saved[b]));

@@ -72,9 +72,15 @@ typedef struct {
     int master_weights;    // 1: fp32 master copy of the weights
     int ranks;             // GPUs sharing the gradient sums and the optimizer state; 0 or 1: one GPU
     int seq_parallel;      // 1 (ranks > 1): Ulysses sequence parallel; S is this GPU's tokens of a row
+    int overlap_optimizer; // 1: optimizer-in-backward on one GPU runs a layer's AdamW on a side stream
+                           // while the backward of the layer below goes on (two layer-gradient buffers)
 } MstSettings;
 
+
 static inline int mst_ranks(const MstSettings *s) { return s->ranks > 1 ? s->ranks : 1; }
+// Layer-gradient buffers of optimizer-in-backward: two when a side stream reads one (several GPUs,
+// or overlap_optimizer) while backward fills the other, else one.
+static inline int mst_layer_grad_buffers(const MstSettings *s) { return mst_ranks(s) > 1 || s->overlap_optimizer ? 2 : 1; }
 // Tokens of a whole row: S, or ranks * S under sequence parallelism.
 static inline int mst_full_seq(const MstSettings *s) { return s->seq_parallel ? mst_ranks(s) * s->S : s->S; }
 
@@ -320,7 +326,7 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     if (s->grad_accum_steps > 1) {
         plan_add(&b, "grads", lay.total * 4, 1, MEM_GRADIENTS);
     } else {
-        plan_add(&b, "layer_grads", lay.layer_size * 4, mst_ranks(s) > 1 ? 2 : 1, MEM_GRADIENTS);
+        plan_add(&b, "layer_grads", lay.layer_size * 4, mst_layer_grad_buffers(s), MEM_GRADIENTS);
         if (c->tied_embeddings) plan_add(&b, "embed_head_grads", V * d * 4, 1, MEM_GRADIENTS);
         plan_add(&b, "final_norm_grads", d * 4, 1, MEM_GRADIENTS);
     }
@@ -764,8 +770,10 @@ static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
             s->offload ? "on" : "off", p->host_layers, p->host_layers + p->device_layers,
             s->grad_accum_steps > 1 ? "gradient accumulation (fp32 full-model gradients)" : "optimizer in backward (fp32 gradients of one layer)",
             mst_moments_name(s->moment_bytes), s->master_weights ? " + fp32 master weights" : "");
+    if (s->grad_accum_steps == 1 && s->overlap_optimizer && mst_ranks(s) == 1)
+        fprintf(f, "  overlapped optimizer: a layer's AdamW runs on a side stream during the backward of the layer below\n");
     if (mst_ranks(s) > 1) {
-        if (s->seq_parallel) fprintf(f, "  %d GPUs, sequence parallel: this GPU holds %d of the %d tokens of each row (%d rows)", s->ranks, s->S, mst_full_seq(s), s->B);
+        if (s->seq_parallel) fprintf(f, "  %d GPUs, sequence parallel: this GPU holds %d of the %d tokens of every row (B=%d)", s->ranks, s->S, mst_full_seq(s), s->B);
         else fprintf(f, "  %d GPUs, data parallel: this GPU trains %d of the %d rows of a batch", s->ranks, s->B, s->B * s->ranks);
         fprintf(f, "; ZeRO: it keeps 1/%d of the optimizer state and updates that part of the weights\n", s->ranks);
     }
