@@ -332,7 +332,7 @@ static Options options_parse(int argc, char **argv) {
     if (o.host_layers > 0 && o.offload == 0) die("--host-layers N needs --offload 1");
     if (o.recompute == 0 && o.offload == 1) die("--offload 1 needs --recompute 1 (only recomputed layers can keep their inputs on the host)");
     if (o.dump_grads && o.grad_accum < 2) die("--dump-grads needs --grad-accum >= 2 (optimizer-in-backward never holds the whole gradient)");
-    if (o.overlap_optimizer && (o.grad_accum > 1 || o.cpu)) die("--overlap-optimizer overlaps optimizer-in-backward on the GPU: it needs --grad-accum 1 and no --cpu");
+    if (o.overlap_optimizer && o.grad_accum > 1) die("--overlap-optimizer overlaps optimizer-in-backward: it needs --grad-accum 1");
     return o;
 }
 
@@ -1363,6 +1363,7 @@ int main(int argc, char **argv) {
     if (backend == BACKEND_CPU && o.plan_json)
         die("--plan-json writes the GPU memory plan: the CPU path has none (use it with --plan-only, or on a GPU)");
     if (backend == BACKEND_CPU && o.mem_trace) die("--mem-trace measures GPU memory: it needs the GPU path");
+    if (backend == BACKEND_CPU && o.overlap_optimizer) die("--overlap-optimizer overlaps the GPU's optimizer with its backward: it needs a GPU");
     if (backend == BACKEND_GPU && o.skip_nonfinite)
         printf("note: on the GPU the update runs inside the backward pass, so a non-finite step stops the run even with --skip-nonfinite\n");
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compares two train_llama runs for dev/multigpu_check.sh: one GPU against several.
+"""Compares two train_llama runs for dev/multi_gpu_check.sh: one GPU against several.
 
   compare_runs.py grads REF GOT [--tol 1e-2]
       gradient dumps of --dump-grads: per tensor ||got - ref|| / max(||ref||, 1e-3 ||ref_all||) <= tol

@@ -8,7 +8,7 @@
 // with --dist-id ID): every collective the trainer uses against values known on every rank, exact
 // (small dyadic numbers: sums of them are exact in fp32 and bf16): host sums, the ZeRO part sums and
 // weight exchange on a block that does not split evenly, gathering to rank 0, the Ulysses
-// all-to-alls both ways, and the configuration check. Failure modes (dev/multigpu_check.sh runs them):
+// all-to-alls both ways, and the configuration check. Failure modes (dev/multi_gpu_check.sh runs them):
 //   --disagree     rank 1 hashes its configuration differently: every rank must stop, naming rank 1
 //   --die-rank R   rank R exits right after the checks; the others, waiting in a sum, must be stopped
 //                  by their watchdog naming rank R
@@ -300,6 +300,6 @@ int main(int argc, char **argv) {
     const int cases[][5] = {{2, 4, 2, 64, 7}, {4, 4, 2, 128, 33}, {4, 8, 1, 8, 5}, {8, 32, 8, 128, 17}, {8, 8, 2, 64, 3}, {2, 16, 8, 256, 9}};
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
         check_kernels(&t, cases[i][0], cases[i][1], cases[i][2], cases[i][3], cases[i][4]);
-    printf("(the collectives need several processes: mpirun -np 2 build/test_comm, or dev/multigpu_check.sh)\n");
+    printf("(the collectives need several processes: mpirun -np 2 build/test_comm, or dev/multi_gpu_check.sh)\n");
     return test_report_finish(&t, "test_comm");
 }

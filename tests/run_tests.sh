@@ -35,6 +35,7 @@ run dist ./build/test_dist
 run zero ./build/test_zero
 run ulysses ./build/test_ulysses
 run gpu_counts ./build/test_gpu_counts
+run multi_gpu_cli bash tests/test_multi_gpu_cli.sh
 run export_py python3 -m pytest -q tests/test_export.py
 run prepare_py python3 -m pytest -q tests/test_prepare.py
 run resume bash tests/test_resume.sh
