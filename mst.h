@@ -667,7 +667,8 @@ static inline int name_in(const char *name, const char *const *list) {
 static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int kind, int layer) {
     static const char *const always[] = {"params", "rope_cos_sin", "adam_m", "adam_v", "master", "grads",
                                          "final_norm_grads", "grad_norm_partials", "tokens", "targets", "embed_unique",
-                                         "embed_offsets", "embed_positions", "scalars", "grad_shard", NULL};
+                                         "embed_offsets", "embed_positions", "scalars", "grad_shard", "adam_m_absmax",
+                                         "adam_v_absmax", NULL};
     static const char *const attn_acts[] = {"ln1", "ln1_rstd", "qkv", "att", "att_stats", "h1", "ao", "ao_rstd",
                                              "qkv_heads", "att_heads", NULL};
     static const char *const mlp_acts[] = {"ln2", "ln2_rstd", "gate_up", "glu", "dn", "dn_rstd", NULL};

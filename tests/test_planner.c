@@ -285,6 +285,10 @@ static void test_moments_8bit(void) {
     size_t expect = TINY_ARENA - 2 * 100096 + 2 * 103 * 256 + 2 * 512;
     CHECK(p.device_total == expect, "8-bit tiny arena %zu, expected %zu", p.device_total, expect);
     printf("8-bit moments, tiny plan: codes 2 x %d + scales 2 x 512 bytes, arena %zu\n", 103 * 256, p.device_total);
+    MstPhase at;  // the step timeline knows the block scales (live all step, as the moments)
+    size_t peak = mst_timeline_peak(&p, &at);
+    CHECK(peak >= m->bytes + v->bytes + ma->bytes + va->bytes && peak <= p.device_total, "8-bit timeline peak %zu of arena %zu", peak,
+          p.device_total);
 
     // Llama-3-8B: 8-bit moments take a little over half of bf16's bytes (1 + 4/256 vs 2 per element)
     ModelConfig big;
