@@ -51,6 +51,8 @@ if "$BIN" "${PLAN[@]}" --seq-len 8192 | grep -q "layer_grads x2"; then fail "one
 else pass "one GPU without --overlap-optimizer keeps one layer-gradient buffer"; fi
 expect_fail "--plan-only: 6 rows over 4 GPUs" "split" "$BIN" "${PLAN[@]}" --seq-len 8192 --batch 6 --gpus 4
 expect_fail "--plan-only: 32 heads over 3 GPUs" "split evenly" "$BIN" "${PLAN[@]}" --seq-len 30720 --gpus 3 --seq-parallel
+expect_fail "--plan-only: 8-bit moments over 2 GPUs" "8-bit moments are not sharded" "$BIN" "${PLAN[@]}" --seq-len 8192 --batch 2 --gpus 2 \
+    --optimizer adamw8bit
 expect_fail "--plan-only --seq-parallel on one GPU" "needs --gpus N with N >= 2" "$BIN" "${PLAN[@]}" --seq-len 8192 --seq-parallel
 
 expect_fail "--seq-parallel without a launcher" "start N processes" "$BIN" --synthetic-data --seq-parallel --steps 1

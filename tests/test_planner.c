@@ -629,6 +629,21 @@ static void test_several_gpus(void) {
     CHECK(mst_settings_check(&c, &bad, msg, sizeof(msg)) && strstr(msg, "2 or more GPUs"), "sequence parallel on one GPU refused: %s", msg);
     bad.ranks = 3;
     CHECK(mst_settings_check(&c, &bad, msg, sizeof(msg)) && strstr(msg, "split evenly"), "4 heads over 3 GPUs refused: %s", msg);
+    MstSettings q8 = tiny_settings();
+    q8.ranks = 2;
+    q8.moment_bytes = 1;
+    CHECK(mst_settings_check(&c, &q8, msg, sizeof(msg)) && strstr(msg, "8-bit moments are not sharded"), "8-bit moments over 2 GPUs refused: %s", msg);
+
+    // one GPU, overlapped optimizer: a second layer-gradient buffer, nothing else changes
+    MstSettings ov = tiny_settings();
+    MemoryPlan plain = plan_with(&c, ov);
+    ov.overlap_optimizer = 1;
+    p = plan_with(&c, ov);
+    check_layout(&p, "overlapped optimizer");
+    lg = mst_plan_find(&p, "layer_grads");
+    CHECK(lg && lg->count == 2 && p.device_total == plain.device_total + lg->slice_bytes,
+          "overlapped optimizer: 2 layer-gradient buffers (%d), %zu bytes more than without", lg ? lg->count : 0,
+          p.device_total - plain.device_total);
     printf("several-GPU plans checked\n");
 }
 
