@@ -30,6 +30,10 @@ export OMP_WAIT_POLICY=passive
 OUT=${OUT:-/tmp/multi_gpu_check_out}
 NP=${NP:-2}
 MPIRUN=${MPIRUN:-mpirun}
+# Open MPI: the variables every rank needs, no core binding (one process per GPU), and root allowed
+# (the device machines run as root)
+MPI_FLAGS=(-x NCCL_NVLS_ENABLE -x OMP_WAIT_POLICY --bind-to none)
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mkdir -p "$OUT"
 W=$(mktemp -d "$OUT/work.XXXXXX")
 PY=python3
@@ -47,7 +51,7 @@ need_gpus() {  # need_gpus N: 0 when N GPUs and (N > 1) mpirun are there, else s
 }
 
 mpi() {  # mpi ARGS...: NP ranks of ./train_llama
-    "$MPIRUN" -np "$NP" -x NCCL_NVLS_ENABLE -x OMP_WAIT_POLICY ./train_llama "$@"
+    "$MPIRUN" "${MPI_FLAGS[@]}" -np "$NP" ./train_llama "$@"
 }
 
 # run_pair NAME "ONE-GPU ARGS" "NP-GPU ARGS": the two runs into $W/NAME.{one,many}/ (checkpoint,
@@ -117,7 +121,7 @@ stage_overlap() {
 stage_comm() {
     need_gpus "$NP" || return 1
     local ok=0 rc last=$((NP - 1))
-    "$MPIRUN" -np "$NP" -x NCCL_NVLS_ENABLE ./build/test_comm || ok=1
+    "$MPIRUN" "${MPI_FLAGS[@]}" -np "$NP" ./build/test_comm || ok=1
     # failure modes: test_comm's ranks must stop with the error, not hang (timeout 300 guards the check itself)
     local mode args pattern
     for mode in "--disagree|do not run the same configuration" "--die-rank $last|rank $last (pid .*) exited or was killed" \
@@ -125,7 +129,7 @@ stage_comm() {
         args=${mode%%|*}
         pattern=${mode#*|}
         # shellcheck disable=SC2086
-        timeout 300 "$MPIRUN" -np "$NP" -x NCCL_NVLS_ENABLE ./build/test_comm $args >"$W/comm_failure.log" 2>&1
+        timeout 300 "$MPIRUN" "${MPI_FLAGS[@]}" -np "$NP" ./build/test_comm $args >"$W/comm_failure.log" 2>&1
         rc=$?
         expect_error "test_comm $args" "$pattern" "$W/comm_failure.log" "$rc" || ok=1
     done
@@ -192,8 +196,8 @@ stage_errors() {
     need_gpus "$NP" || return 1
     local ok=0 rc
     # 1. ranks with another configuration: every rank stops before training, naming what differs
-    timeout 300 "$MPIRUN" -np 1 -x NCCL_NVLS_ENABLE ./train_llama "${COMMON[@]}" --seq-len 128 --batch "$NP" --ckpt-dir "$W/err1" : \
-        -np $((NP - 1)) -x NCCL_NVLS_ENABLE ./train_llama "${COMMON[@]}" --seq-len 64 --batch "$NP" --ckpt-dir "$W/err1" >"$W/mismatch.log" 2>&1
+    timeout 300 "$MPIRUN" "${MPI_FLAGS[@]}" -np 1 ./train_llama "${COMMON[@]}" --seq-len 128 --batch "$NP" --ckpt-dir "$W/err1" : \
+        -np $((NP - 1)) ./train_llama "${COMMON[@]}" --seq-len 64 --batch "$NP" --ckpt-dir "$W/err1" >"$W/mismatch.log" 2>&1
     rc=$?
     expect_error "ranks disagree on --seq-len" "do not run the same configuration.*batch shape" "$W/mismatch.log" "$rc" || ok=1
     # 2. the last rank is killed mid-run: rank 0 names it and stops (watchdog, well before the timeout)
