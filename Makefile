@@ -49,12 +49,13 @@ CUDA_LIBS := -L$(CUDNN_LIB) -L$(NCCL_LIB) -Xlinker -rpath=$(CUDNN_LIB) -Xlinker 
 C_FLAGS := -O2 -Wall -Wextra -fopenmp -I.
 
 HEADERS := $(wildcard *.h)
-GPU_OBJS := build/mst_kernels.o build/matmul.o build/attention_cudnn.o build/attention_softcap.o build/gpu_model.o build/gpu_dist.o build/comm.o
+GPU_OBJS := build/mst_kernels.o build/matmul.o build/attention_cudnn.o build/attention_softcap.o build/lora_gpu.o build/gpu_model.o \
+	build/gpu_dist.o build/comm.o
 CPU_TESTS := build/test_cpu_model build/test_model_loader build/test_tokenizer build/test_dataloader build/test_planner \
-	build/test_attention_softcap_emu build/test_adamw8bit \
+	build/test_quant build/test_attention_softcap_emu build/test_adamw8bit \
 	build/test_dist build/test_zero build/test_ulysses build/test_gpu_counts
 GPU_TESTS := build/test_llama build/test_kernels build/test_matmul build/test_attention build/test_attention_softcap \
-	build/test_comm
+	build/test_lora_kernels build/test_comm
 
 .PHONY: all test deps clean
 all: train_llama $(GPU_TESTS) $(CPU_TESTS)
@@ -87,6 +88,9 @@ build/test_kernels: dev/test_kernels.cu build/mst_kernels.o $(HEADERS) | build
 
 build/test_matmul: dev/test_matmul.cu build/matmul.o $(HEADERS) | build
 	$(NVCC) $(NVCC_FLAGS) $< build/matmul.o $(CUDA_LIBS) -o $@
+
+build/test_lora_kernels: dev/test_lora_kernels.cu build/lora_gpu.o build/matmul.o $(HEADERS) | build
+	$(NVCC) $(NVCC_FLAGS) $< build/lora_gpu.o build/matmul.o $(CUDA_LIBS) -o $@
 
 build/test_attention: dev/test_attention.cu dev/attention_reference.h build/attention_cudnn.o $(HEADERS) | build
 	$(NVCC) $(NVCC_FLAGS) $< build/attention_cudnn.o $(CUDA_LIBS) -o $@

@@ -16,20 +16,23 @@ typedef struct {
     float scale;         // multiplies q.k (1/sqrt(hd) or the family's query scale)
     int window;          // 0: full causal; else each query sees the last `window` keys incl. itself
     float softcap;       // 0: none. cuDNN cannot soft-cap: attention_supported() says no when > 0 (see below)
+    int head_groups;     // backward only: G calls over Hq/G query heads and their Hkv/G kv heads each, so
+                         // cuDNN's fp32 workspace is about 1/G as large; 0 or 1: one call. G divides Hkv.
 } AttentionShape;
 
 void attention_init(void);
 void attention_free(void);
 // 1 when the cuDNN path handles the shape; else 0 with a reason in `why`.
 int attention_supported(const AttentionShape *shape, char *why, size_t why_len);
-// Device workspace the forward/backward of this shape need (cuDNN's own figure).
+// Device workspace the forward/backward of this shape need (cuDNN's own figure; the backward's for
+// one of its head_groups calls).
 size_t attention_workspace_bytes(const AttentionShape *shape);
 
 // qkv (B*S, (Hq + 2 Hkv) * hd) bf16, RoPE already applied: q heads, then k heads, then v heads.
 // out (B*S, Hq * hd) bf16; stats (B, Hq, S) fp32 log-sum-exp kept for the backward.
 void attention_forward(bf16 *out, float *stats, const bf16 *qkv, const AttentionShape *shape,
                        void *workspace, cudaStream_t stream);
-// dqkv (B*S, (Hq + 2 Hkv) * hd) = gradients of q, k, v in qkv's layout.
+// dqkv (B*S, (Hq + 2 Hkv) * hd) = gradients of q, k, v in qkv's layout, in shape->head_groups calls.
 void attention_backward(bf16 *dqkv, const bf16 *dout, const bf16 *out, const float *stats, const bf16 *qkv,
                         const AttentionShape *shape, void *workspace, cudaStream_t stream);
 

@@ -9,6 +9,9 @@
 //   out / dout (B*S, Hq hd) bf16: O, dO dims (B, Hq, S, hd) strides (S Hq hd, hd, Hq hd, 1)
 //   stats (B, Hq, S) fp32: Stats dims (B, Hq, S, 1) strides (Hq S, S, 1, 1), the natural-log
 //     log-sum-exp of each query's scaled scores, written by the forward, read by the backward.
+// With head_groups G > 1 the backward runs G times over a slice of the heads: Q, O, dO, Stats, dQ
+// views of Hq/G heads, K, V, dK, dV of Hkv/G heads, with the strides of the whole buffers, at the
+// slice's element offset; one graph serves every slice.
 // Mask: query i sees keys j with j <= i (causal: top-left diagonal, right bound 0) and, when
 // window > 0, i - window < j (left bound `window`: cuDNN keeps j + window > i).
 #include <cudnn.h>
@@ -64,9 +67,11 @@ static struct {
 } attention_state;
 
 static void describe_shape(char *buf, size_t len, const AttentionShape *s) {
-    snprintf(buf, len, "B=%d S=%d Hq=%d Hkv=%d hd=%d scale=%g window=%d softcap=%g", s->B, s->S, s->Hq, s->Hkv,
-             s->hd, (double)s->scale, s->window, (double)s->softcap);
+    snprintf(buf, len, "B=%d S=%d Hq=%d Hkv=%d hd=%d scale=%g window=%d softcap=%g head_groups=%d", s->B, s->S, s->Hq,
+             s->Hkv, s->hd, (double)s->scale, s->window, (double)s->softcap, s->head_groups);
 }
+
+static int head_groups(const AttentionShape *s) { return s->head_groups > 1 ? s->head_groups : 1; }
 
 // Dies with the frontend's message when a graph step fails.
 static void fe_check(const fe::error_t &err, const char *step, const AttentionShape *s, const char *file, int line) {
@@ -109,6 +114,8 @@ extern "C" int attention_supported(const AttentionShape *s, char *why, size_t wh
     else if (s->softcap != 0) reason = "softcap must be 0 (none) or positive";
     else if (s->window < 0) reason = "window must be 0 (full causal) or positive";
     else if (!(s->scale > 0) || !std::isfinite(s->scale)) reason = "scale must be a positive finite number";
+    else if (s->head_groups < 0 || (s->head_groups > 1 && s->Hkv % s->head_groups != 0))
+        reason = "head_groups must be 0, 1 or a divisor of Hkv";
     if (why != NULL && why_len > 0) snprintf(why, why_len, "%s", reason != NULL ? reason : "");
     return reason == NULL;
 }
@@ -132,16 +139,25 @@ static fe::graph::Tensor_attributes qkv_view(const char *name, int64_t uid, cons
         .set_stride({(int64_t)s->S * C, s->hd, C, 1});
 }
 
-// out / dout (B*S, Hq hd): dims (B, Hq, S, hd), strides (S Hq hd, hd, Hq hd, 1).
-static std::vector<int64_t> o_dims(const AttentionShape *s) { return {s->B, s->Hq, s->S, s->hd}; }
+// out / dout (B*S, Hq hd): dims (B, heads, S, hd), strides (S Hq hd, hd, Hq hd, 1).
+static std::vector<int64_t> o_dims(const AttentionShape *s, int heads) { return {s->B, heads, s->S, s->hd}; }
 static std::vector<int64_t> o_strides(const AttentionShape *s) {
     int64_t row = (int64_t)s->Hq * s->hd;
     return {(int64_t)s->S * row, s->hd, row, 1};
 }
 
-// stats (B, Hq, S) fp32: dims (B, Hq, S, 1), packed strides (Hq S, S, 1, 1).
-static std::vector<int64_t> stats_dims(const AttentionShape *s) { return {s->B, s->Hq, s->S, 1}; }
-static std::vector<int64_t> stats_strides(const AttentionShape *s) { return {(int64_t)s->Hq * s->S, s->S, 1, 1}; }
+// stats (B, heads, S) fp32: dims (B, heads, S, 1), packed strides (heads S, S, 1, 1). cuDNN before 9.26
+// takes only packed stats in the backward, so a head slice of (B, Hq, S) is passed in place when B = 1
+// and copied to packed scratch (grouped_stats_bytes) when B > 1.
+static std::vector<int64_t> stats_dims(const AttentionShape *s, int heads) { return {s->B, heads, s->S, 1}; }
+static std::vector<int64_t> stats_strides(const AttentionShape *s, int heads) { return {(int64_t)heads * s->S, s->S, 1, 1}; }
+
+// Bytes of packed stats scratch one head slice needs at the end of the backward's workspace.
+static int64_t grouped_stats_bytes(const AttentionShape *s) {
+    int G = s->head_groups > 1 ? s->head_groups : 1;
+    if (G == 1 || s->B == 1) return 0;
+    return ((int64_t)s->B * (s->Hq / G) * s->S * (int64_t)sizeof(float) + 255) / 256 * 256;
+}
 
 static std::shared_ptr<fe::graph::Graph> new_graph(void) {
     auto graph = std::make_shared<fe::graph::Graph>();
@@ -165,31 +181,33 @@ static std::shared_ptr<fe::graph::Graph> define_forward(const AttentionShape *s)
                        .set_diagonal_band_right_bound(0);
     if (s->window > 0) options.set_diagonal_band_left_bound(s->window);
     auto outputs = graph->sdpa(Q, K, V, options);
-    outputs[0]->set_output(true).set_uid(UID_O).set_dim(o_dims(s)).set_stride(o_strides(s));
+    outputs[0]->set_output(true).set_uid(UID_O).set_dim(o_dims(s, s->Hq)).set_stride(o_strides(s));
     outputs[1]->set_output(true)
         .set_uid(UID_STATS)
         .set_data_type(fe::DataType_t::FLOAT)
-        .set_dim(stats_dims(s))
-        .set_stride(stats_strides(s));
+        .set_dim(stats_dims(s, s->Hq))
+        .set_stride(stats_strides(s, s->Hq));
     return graph;
 }
 
-// Backward: (Q, K, V, O, dO, Stats) -> (dQ, dK, dV), the same mask and scale as the forward.
+// Backward of one head slice: (Q, K, V, O, dO, Stats) -> (dQ, dK, dV) over Hq/G query heads and their
+// Hkv/G kv heads, the same mask and scale as the forward.
 static std::shared_ptr<fe::graph::Graph> define_backward(const AttentionShape *s) {
+    int hq = s->Hq / head_groups(s), hk = s->Hkv / head_groups(s);
     auto graph = new_graph();
-    auto Q = graph->tensor(qkv_view("Q", UID_Q, s, s->Hq));
-    auto K = graph->tensor(qkv_view("K", UID_K, s, s->Hkv));
-    auto V = graph->tensor(qkv_view("V", UID_V, s, s->Hkv));
+    auto Q = graph->tensor(qkv_view("Q", UID_Q, s, hq));
+    auto K = graph->tensor(qkv_view("K", UID_K, s, hk));
+    auto V = graph->tensor(qkv_view("V", UID_V, s, hk));
     auto O = graph->tensor(
-        fe::graph::Tensor_attributes().set_name("O").set_uid(UID_O).set_dim(o_dims(s)).set_stride(o_strides(s)));
+        fe::graph::Tensor_attributes().set_name("O").set_uid(UID_O).set_dim(o_dims(s, hq)).set_stride(o_strides(s)));
     auto dO = graph->tensor(
-        fe::graph::Tensor_attributes().set_name("dO").set_uid(UID_DO).set_dim(o_dims(s)).set_stride(o_strides(s)));
+        fe::graph::Tensor_attributes().set_name("dO").set_uid(UID_DO).set_dim(o_dims(s, hq)).set_stride(o_strides(s)));
     auto Stats = graph->tensor(fe::graph::Tensor_attributes()
                                    .set_name("Stats")
                                    .set_uid(UID_STATS)
                                    .set_data_type(fe::DataType_t::FLOAT)
-                                   .set_dim(stats_dims(s))
-                                   .set_stride(stats_strides(s)));
+                                   .set_dim(stats_dims(s, hq))
+                                   .set_stride(stats_strides(s, hq)));
     auto options = fe::graph::SDPA_backward_attributes()
                        .set_name("attention_backward")
                        .set_attn_scale(s->scale)
@@ -199,9 +217,9 @@ static std::shared_ptr<fe::graph::Graph> define_backward(const AttentionShape *s
     auto grads = graph->sdpa_backward(Q, K, V, O, dO, Stats, options);
     int64_t C = qkv_row_elems(s);
     std::vector<int64_t> strides = {(int64_t)s->S * C, s->hd, C, 1};
-    grads[0]->set_output(true).set_uid(UID_DQ).set_dim({s->B, s->Hq, s->S, s->hd}).set_stride(strides);
-    grads[1]->set_output(true).set_uid(UID_DK).set_dim({s->B, s->Hkv, s->S, s->hd}).set_stride(strides);
-    grads[2]->set_output(true).set_uid(UID_DV).set_dim({s->B, s->Hkv, s->S, s->hd}).set_stride(strides);
+    grads[0]->set_output(true).set_uid(UID_DQ).set_dim({s->B, hq, s->S, s->hd}).set_stride(strides);
+    grads[1]->set_output(true).set_uid(UID_DK).set_dim({s->B, hk, s->S, s->hd}).set_stride(strides);
+    grads[2]->set_output(true).set_uid(UID_DV).set_dim({s->B, hk, s->S, s->hd}).set_stride(strides);
     return graph;
 }
 
@@ -219,7 +237,7 @@ static void build_graph(AttentionGraph *entry) {
         int64_t workspace = 0;
         feCheck(graph->get_workspace_size(workspace), "get_workspace_size", s);
         entry->graph = graph;
-        entry->workspace_bytes = workspace;
+        entry->workspace_bytes = (workspace + 255) / 256 * 256 + (entry->backward ? grouped_stats_bytes(s) : 0);
     } catch (const std::exception &e) {
         char shape[160];
         describe_shape(shape, sizeof(shape), s);
@@ -231,14 +249,16 @@ static void build_graph(AttentionGraph *entry) {
 static int same_shape(const AttentionShape *a, const AttentionShape *b) {
     return a->B == b->B && a->S == b->S && a->Hq == b->Hq && a->Hkv == b->Hkv && a->hd == b->hd &&
            memcmp(&a->scale, &b->scale, sizeof(float)) == 0 && a->window == b->window &&
-           memcmp(&a->softcap, &b->softcap, sizeof(float)) == 0;
+           memcmp(&a->softcap, &b->softcap, sizeof(float)) == 0 && head_groups(a) == head_groups(b);
 }
 
 // The cached graph for this shape and direction, built on first use.
 static AttentionGraph *get_graph(const AttentionShape *s, int backward) {
+    AttentionShape key = *s;
+    if (!backward) key.head_groups = 1;
     for (int i = 0; i < attention_state.n_graphs; i++) {
         AttentionGraph *g = &attention_state.graphs[i];
-        if (g->backward == backward && same_shape(&g->shape, s)) return g;
+        if (g->backward == backward && same_shape(&g->shape, &key)) return g;
     }
     AttentionGraph *g;
     if (attention_state.n_graphs < ATTENTION_GRAPH_CACHE_SIZE) {
@@ -250,6 +270,7 @@ static AttentionGraph *get_graph(const AttentionShape *s, int backward) {
         g->graph.reset();
     }
     g->shape = *s;
+    if (!backward) g->shape.head_groups = 1;  // the forward runs in one call whatever the backward does
     g->backward = backward;
     build_graph(g);
     return g;
@@ -295,17 +316,31 @@ extern "C" void attention_backward(bf16 *dqkv, const bf16 *dout, const bf16 *out
                                    const AttentionShape *s, void *workspace, cudaStream_t stream) {
     require_supported(s, "attention_backward");
     AttentionGraph *g = get_graph(s, 1);
+    int G = head_groups(s), hq = s->Hq / G, hk = s->Hkv / G;
     bf16 *q = const_cast<bf16 *>(qkv);
-    std::unordered_map<int64_t, void *> pack = {
-        {UID_Q, q},
-        {UID_K, q + (size_t)s->Hq * s->hd},
-        {UID_V, q + (size_t)(s->Hq + s->Hkv) * s->hd},
-        {UID_O, const_cast<bf16 *>(out)},
-        {UID_DO, const_cast<bf16 *>(dout)},
-        {UID_STATS, const_cast<float *>(stats)},
-        {UID_DQ, dqkv},
-        {UID_DK, dqkv + (size_t)s->Hq * s->hd},
-        {UID_DV, dqkv + (size_t)(s->Hq + s->Hkv) * s->hd},
-    };
-    execute_graph(g, pack, workspace, stream);
+    size_t k_at = (size_t)s->Hq * s->hd, v_at = (size_t)(s->Hq + s->Hkv) * s->hd;
+    int64_t stats_bytes = grouped_stats_bytes(s);
+    float *packed_stats = stats_bytes > 0 ? (float *)((char *)workspace + g->workspace_bytes - stats_bytes) : NULL;
+    for (int i = 0; i < G; i++) {
+        size_t q_off = (size_t)i * hq * s->hd, kv_off = (size_t)i * hk * s->hd;
+        float *slice_stats = const_cast<float *>(stats) + (size_t)i * hq * s->S;
+        if (packed_stats != NULL) {  // rows b: hq S floats at pitch Hq S -> packed
+            size_t row = (size_t)hq * s->S * sizeof(float);
+            cudaCheck(cudaMemcpy2DAsync(packed_stats, row, slice_stats, (size_t)s->Hq * s->S * sizeof(float), row,
+                                        (size_t)s->B, cudaMemcpyDeviceToDevice, stream));
+            slice_stats = packed_stats;
+        }
+        std::unordered_map<int64_t, void *> pack = {
+            {UID_Q, q + q_off},
+            {UID_K, q + k_at + kv_off},
+            {UID_V, q + v_at + kv_off},
+            {UID_O, const_cast<bf16 *>(out) + q_off},
+            {UID_DO, const_cast<bf16 *>(dout) + q_off},
+            {UID_STATS, slice_stats},
+            {UID_DQ, dqkv + q_off},
+            {UID_DK, dqkv + k_at + kv_off},
+            {UID_DV, dqkv + v_at + kv_off},
+        };
+        execute_graph(g, pack, workspace, stream);
+    }
 }

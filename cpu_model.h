@@ -18,6 +18,7 @@
 
 #include <math.h>
 #include "adamw8bit.h"
+#include "lora.h"
 #include "model_config.h"
 
 // Loops with less work than this (in multiply-adds or elements) run on one thread: for tiny
@@ -130,6 +131,11 @@ typedef struct {
     int n_valid;          // targets >= 0 in the last forward
     double loss;          // mean cross-entropy of the last forward, in double
     float *logits;        // (B, S, V) of the last forward (== acts[CA_LOGITS])
+    // LoRA (cpu_model_init_lora): adapters on a frozen base. grads is then NULL: the base has none.
+    LoraConfig lora;      // rank 0: no LoRA, every parameter trains
+    LoraLayout lora_layout;
+    float *lora_params, *lora_grads;  // (lora_layout.total)
+    float *lora_u, *lora_du;          // scratch (max_B * max_S, rank)
 } CpuModel;
 
 // Host bytes cpu_model_init allocates for config c and batch shape (B, S).
@@ -169,9 +175,54 @@ static inline void cpu_model_init(CpuModel *m, const ModelConfig *c, int max_B, 
     m->logits = m->acts[CA_LOGITS];
 }
 
-// params (layout.total bf16 bits, model.bin order) -> fp32 params.
+// Host bytes cpu_model_init_lora adds for LoRA lc (cpu_model_bytes counted the base gradients,
+// which LoRA frees): adapters and their gradients, the (N, r) scratch, minus the base gradients.
+static inline long long cpu_lora_bytes(const ModelConfig *c, const LoraConfig *lc, int B, int S) {
+    if (lc->rank == 0) return 0;
+    ParamLayout layout;
+    LoraLayout L;
+    param_layout_init(&layout, c);
+    lora_layout_init(&L, c, lc);
+    size_t n = 2 * L.total + 2 * (size_t)B * S * lc->rank;
+    return (long long)(n * sizeof(float)) - (long long)(layout.total * sizeof(float));
+}
+
+// Switches the model (after cpu_model_init, before loading weights) to LoRA lc: the base is frozen
+// (its gradients are freed), the adapters get PEFT's initialization from `seed`, and with a
+// quantized base cpu_model_load_bf16 stores every projection as the GPU computes with it.
+static inline void cpu_model_init_lora(CpuModel *m, const LoraConfig *lc, uint64_t seed) {
+    char msg[256];
+    if (lora_config_check(lc, msg, sizeof(msg))) die("cpu_model_init_lora: %s", msg);
+    if (lc->rank < 1) die("cpu_model_init_lora: LoRA needs rank >= 1");
+    m->lora = *lc;
+    lora_layout_init(&m->lora_layout, &m->c, lc);
+    free(m->grads);
+    m->grads = NULL;
+    m->lora_params = (float *)mallocCheck(m->lora_layout.total * sizeof(float));
+    m->lora_grads = (float *)callocCheck(m->lora_layout.total, sizeof(float));
+    size_t scratch = (size_t)m->max_B * m->max_S * lc->rank;
+    m->lora_u = (float *)callocCheck(scratch, sizeof(float));
+    m->lora_du = (float *)callocCheck(scratch, sizeof(float));
+    lora_init_params(m->lora_params, &m->lora_layout, seed);
+}
+
+// Copies n trainable values (the adapters with LoRA, else every parameter).
+static inline size_t cpu_model_trainable(const CpuModel *m) { return m->lora.rank ? m->lora_layout.total : m->layout.total; }
+static inline float *cpu_model_trainable_params(CpuModel *m) { return m->lora.rank ? m->lora_params : m->params; }
+static inline float *cpu_model_trainable_grads(CpuModel *m) { return m->lora.rank ? m->lora_grads : m->grads; }
+
+// params (layout.total bf16 bits, model.bin order) -> fp32 params. With a quantized base (LoRA), every
+// layer projection is replaced by its quantized-then-dequantized bf16 value (quant.h).
 static inline void cpu_model_load_bf16(CpuModel *m, const uint16_t *params_bf16) {
     for (size_t i = 0; i < m->layout.total; i++) m->params[i] = bf16_bits_to_float(params_bf16[i]);
+    if (m->lora.base_quant == BASE_QUANT_NONE) return;
+    for (int l = 0; l < m->c.n_layers; l++) {
+        for (int t = 0; t < LORA_TARGET_COUNT; t++) {
+            int lt = lora_target_tensor(t);
+            quant_round_trip_cpu(m->lora.base_quant, m->params + param_offset(&m->layout, l, lt),
+                                 m->layout.layer.rows[lt] * m->layout.layer.cols[lt]);
+        }
+    }
 }
 
 // fp32 params -> out (layout.total bf16 bits, round to nearest even), e.g. for a checkpoint.
@@ -179,7 +230,9 @@ static inline void cpu_model_store_bf16(const CpuModel *m, uint16_t *out) {
     for (size_t i = 0; i < m->layout.total; i++) out[i] = float_to_bf16_bits(m->params[i]);
 }
 
-static inline void cpu_model_zero_grad(CpuModel *m) { memset(m->grads, 0, m->layout.total * sizeof(float)); }
+static inline void cpu_model_zero_grad(CpuModel *m) {
+    memset(cpu_model_trainable_grads(m), 0, cpu_model_trainable(m) * sizeof(float));
+}
 
 static inline void cpu_model_free(CpuModel *m) {
     free(m->params);
@@ -187,6 +240,10 @@ static inline void cpu_model_free(CpuModel *m) {
     free(m->acts_memory);
     free(m->tokens);
     free(m->targets);
+    free(m->lora_params);
+    free(m->lora_grads);
+    free(m->lora_u);
+    free(m->lora_du);
     memset(m, 0, sizeof(*m));
 }
 
@@ -273,8 +330,9 @@ static inline void cpu_axpy_rows(float *const y[4], const float a[4], const floa
 }
 
 // Backward of cpu_matmul_forward: dinp (N, C) += dout (N, OC) . w (OC, C);
-// dw (OC, C) += dout^T . inp (sum over the N rows in float); dbias (OC) += column sums of dout
-// (in double; skipped when dbias is NULL). Rows are updated four at a time (cpu_axpy_rows).
+// dw (OC, C) += dout^T . inp (sum over the N rows in float; skipped when dw is NULL: a frozen weight);
+// dbias (OC) += column sums of dout (in double; skipped when dbias is NULL). Rows are updated four
+// at a time (cpu_axpy_rows).
 static inline void cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
                                        const float *inp, const float *w, int N, int C, int OC) {
     int n_blocks = (N + 3) / 4, o_blocks = (OC + 3) / 4;
@@ -288,6 +346,7 @@ static inline void cpu_matmul_backward(float *dinp, float *dw, float *dbias, con
             cpu_axpy_rows(dx, g, w + (size_t)o * C, rows, C);
         }
     }
+    if (dw == NULL) o_blocks = 0;
 #pragma omp parallel for schedule(static) if ((size_t)N * C * OC > CPU_PARALLEL_MIN_WORK)
     for (int b = 0; b < o_blocks; b++) {
         int o0 = 4 * b, rows = OC - o0 < 4 ? OC - o0 : 4;
@@ -325,7 +384,8 @@ static inline void cpu_rmsnorm_forward(float *out, float *rstd, const float *x, 
 }
 
 // Backward of cpu_rmsnorm_forward: with xh = x * rstd and g = dout * (w + offset),
-// dx (N, d) += rstd * (g - xh * mean(g * xh)); dw (d) += sum over rows of dout * xh (in double).
+// dx (N, d) += rstd * (g - xh * mean(g * xh)); dw (d) += sum over rows of dout * xh (in double;
+// skipped when dw is NULL: a frozen weight).
 static inline void cpu_rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x, const float *rstd,
                                         const float *w, int N, int d, int offset) {
 #pragma omp parallel for schedule(static) if ((size_t)N * d > CPU_PARALLEL_MIN_WORK)
@@ -338,6 +398,7 @@ static inline void cpu_rmsnorm_backward(float *dx, float *dw, const float *dout,
         float *dxr = dx + (size_t)n * d;
         for (int i = 0; i < d; i++) dxr[i] += r * (gr[i] * (w[i] + (float)offset) - xr[i] * r * mean);
     }
+    if (dw == NULL) return;
 #pragma omp parallel for schedule(static) if ((size_t)N * d > CPU_PARALLEL_MIN_WORK)
     for (int i = 0; i < d; i++) {
         double s = 0.0;
@@ -562,7 +623,56 @@ static inline void cpu_add_inplace(float *x, const float *y, size_t n) {
 // Forward and backward of the whole model.
 
 static inline const float *cpu_param(const CpuModel *m, int layer, int t) { return m->params + param_offset(&m->layout, layer, t); }
-static inline float *cpu_grad(CpuModel *m, int layer, int t) { return m->grads + param_offset(&m->layout, layer, t); }
+// Gradient of a base tensor; NULL when the base is frozen (LoRA).
+static inline float *cpu_grad(CpuModel *m, int layer, int t) { return m->grads ? m->grads + param_offset(&m->layout, layer, t) : NULL; }
+static inline float *cpu_grad_at(CpuModel *m, size_t offset) { return m->grads ? m->grads + offset : NULL; }
+
+// ---- LoRA: y += scale * (x A^T) B^T on the adapted projections (lora.h) ----
+
+// out (N, out) += scale * (inp (N, in) A^T) B^T for target t of layer l, when t has an adapter.
+static inline void cpu_lora_forward(CpuModel *m, int l, int t, float *out, const float *inp, int N) {
+    const LoraLayout *L = &m->lora_layout;
+    if (!lora_has(L, t)) return;
+    int r = L->rank, in = (int)L->in[t], o = (int)L->out[t];
+    const float *A = m->lora_params + lora_offset(L, l, t, 0), *B = m->lora_params + lora_offset(L, l, t, 1);
+    float *u = m->lora_u, scale = L->scale;
+    cpu_matmul_forward(u, inp, A, NULL, N, in, r);
+#pragma omp parallel for schedule(static) if ((size_t)N * o * r > CPU_PARALLEL_MIN_WORK)
+    for (int n = 0; n < N; n++) {
+        for (int j = 0; j < o; j++) out[(size_t)n * o + j] += scale * cpu_dot(u + (size_t)n * r, B + (size_t)j * r, r);
+    }
+}
+
+// Backward of cpu_lora_forward: with u = scale * inp A^T (recomputed), dB += dout^T u,
+// du = scale * dout B, dA += du^T inp, dinp (N, in) += du A.
+static inline void cpu_lora_backward(CpuModel *m, int l, int t, float *dinp, const float *dout, const float *inp, int N) {
+    const LoraLayout *L = &m->lora_layout;
+    if (!lora_has(L, t)) return;
+    int r = L->rank, in = (int)L->in[t], o = (int)L->out[t];
+    size_t a = lora_offset(L, l, t, 0), b = lora_offset(L, l, t, 1), nr = (size_t)N * r;
+    float *u = m->lora_u, *du = m->lora_du, scale = L->scale;
+    cpu_matmul_forward(u, inp, m->lora_params + a, NULL, N, in, r);
+    for (size_t i = 0; i < nr; i++) u[i] *= scale;
+    memset(du, 0, nr * sizeof(float));
+    cpu_matmul_backward(du, m->lora_grads + b, NULL, dout, u, m->lora_params + b, N, r, o);
+    for (size_t i = 0; i < nr; i++) du[i] *= scale;
+    cpu_matmul_backward(dinp, m->lora_grads + a, NULL, du, inp, m->lora_params + a, N, in, r);
+}
+
+// A projection of layer l (base weight of LoRA target t) with its adapter: forward and backward.
+static inline void cpu_proj_forward(CpuModel *m, int l, int t, float *out, const float *inp, const float *bias, int N) {
+    int lt = lora_target_tensor(t);
+    cpu_matmul_forward(out, inp, cpu_param(m, l, lt), bias, N, (int)m->layout.layer.cols[lt], (int)m->layout.layer.rows[lt]);
+    cpu_lora_forward(m, l, t, out, inp, N);
+}
+
+static inline void cpu_proj_backward(CpuModel *m, int l, int t, float *dinp, float *dbias, const float *dout,
+                                     const float *inp, int N) {
+    int lt = lora_target_tensor(t);
+    cpu_matmul_backward(dinp, cpu_grad(m, l, lt), dbias, dout, inp, cpu_param(m, l, lt), N,
+                        (int)m->layout.layer.cols[lt], (int)m->layout.layer.rows[lt]);
+    cpu_lora_backward(m, l, t, dinp, dout, inp, N);
+}
 
 static inline int cpu_layer_window(const CpuModel *m, int l) {
     return config_layer_is_sliding(&m->c, l) ? m->c.sliding_window : 0;
@@ -572,34 +682,34 @@ static inline int cpu_layer_window(const CpuModel *m, int l) {
 static inline void cpu_layer_forward(CpuModel *m, int l, const CpuLayerActs *a) {
     const ModelConfig *c = &m->c;
     int B = m->B, S = m->S, N = B * S, d = c->d_model, F = c->d_ff, hd = c->head_dim;
-    int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, bias = c->qkv_bias;
+    int bias = c->qkv_bias;
     cpu_rmsnorm_forward(a->ln1, a->rstd1, a->x, cpu_param(m, l, LT_ATTN_NORM), N, d, c->norm_eps, c->norm_offset);
-    cpu_matmul_forward(a->q, a->ln1, cpu_param(m, l, LT_WQ), bias ? cpu_param(m, l, LT_BQ) : NULL, N, d, qd);
-    cpu_matmul_forward(a->k, a->ln1, cpu_param(m, l, LT_WK), bias ? cpu_param(m, l, LT_BK) : NULL, N, d, kvd);
-    cpu_matmul_forward(a->v, a->ln1, cpu_param(m, l, LT_WV), bias ? cpu_param(m, l, LT_BV) : NULL, N, d, kvd);
+    cpu_proj_forward(m, l, LORA_Q, a->q, a->ln1, bias ? cpu_param(m, l, LT_BQ) : NULL, N);
+    cpu_proj_forward(m, l, LORA_K, a->k, a->ln1, bias ? cpu_param(m, l, LT_BK) : NULL, N);
+    cpu_proj_forward(m, l, LORA_V, a->v, a->ln1, bias ? cpu_param(m, l, LT_BV) : NULL, N);
     cpu_rope_apply(a->q, m->acts[CA_ROPE_COS], m->acts[CA_ROPE_SIN], B, S, c->n_heads, hd, 1.0f);
     cpu_rope_apply(a->k, m->acts[CA_ROPE_COS], m->acts[CA_ROPE_SIN], B, S, c->n_kv_heads, hd, 1.0f);
     cpu_attention_forward(a->att, a->probs, a->q, a->k, a->v, B, S, c->n_heads, c->n_kv_heads, hd, c->query_scale,
                           c->attn_softcap, cpu_layer_window(m, l));
     size_t nd = (size_t)N * d;
     if (c->post_norms) {
-        cpu_matmul_forward(a->o, a->att, cpu_param(m, l, LT_WO), NULL, N, qd, d);
+        cpu_proj_forward(m, l, LORA_O, a->o, a->att, NULL, N);
         cpu_rmsnorm_forward(a->x_mid, a->rstd_po, a->o, cpu_param(m, l, LT_POST_ATTN_NORM), N, d, c->norm_eps,
                             c->norm_offset);
     } else {
-        cpu_matmul_forward(a->x_mid, a->att, cpu_param(m, l, LT_WO), NULL, N, qd, d);
+        cpu_proj_forward(m, l, LORA_O, a->x_mid, a->att, NULL, N);
     }
     cpu_add_inplace(a->x_mid, a->x, nd);
     cpu_rmsnorm_forward(a->ln2, a->rstd2, a->x_mid, cpu_param(m, l, LT_MLP_NORM), N, d, c->norm_eps, c->norm_offset);
-    cpu_matmul_forward(a->gate, a->ln2, cpu_param(m, l, LT_W_GATE), NULL, N, d, F);
-    cpu_matmul_forward(a->up, a->ln2, cpu_param(m, l, LT_W_UP), NULL, N, d, F);
+    cpu_proj_forward(m, l, LORA_GATE, a->gate, a->ln2, NULL, N);
+    cpu_proj_forward(m, l, LORA_UP, a->up, a->ln2, NULL, N);
     cpu_glu_forward(a->h, a->gate, a->up, (size_t)N * F, c->activation);
     if (c->post_norms) {
-        cpu_matmul_forward(a->mlp, a->h, cpu_param(m, l, LT_W_DOWN), NULL, N, F, d);
+        cpu_proj_forward(m, l, LORA_DOWN, a->mlp, a->h, NULL, N);
         cpu_rmsnorm_forward(a->x_out, a->rstd_pm, a->mlp, cpu_param(m, l, LT_POST_MLP_NORM), N, d, c->norm_eps,
                             c->norm_offset);
     } else {
-        cpu_matmul_forward(a->x_out, a->h, cpu_param(m, l, LT_W_DOWN), NULL, N, F, d);
+        cpu_proj_forward(m, l, LORA_DOWN, a->x_out, a->h, NULL, N);
     }
     cpu_add_inplace(a->x_out, a->x_mid, nd);
 }
@@ -698,7 +808,7 @@ static inline void cpu_cross_entropy_backward(CpuModel *m, int N) {
 static inline void cpu_layer_backward(CpuModel *m, int l, const CpuLayerActs *a, float *dres) {
     const ModelConfig *c = &m->c;
     int B = m->B, S = m->S, N = B * S, d = c->d_model, F = c->d_ff, hd = c->head_dim;
-    int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, bias = c->qkv_bias, off = c->norm_offset;
+    int qd = c->n_heads * hd, bias = c->qkv_bias, off = c->norm_offset;
     size_t nd = (size_t)N * d;
     float *dnorm = m->acts[CA_DNORM], *dpost = m->acts[CA_DPOST], *dh = m->acts[CA_DH], *dup = m->acts[CA_DUP];
     float *dq = m->acts[CA_DQ], *dk = m->acts[CA_DK], *dv = m->acts[CA_DV], *datt = m->acts[CA_DATT];
@@ -711,11 +821,11 @@ static inline void cpu_layer_backward(CpuModel *m, int l, const CpuLayerActs *a,
         dmlp = dpost;
     }
     memset(dh, 0, (size_t)N * F * sizeof(float));
-    cpu_matmul_backward(dh, cpu_grad(m, l, LT_W_DOWN), NULL, dmlp, a->h, cpu_param(m, l, LT_W_DOWN), N, F, d);
+    cpu_proj_backward(m, l, LORA_DOWN, dh, NULL, dmlp, a->h, N);
     cpu_glu_backward(dh, dup, a->gate, a->up, (size_t)N * F, c->activation);
     memset(dnorm, 0, nd * sizeof(float));
-    cpu_matmul_backward(dnorm, cpu_grad(m, l, LT_W_GATE), NULL, dh, a->ln2, cpu_param(m, l, LT_W_GATE), N, d, F);
-    cpu_matmul_backward(dnorm, cpu_grad(m, l, LT_W_UP), NULL, dup, a->ln2, cpu_param(m, l, LT_W_UP), N, d, F);
+    cpu_proj_backward(m, l, LORA_GATE, dnorm, NULL, dh, a->ln2, N);
+    cpu_proj_backward(m, l, LORA_UP, dnorm, NULL, dup, a->ln2, N);
     cpu_rmsnorm_backward(dres, cpu_grad(m, l, LT_MLP_NORM), dnorm, a->x_mid, a->rstd2, cpu_param(m, l, LT_MLP_NORM),
                          N, d, off);
     // attention block: x_mid = x + [post_attn_norm](att Wo^T)
@@ -727,18 +837,15 @@ static inline void cpu_layer_backward(CpuModel *m, int l, const CpuLayerActs *a,
         dproj = dpost;
     }
     memset(datt, 0, (size_t)N * qd * sizeof(float));
-    cpu_matmul_backward(datt, cpu_grad(m, l, LT_WO), NULL, dproj, a->att, cpu_param(m, l, LT_WO), N, qd, d);
+    cpu_proj_backward(m, l, LORA_O, datt, NULL, dproj, a->att, N);
     cpu_attention_backward(dq, dk, dv, m->acts[CA_DSCORES], datt, a->probs, a->q, a->k, a->v, B, S, c->n_heads,
                            c->n_kv_heads, hd, c->query_scale, c->attn_softcap, cpu_layer_window(m, l));
     cpu_rope_apply(dq, m->acts[CA_ROPE_COS], m->acts[CA_ROPE_SIN], B, S, c->n_heads, hd, -1.0f);
     cpu_rope_apply(dk, m->acts[CA_ROPE_COS], m->acts[CA_ROPE_SIN], B, S, c->n_kv_heads, hd, -1.0f);
     memset(dnorm, 0, nd * sizeof(float));
-    cpu_matmul_backward(dnorm, cpu_grad(m, l, LT_WQ), bias ? cpu_grad(m, l, LT_BQ) : NULL, dq, a->ln1,
-                        cpu_param(m, l, LT_WQ), N, d, qd);
-    cpu_matmul_backward(dnorm, cpu_grad(m, l, LT_WK), bias ? cpu_grad(m, l, LT_BK) : NULL, dk, a->ln1,
-                        cpu_param(m, l, LT_WK), N, d, kvd);
-    cpu_matmul_backward(dnorm, cpu_grad(m, l, LT_WV), bias ? cpu_grad(m, l, LT_BV) : NULL, dv, a->ln1,
-                        cpu_param(m, l, LT_WV), N, d, kvd);
+    cpu_proj_backward(m, l, LORA_Q, dnorm, bias ? cpu_grad(m, l, LT_BQ) : NULL, dq, a->ln1, N);
+    cpu_proj_backward(m, l, LORA_K, dnorm, bias ? cpu_grad(m, l, LT_BK) : NULL, dk, a->ln1, N);
+    cpu_proj_backward(m, l, LORA_V, dnorm, bias ? cpu_grad(m, l, LT_BV) : NULL, dv, a->ln1, N);
     cpu_rmsnorm_backward(dres, cpu_grad(m, l, LT_ATTN_NORM), dnorm, a->x, a->rstd1, cpu_param(m, l, LT_ATTN_NORM), N,
                          d, off);
 }
@@ -754,16 +861,17 @@ static inline void cpu_model_backward(CpuModel *m) {
     cpu_cross_entropy_backward(m, N);
     float *dlnf = m->acts[CA_DNORM];
     memset(dlnf, 0, (size_t)N * d * sizeof(float));
-    cpu_matmul_backward(dlnf, m->grads + m->layout.lm_head, NULL, m->acts[CA_DLOGITS], m->acts[CA_LNF],
+    cpu_matmul_backward(dlnf, cpu_grad_at(m, m->layout.lm_head), NULL, m->acts[CA_DLOGITS], m->acts[CA_LNF],
                         m->params + m->layout.lm_head, N, d, V);
     memset(dres, 0, (size_t)N * d * sizeof(float));
     const float *xf = m->acts[CA_RESID] + (size_t)c->n_layers * N * d;
-    cpu_rmsnorm_backward(dres, m->grads + m->layout.final_norm, dlnf, xf, m->acts[CA_RSTDF],
+    cpu_rmsnorm_backward(dres, cpu_grad_at(m, m->layout.final_norm), dlnf, xf, m->acts[CA_RSTDF],
                          m->params + m->layout.final_norm, N, d, c->norm_offset);
     for (int l = c->n_layers - 1; l >= 0; l--) {
         CpuLayerActs a = cpu_layer_acts(m, l);
         cpu_layer_backward(m, l, &a, dres);
     }
+    if (m->grads == NULL) return;  // frozen base: the embedding has no gradient
     // embedding: rows of repeated tokens accumulate, so parallelize over the d columns
     float *dembed = m->grads + m->layout.embed;
 #pragma omp parallel for schedule(static) if ((size_t)N * d > CPU_PARALLEL_MIN_WORK)
@@ -780,14 +888,16 @@ typedef struct {
 } AdamWHparams;
 
 typedef struct {
-    CpuModel *m;
+    float *params, *grads;        // the trainable values: every parameter, or the LoRA adapters
     float *mom1, *mom2;           // fp32 moments, or
-    const Adam8State *q;          // 8-bit moments when non-NULL (with their block layout and code books)
-    const Adam8Layout *q_layout;
+    const Adam8State *q;          // 8-bit moments when non-NULL (with their block layout and code books;
+    const Adam8Layout *q_layout;  // full-parameter training only)
     const Adam8Codebooks *books;
+    const ParamLayout *layout;
     const AdamWHparams *h;
     int step;
     float grad_scale;
+    int decay_all;          // 1: every tensor is decayed (LoRA adapters are all matrices, even at rank 1)
 } CpuAdamWCtx;
 
 // AdamW on one tensor (PyTorch's torch.optim.AdamW): p -= lr * wd * p (decoupled; matrices only),
@@ -801,14 +911,14 @@ static inline void cpu_adamw_tensor(const char *name, size_t offset, size_t rows
     if (a->q) {
         Adam8Consts c = adam8_consts(h->lr, h->beta1, h->beta2, h->eps, rows > 1 ? h->weight_decay : 0.0f,
                                      a->grad_scale, a->step, 0u);
-        Adam8State t = adam8_state_at(*a->q, adam8_block_of(a->q_layout, &a->m->layout, offset));
-        adamw8bit_update_cpu(NULL, a->m->params + offset, a->m->grads + offset, t, rows * cols, &c, a->books);
+        Adam8State t = adam8_state_at(*a->q, adam8_block_of(a->q_layout, a->layout, offset));
+        adamw8bit_update_cpu(NULL, a->params + offset, a->grads + offset, t, rows * cols, &c, a->books);
         return;
     }
-    float decay = rows > 1 ? 1.0f - h->lr * h->weight_decay : 1.0f;
+    float decay = (rows > 1 || a->decay_all) ? 1.0f - h->lr * h->weight_decay : 1.0f;
     float step_size = (float)(h->lr / (1.0 - pow((double)h->beta1, a->step)));
     float bc2_sqrt = (float)sqrt(1.0 - pow((double)h->beta2, a->step));
-    float *p = a->m->params + offset, *g = a->m->grads + offset, *m1 = a->mom1 + offset, *m2 = a->mom2 + offset;
+    float *p = a->params + offset, *g = a->grads + offset, *m1 = a->mom1 + offset, *m2 = a->mom2 + offset;
     size_t n = rows * cols;
 #pragma omp parallel for schedule(static) if (n > CPU_PARALLEL_MIN_WORK)
     for (size_t i = 0; i < n; i++) {
@@ -819,30 +929,34 @@ static inline void cpu_adamw_tensor(const char *name, size_t offset, size_t rows
     }
 }
 
-// One AdamW step (step is 1-based) on every parameter; mom1, mom2 (layout.total) start at zero.
-// Weight decay applies to tensors with more than one row (embed, projections, lm_head), not to
-// norms or biases. grad_scale multiplies the gradients first (global-norm clipping).
+// One AdamW step (step is 1-based) on every trainable value; mom1, mom2 (cpu_model_trainable) start
+// at zero. Weight decay applies to tensors with more than one row (embed, projections, lm_head), not
+// to norms or biases; with LoRA only the adapters train, every one of them decayed.
+// grad_scale multiplies the gradients first (global-norm clipping).
 static inline void cpu_adamw_step(CpuModel *m, float *mom1, float *mom2, const AdamWHparams *h, int step,
                                   float grad_scale) {
     if (step < 1) die("cpu_adamw_step: step %d must be >= 1", step);
-    CpuAdamWCtx ctx = {m, mom1, mom2, NULL, NULL, NULL, h, step, grad_scale};
-    param_layout_visit(&m->layout, &m->c, cpu_adamw_tensor, &ctx);
+    CpuAdamWCtx ctx = {cpu_model_trainable_params(m), cpu_model_trainable_grads(m), mom1, mom2, NULL, NULL, NULL,
+                       &m->layout, h, step, grad_scale, m->lora.rank > 0};
+    if (m->lora.rank) lora_layout_visit(&m->lora_layout, cpu_adamw_tensor, &ctx);
+    else param_layout_visit(&m->layout, &m->c, cpu_adamw_tensor, &ctx);
 }
 
 // The same step with 8-bit moments (adamw8bit.h): state (layout->total blocks of both moments)
-// starts all zero.
+// starts all zero. Full-parameter training only (the LoRA adapters keep fp32 moments).
 static inline void cpu_adamw8bit_step(CpuModel *m, const Adam8State *state, const Adam8Layout *layout,
                                       const Adam8Codebooks *books, const AdamWHparams *h, int step, float grad_scale) {
     if (step < 1) die("cpu_adamw8bit_step: step %d must be >= 1", step);
-    CpuAdamWCtx ctx = {m, NULL, NULL, state, layout, books, h, step, grad_scale};
+    if (m->lora.rank) die("cpu_adamw8bit_step: 8-bit moments are for full-parameter training, not LoRA");
+    CpuAdamWCtx ctx = {m->params, m->grads, NULL, NULL, state, layout, books, &m->layout, h, step, grad_scale, 0};
     param_layout_visit(&m->layout, &m->c, cpu_adamw_tensor, &ctx);
 }
 
-// Global L2 norm of the gradients, accumulated in double.
-static inline float cpu_grad_norm(const CpuModel *m) {
+// Global L2 norm of the gradients of the trainable values, accumulated in double.
+static inline float cpu_grad_norm(CpuModel *m) {
     double s = 0.0;
-    size_t n = m->layout.total;
-    const float *g = m->grads;
+    size_t n = cpu_model_trainable(m);
+    const float *g = cpu_model_trainable_grads(m);
 #pragma omp parallel for schedule(static) reduction(+ : s) if (n > CPU_PARALLEL_MIN_WORK)
     for (size_t i = 0; i < n; i++) s += (double)g[i] * g[i];
     return (float)sqrt(s);

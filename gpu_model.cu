@@ -21,6 +21,10 @@
 // (it is touched once), the embedding (with the tied head's gradient) and the final norm last.
 // Several GPUs: the hooks below call gpu_dist.cu for the gradient sums and sharded updates (on a
 // side stream, block by block) and comm.cu for the sequence-parallel attention (attention_core_*).
+// LoRA (lora_gpu.h): the base is frozen (no weight gradients: the gradient pointers are NULL and the
+// GEMM / norm launchers skip them); each fused base GEMM gets its group's two adapter GEMMs, and the
+// optimizer updates the adapters. A quantized base is dequantized layer by layer into one bf16
+// block (qbase_load_layer) that W() points into.
 #include <math.h>
 #include <unistd.h>
 #include "attention.h"
@@ -36,7 +40,20 @@
 
 // ---- small accessors ----
 
-static bf16 *W(const GpuModel *m, int l, int t) { return m->params + param_offset(&m->layout, l, t); }
+static int quantized_base(const GpuModel *m) { return m->lora.qbase != NULL; }
+
+// Tensor t of layer l: in the flat bf16 parameters, or in the dequantized layer of a quantized base.
+static bf16 *W(const GpuModel *m, int l, int t) {
+    if (quantized_base(m)) return m->lora.wlayer + m->layout.layer.offset[t];
+    return m->params + param_offset(&m->layout, l, t);
+}
+
+// A tensor outside the layers (embedding, final norm, LM head) at flat offset `offset`: a quantized
+// base keeps only these in params, without the layers' block between them.
+static bf16 *P(const GpuModel *m, size_t offset) {
+    if (quantized_base(m) && offset >= m->layout.layers_begin) offset -= (size_t)m->config.n_layers * m->layout.layer_size;
+    return m->params + offset;
+}
 
 // The one-layer gradient buffer of layer l: with the side stream (several GPUs, or
 // overlap_optimizer) layers alternate between two, so that the side stream sums (several GPUs) and
@@ -45,10 +62,10 @@ static float *layer_grad_block(const GpuModel *m, int l) {
     return m->layer_grads + (size_t)(l % m->layer_grad_buffers) * m->layout.layer_size;
 }
 
-// Gradient of tensor t of layer l: the full-model buffer, or the one-layer buffer.
+// Gradient of tensor t of layer l: the full-model buffer, the one-layer buffer, or NULL (LoRA: frozen).
 static float *G(const GpuModel *m, int l, int t) {
     if (m->grads) return m->grads + param_offset(&m->layout, l, t);
-    return layer_grad_block(m, l) + m->layout.layer.offset[t];
+    return m->layer_grads ? layer_grad_block(m, l) + m->layout.layer.offset[t] : NULL;
 }
 static float *grad_embed(const GpuModel *m) { return m->grads ? m->grads + m->layout.embed : m->embed_head_grads; }
 static float *grad_head(const GpuModel *m) { return m->grads ? m->grads + m->layout.lm_head : m->embed_head_grads; }
@@ -81,6 +98,7 @@ static AttentionShape attention_shape(const ModelConfig *c, int layer, int B, in
     sh.scale = c->query_scale;
     sh.window = config_layer_is_sliding(c, layer) ? c->sliding_window : 0;
     sh.softcap = c->attn_softcap;
+    sh.head_groups = 1;
     return sh;
 }
 
@@ -150,6 +168,7 @@ static void attention_core_forward(GpuModel *m, int l, const LayerActs *a, int B
 static void attention_core_backward(GpuModel *m, int l, const LayerActs *a, const bf16 *datt) {
     int B = m->settings.B, S = m->settings.S;
     AttentionShape sh = attention_shape_sp(&m->config, l, B, S, m->sp, &m->heads);
+    sh.head_groups = m->settings.attn_head_groups;
     cudaStream_t st = m->stream;
     step_profile_mark(m->profile, PROF_SDPA_BWD, st);
     if (m->sp == 1) {
@@ -203,15 +222,19 @@ static void attention_block_forward(GpuModel *m, int l, const LayerActs *a, cons
     step_profile_mark(m->profile, PROF_ATTN_IN, st);
     rmsnorm_forward(a->ln1, a->ln1_rstd, in, W(m, l, LT_ATTN_NORM), N, d, c->norm_eps, norm_w_offset(m), st);
     linear_forward(a->qkv, DT_BF16, a->ln1, W(m, l, LT_WQ), c->qkv_bias ? W(m, l, LT_BQ) : NULL, N, d, qkv_features(c), 0, st);
+    lora_prepare_group(&m->lora, l, LG_QKV, st);
+    lora_forward(&m->lora, l, LG_QKV, a->qkv, a->ln1, N, st);
     rope_apply(a->qkv, m->rope, N, Sn, rope_offset(m, Sn), c->n_heads, c->n_kv_heads, c->head_dim, 0, st);
     attention_core_forward(m, l, a, Bn, Sn);
     cudaCheck(cudaMemcpyAsync(a->h1, in, (size_t)N * d * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
     if (c->post_norms) {
         linear_forward(a->ao, DT_BF16, a->att, W(m, l, LT_WO), NULL, N, q, d, 0, st);
+        lora_forward(&m->lora, l, LG_O, a->ao, a->att, N, st);
         rmsnorm_forward(m->attn_tmp, a->ao_rstd, a->ao, W(m, l, LT_POST_ATTN_NORM), N, d, c->norm_eps, norm_w_offset(m), st);
         residual_add(a->h1, m->attn_tmp, (size_t)N * d, st);
     } else {
         linear_forward(a->h1, DT_BF16, a->att, W(m, l, LT_WO), NULL, N, q, d, 1, st);
+        lora_forward(&m->lora, l, LG_O, a->h1, a->att, N, st);
     }
 }
 
@@ -241,8 +264,12 @@ static void mlp_chunk_forward(GpuModel *m, int l, const MlpChunk *b, const bf16 
     cudaStream_t st = m->stream;
     rmsnorm_forward(b->ln2, b->ln2_rstd, x, W(m, l, LT_MLP_NORM), n, d, c->norm_eps, norm_w_offset(m), st);
     linear_forward(b->gate_up, DT_BF16, b->ln2, W(m, l, LT_W_GATE), NULL, n, d, 2 * F, 0, st);
+    lora_forward(&m->lora, l, LG_GATE_UP, b->gate_up, b->ln2, n, st);
     glu_forward(b->glu, b->gate_up, n, F, c->activation, st);
-    if (c->post_norms) linear_forward(b->dn, DT_BF16, b->glu, W(m, l, LT_W_DOWN), NULL, n, F, d, 0, st);
+    if (c->post_norms) {
+        linear_forward(b->dn, DT_BF16, b->glu, W(m, l, LT_W_DOWN), NULL, n, F, d, 0, st);
+        lora_forward(&m->lora, l, LG_DOWN, b->dn, b->glu, n, st);
+    }
 }
 
 // Mini-sequence MLP: out (N, d) (holding h1) += mlp(h1), one chunk of c rows at a time.
@@ -250,6 +277,7 @@ static void mlp_forward(GpuModel *m, int l, const LayerActs *a, bf16 *out, int N
     const ModelConfig *c = &m->config;
     int d = c->d_model, F = c->d_ff, rows = m->plan.chunk_rows;
     cudaStream_t st = m->stream;
+    lora_prepare_group(&m->lora, l, LG_GATE_UP, st);
     for (int r0 = 0; r0 < N; r0 += rows) {
         int n = N - r0 < rows ? N - r0 : rows;
         MlpChunk b = mlp_chunk(m, a, r0);
@@ -260,6 +288,7 @@ static void mlp_forward(GpuModel *m, int l, const LayerActs *a, bf16 *out, int N
             residual_add(o, b.tmp, (size_t)n * d, st);
         } else {
             linear_forward(o, DT_BF16, b.glu, W(m, l, LT_W_DOWN), NULL, n, F, d, 1, st);
+            lora_forward(&m->lora, l, LG_DOWN, o, b.glu, n, st);
         }
     }
 }
@@ -290,8 +319,9 @@ static void forward_layers(GpuModel *m, int Bn, int Sn, int save) {
     cudaStream_t st = m->stream;
     if (is_host_layer(m, 0)) cudaCheck(cudaStreamWaitEvent(st, m->ev_saved[0], 0));
     step_profile_mark(m->profile, PROF_EMBEDDING, st);
-    embedding_forward(layer_input(m, 0), m->tokens, m->params + m->layout.embed, N, c->d_model, c->embed_scale, st);
+    embedding_forward(layer_input(m, 0), m->tokens, P(m, m->layout.embed), N, c->d_model, c->embed_scale, st);
     for (int l = 0; l < L; l++) {
+        if (quantized_base(m)) qbase_load_layer(&m->lora, &m->layout, l, st);
         if (save && is_host_layer(m, l)) save_to_host(m, l);
         bf16 *out = l + 1 < L ? layer_input(m, l + 1) : m->x_final;
         // X[(l+1) % 2] last held layer l-1's input: its copy to the host must be done first.
@@ -309,7 +339,7 @@ static void forward_layers(GpuModel *m, int Bn, int Sn, int save) {
 
 // logits (n, vt) fp32 = xf (n, d) W_head[v0 : v0 + vt]^T.
 static void logits_tile(GpuModel *m, int n, int v0, int vt) {
-    const bf16 *Wh = m->params + m->layout.lm_head + (size_t)v0 * m->config.d_model;
+    const bf16 *Wh = P(m, m->layout.lm_head) + (size_t)v0 * m->config.d_model;
     linear_forward(m->logits, DT_FP32, m->xf, Wh, NULL, n, m->config.d_model, vt, 0, m->stream);
 }
 
@@ -321,8 +351,8 @@ static void lm_head_pass(GpuModel *m, int N, float grad_scale, int backward) {
     int d = c->d_model, V = c->vocab_size, vc = m->plan.settings.vocab_chunk, tiles = m->plan.vocab_tiles;
     int rows = m->plan.chunk_rows;
     cudaStream_t st = m->stream;
-    const bf16 *Wfinal = m->params + m->layout.final_norm;
-    const bf16 *Wh = m->params + m->layout.lm_head;
+    const bf16 *Wfinal = P(m, m->layout.final_norm);
+    const bf16 *Wh = P(m, m->layout.lm_head);
     float *dWh = backward ? grad_head(m) : NULL;
     step_profile_mark(m->profile, PROF_LM_HEAD, st);
     for (int r0 = 0; r0 < N; r0 += rows) {
@@ -348,7 +378,7 @@ static void lm_head_pass(GpuModel *m, int N, float grad_scale, int backward) {
             } else {  // dxf accumulates over tiles in fp32: dxf_acc (n, d) (+)= dlogits (n, vt) W_tile (vt, d)
                 gemm(m->dxf_acc, DT_FP32, m->dlogits, 0, Wt, 0, n, d, vt, 1.0f, t > 0 ? 1.0f : 0.0f, NULL, st);
             }
-            linear_backward_weight(dWh + (size_t)v0 * d, DT_FP32, m->dlogits, m->xf, n, d, vt, r0 > 0 || m->grads != NULL, st);
+            if (dWh) linear_backward_weight(dWh + (size_t)v0 * d, DT_FP32, m->dlogits, m->xf, n, d, vt, r0 > 0 || m->grads != NULL, st);
         }
         if (tiles > 1) cast_fp32_to_bf16(m->dxf, m->dxf_acc, (size_t)n * d, st);
         rmsnorm_backward(m->dresid + (size_t)r0 * d, grad_final_norm(m), m->reduce_scratch, m->dxf, x, Wfinal, m->xf_rstd,
@@ -367,6 +397,7 @@ static void mlp_backward(GpuModel *m, int l, const LayerActs *a, int fresh) {
     int N = m->plan.n_tokens, d = c->d_model, F = c->d_ff, rows = m->plan.chunk_rows;
     cudaStream_t st = m->stream;
     step_profile_mark(m->profile, PROF_MLP_BWD, st);
+    lora_prepare_group(&m->lora, l, LG_GATE_UP, st);
     for (int r0 = 0; r0 < N; r0 += rows) {
         int n = N - r0 < rows ? N - r0 : rows;
         MlpChunk b = mlp_chunk(m, a, r0);
@@ -385,10 +416,14 @@ static void mlp_backward(GpuModel *m, int l, const LayerActs *a, int fresh) {
         }
         int acc = !(fresh && r0 == 0);
         linear_backward_weight(G(m, l, LT_W_DOWN), DT_FP32, dy, b.glu, n, F, d, acc, st);
+        lora_backward_weights(&m->lora, l, LG_DOWN, dy, b.glu, n, st);
         linear_backward_input(b.glu, dy, W(m, l, LT_W_DOWN), n, F, d, 0, st);       // glu := d glu
+        lora_backward_input(&m->lora, l, LG_DOWN, b.glu, n, st);
         glu_backward(b.gate_up, b.glu, b.gate_up, n, F, c->activation, st);          // gate_up := d gate_up
         linear_backward_weight(G(m, l, LT_W_GATE), DT_FP32, b.gate_up, b.ln2, n, d, 2 * F, acc, st);
+        lora_backward_weights(&m->lora, l, LG_GATE_UP, b.gate_up, b.ln2, n, st);
         linear_backward_input(b.ln2, b.gate_up, W(m, l, LT_W_GATE), n, d, 2 * F, 0, st);  // ln2 := d ln2
+        lora_backward_input(&m->lora, l, LG_GATE_UP, b.ln2, n, st);
         rmsnorm_backward(dres, G(m, l, LT_MLP_NORM), m->reduce_scratch, b.ln2, x, W(m, l, LT_MLP_NORM), b.ln2_rstd,
                          n, d, norm_w_offset(m), 1, st);
     }
@@ -401,6 +436,7 @@ static void attention_block_backward(GpuModel *m, int l, const LayerActs *a, con
     const ModelConfig *c = &m->config;
     int N = m->plan.n_tokens, d = c->d_model, q = c->n_heads * c->head_dim, qkv = qkv_features(c);
     cudaStream_t st = m->stream;
+    lora_prepare_group(&m->lora, l, LG_QKV, st);
     const bf16 *dao = m->dresid;  // gradient of the o-projection output
     step_profile_mark(m->profile, PROF_ATTN_OUT_BWD, st);
     if (c->post_norms) {
@@ -410,7 +446,9 @@ static void attention_block_backward(GpuModel *m, int l, const LayerActs *a, con
     }
     bf16 *datt = m->datt != NULL ? m->datt : a->h1;
     linear_backward_weight(G(m, l, LT_WO), DT_FP32, dao, a->att, N, q, d, !fresh, st);
+    lora_backward_weights(&m->lora, l, LG_O, dao, a->att, N, st);
     linear_backward_input(datt, dao, W(m, l, LT_WO), N, q, d, 0, st);
+    lora_backward_input(&m->lora, l, LG_O, datt, N, st);
     attention_core_backward(m, l, a, datt);
     rope_apply(m->dqkv, m->rope, N, m->settings.S, rope_offset(m, m->settings.S), c->n_heads, c->n_kv_heads, c->head_dim, 1, st);
     const bf16 *ln1 = a->ln1;
@@ -420,7 +458,9 @@ static void attention_block_backward(GpuModel *m, int l, const LayerActs *a, con
     }
     linear_backward_weight(G(m, l, LT_WQ), DT_FP32, m->dqkv, ln1, N, d, qkv, !fresh, st);
     if (c->qkv_bias) bias_backward(G(m, l, LT_BQ), m->reduce_scratch, m->dqkv, N, qkv, st);
+    lora_backward_weights(&m->lora, l, LG_QKV, m->dqkv, ln1, N, st);
     linear_backward_input(a->ln1, m->dqkv, W(m, l, LT_WQ), N, d, qkv, 0, st);  // ln1 := d ln1
+    lora_backward_input(&m->lora, l, LG_QKV, a->ln1, N, st);
     rmsnorm_backward(m->dresid, G(m, l, LT_ATTN_NORM), m->reduce_scratch, a->ln1, in, W(m, l, LT_ATTN_NORM), a->ln1_rstd,
                      N, d, norm_w_offset(m), 1, st);
 }
@@ -441,8 +481,9 @@ static int final_norm_id(const ModelConfig *c) { return 1 + c->n_layers * LT_COU
 static int lm_head_id(const ModelConfig *c) { return 2 + c->n_layers * LT_COUNT; }
 
 // AdamW on elements [lo, hi) of tensor t (gpu_dist.h). Weight decay only on matrices (rows > 1):
-// not on norms and biases. sumsq_partials non-NULL: the gradient's squares are added to them in the
-// same pass.
+// not on norms and biases. With LoRA (one GPU) the tensor is an adapter (offset in the adapter
+// layout), always decayed: all are matrices, even at rank 1. sumsq_partials non-NULL: the
+// gradient's squares are added to them in the same pass.
 void gm_adamw_slice(GpuModel *m, const GmTensor *t, size_t lo, size_t hi, const float *grad, size_t state_at,
                     const OptimizerStep *opt, float clip_scale, float *sumsq_partials, cudaStream_t stream) {
     AdamWParams p;
@@ -450,12 +491,12 @@ void gm_adamw_slice(GpuModel *m, const GmTensor *t, size_t lo, size_t hi, const 
     p.beta1 = opt->beta1;
     p.beta2 = opt->beta2;
     p.eps = opt->eps;
-    p.weight_decay = t->rows > 1 ? opt->weight_decay : 0.0f;
+    p.weight_decay = (t->rows > 1 || m->lora.cfg.rank) ? opt->weight_decay : 0.0f;
     p.grad_scale = clip_scale;
     p.step = opt->step;
     p.seed = tensor_seed(opt->seed, t->id, opt->step);
     p.index_base = lo;
-    if (m->settings.moments_8bit) {  // one GPU only (mst_settings_check): always a whole tensor
+    if (m->settings.moments_8bit) {  // one GPU, no LoRA (mst_settings_check): always a whole tensor
         size_t b = adam8_block_of(&m->adam8_layout, &m->layout, t->offset);
         adamw8bit_update(m->params + t->offset, m->master ? m->master + t->offset : NULL, grad, DT_FP32,
                          (uint8_t *)m->adam_m + b * ADAM8_BLOCK, m->adam_m_absmax + b, (uint8_t *)m->adam_v + b * ADAM8_BLOCK,
@@ -463,16 +504,19 @@ void gm_adamw_slice(GpuModel *m, const GmTensor *t, size_t lo, size_t hi, const 
         return;
     }
     size_t mb = dtype_bytes(m->settings.moment_type);
-    adamw_update(m->params + t->offset + lo, m->master ? m->master + state_at : NULL, grad, DT_FP32, (char *)m->adam_m + state_at * mb,
+    bf16 *param = (m->lora.cfg.rank ? m->lora.params : m->params) + t->offset + lo;
+    adamw_update(param, m->master ? m->master + state_at : NULL, grad, DT_FP32, (char *)m->adam_m + state_at * mb,
                  (char *)m->adam_v + state_at * mb, m->settings.moment_type, hi - lo, &p, sumsq_partials, stream);
 }
 
-// AdamW on one whole tensor (offset, rows x cols elements of the flat layout) with gradient `grad`
-// on `stream`. Optimizer-in-backward adds the gradient's squares to the norm partials in the same pass.
+// AdamW on one whole tensor (offset, rows x cols elements of the flat layout, or of the adapter
+// layout with LoRA) with gradient `grad` on `stream`. Optimizer-in-backward adds the gradient's
+// squares to the norm partials in the same pass.
 static void adamw_tensor(GpuModel *m, size_t offset, size_t rows, size_t cols, const float *grad, int tensor_id,
                          const OptimizerStep *opt, float clip_scale, cudaStream_t stream) {
     GmTensor t = {offset, rows, cols, tensor_id};
-    gm_adamw_slice(m, &t, 0, rows * cols, grad, offset, opt, clip_scale, m->grads == NULL ? m->grad_norm_partials : NULL, stream);
+    gm_adamw_slice(m, &t, 0, rows * cols, grad, offset, opt, clip_scale, m->settings.grad_accum_steps == 1 ? m->grad_norm_partials : NULL,
+                   stream);
 }
 
 int gm_block_tensors(const GpuModel *m, int b, GmTensor *out) {
@@ -498,7 +542,26 @@ int gm_block_tensors(const GpuModel *m, int b, GmTensor *out) {
     return n;
 }
 
+// LoRA: AdamW on layer l's adapters (the moments and master weights are the adapters').
+static void adamw_lora_layer(GpuModel *m, int l, const OptimizerStep *opt, float clip_scale, cudaStream_t stream) {
+    const LoraLayout *L = &m->lora.layout;
+    const float *grads = lora_layer_grads(&m->lora, l);
+    for (int t = 0; t < LORA_TARGET_COUNT; t++) {
+        if (!lora_has(L, t)) continue;
+        for (int is_b = 0; is_b < 2; is_b++) {
+            size_t rows = is_b ? L->out[t] : (size_t)L->rank, cols = is_b ? (size_t)L->rank : L->in[t];
+            int id = (1 << 24) + (l * LORA_TARGET_COUNT + t) * 2 + is_b;
+            adamw_tensor(m, lora_offset(L, l, t, is_b), rows, cols, grads + (is_b ? L->b_off[t] : L->a_off[t]), id, opt,
+                         clip_scale, stream);
+        }
+    }
+}
+
 static void adamw_layer(GpuModel *m, int l, const OptimizerStep *opt, float clip_scale, cudaStream_t stream) {
+    if (m->lora.cfg.rank) {
+        adamw_lora_layer(m, l, opt, clip_scale, stream);
+        return;
+    }
     const ParamLayout *p = &m->layout;
     for (int t = 0; t < LT_COUNT; t++) {
         if (p->layer.offset[t] == SIZE_MAX) continue;
@@ -544,24 +607,26 @@ static float optimizer_step_full(GpuModel *m, const OptimizerStep *opt) {
         dist_update_parts(m, opt, clip_scale_for(norm, opt->clip));
         return norm;
     }
+    float *grads = m->lora.cfg.rank ? m->lora.grads : m->grads;
     if (m->capture) {
-        cudaCheck(cudaMemcpyAsync(m->capture_grads, m->grads, p->total * sizeof(float), cudaMemcpyDeviceToHost, st));
+        cudaCheck(cudaMemcpyAsync(m->capture_grads, grads, m->n_train * sizeof(float), cudaMemcpyDeviceToHost, st));
         m->capture = 0;
     }
     cudaCheck(cudaMemsetAsync(m->grad_norm_partials, 0, (size_t)m->plan.figures.grad_norm_partials * sizeof(float), st));
-    grad_norm_accumulate(m->grad_norm_partials, m->grads, DT_FP32, p->total, st);
+    grad_norm_accumulate(m->grad_norm_partials, grads, DT_FP32, m->n_train, st);
     grad_norm_finish(m->scalars + 1, m->grad_norm_partials, st);
     float sumsq;
     cudaCheck(cudaMemcpyAsync(&sumsq, m->scalars + 1, sizeof(float), cudaMemcpyDeviceToHost, st));
     cudaCheck(cudaStreamSynchronize(st));
     float norm = sqrtf(sumsq);
     float scale = clip_scale_for(norm, opt->clip);
-    adamw_tensor(m, p->embed, (size_t)c->vocab_size, (size_t)c->d_model, m->grads + p->embed, 0, opt, scale, st);
+    int frozen = m->lora.cfg.rank > 0;  // LoRA: only the layers' adapters train
+    if (!frozen) adamw_tensor(m, p->embed, (size_t)c->vocab_size, (size_t)c->d_model, m->grads + p->embed, 0, opt, scale, st);
     for (int l = 0; l < c->n_layers; l++) adamw_layer(m, l, opt, scale, st);
-    adamw_tensor(m, p->final_norm, 1, (size_t)c->d_model, m->grads + p->final_norm, final_norm_id(c), opt, scale, st);
-    if (!c->tied_embeddings)
+    if (!frozen) adamw_tensor(m, p->final_norm, 1, (size_t)c->d_model, m->grads + p->final_norm, final_norm_id(c), opt, scale, st);
+    if (!frozen && !c->tied_embeddings)
         adamw_tensor(m, p->lm_head, (size_t)c->vocab_size, (size_t)c->d_model, m->grads + p->lm_head, lm_head_id(c), opt, scale, st);
-    cudaCheck(cudaMemsetAsync(m->grads, 0, p->total * sizeof(float), st));
+    cudaCheck(cudaMemsetAsync(grads, 0, m->n_train * sizeof(float), st));
     return norm;
 }
 
@@ -613,9 +678,15 @@ static void recompute_attention_block(GpuModel *m, int l, const LayerActs *a, co
     if (m->profile) m->profile->muted--;
 }
 
-// Optimizer-in-backward: the layer's norm and bias gradients are sums added into their buffers, so
-// they start at zero; the matrices' gradients are overwritten by their first GEMM of the step.
-static void zero_layer_vector_grads(GpuModel *m, int l) {
+// Optimizer-in-backward, before layer l's backward: the layer's norm and bias gradients are sums
+// added into their buffers, so they start at zero; the matrices' gradients are overwritten by their
+// first GEMM of the step. LoRA: the base has no gradients, and every adapter GEMM accumulates
+// (MsT chunks, the block-diagonal gather), so the layer's adapter block (a few MB) starts at zero.
+static void zero_layer_grads(GpuModel *m, int l) {
+    if (m->lora.cfg.rank) {
+        cudaCheck(cudaMemsetAsync(m->lora.grads, 0, m->lora.layout.layer_size * sizeof(float), m->stream));
+        return;
+    }
     const ParamLayout *p = &m->layout;
     for (int t = 0; t < LT_COUNT; t++) {
         if (p->layer.offset[t] == SIZE_MAX || p->layer.rows[t] != 1) continue;
@@ -630,12 +701,14 @@ static void backward_layers(GpuModel *m, const OptimizerStep *opt, float clip_sc
     const ModelConfig *c = &m->config;
     int L = c->n_layers;
     cudaStream_t st = m->stream;
+    int lora = m->lora.cfg.rank > 0;
     for (int l = L - 1; l >= 0; l--) {
         if (l > 0 && is_host_layer(m, l - 1)) fetch_from_host(m, l - 1);  // prefetch while layer l runs
         if (is_host_layer(m, l)) cudaCheck(cudaStreamWaitEvent(st, m->ev_fetched[l % 2], 0));
+        if (quantized_base(m)) qbase_load_layer(&m->lora, &m->layout, l, st);
         if (opt_in_backward) {
             if (m->grad_stream) cudaCheck(cudaStreamWaitEvent(st, m->ev_grads_free[l % 2], 0));  // layer l + 2's update has read it
-            zero_layer_vector_grads(m, l);
+            zero_layer_grads(m, l);
         }
         const LayerActs *a = &m->acts[l];
         const bf16 *in = layer_input(m, l);
@@ -648,6 +721,7 @@ static void backward_layers(GpuModel *m, const OptimizerStep *opt, float clip_sc
             update_layer(m, l, opt, clip_scale);
         }
     }
+    if (lora) return;  // the embedding is frozen
     step_profile_mark(m->profile, PROF_EMBEDDING, st);
     // Untied optimizer-in-backward: the head's gradient was applied and its buffer (shared with the
     // layer working set) is reused; absent tokens' rows must read zero. Tied: the head's gradient is
@@ -671,14 +745,15 @@ void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_
     float grad_scale = n_valid > 0 ? 1.0f / ((float)n_valid * (float)accum) : 0.0f;
     // Optimizer-in-backward clips with the previous step's norm (this step's is known only at the end).
     float clip_scale = (opt_in_backward && m->has_prev_norm) ? clip_scale_for(m->prev_grad_norm, opt->clip) : 1.0f;
-    if (opt_in_backward) {
+    int frozen = m->lora.cfg.rank > 0;  // LoRA: embedding, final norm and LM head have no gradients
+    if (opt_in_backward) cudaCheck(cudaMemsetAsync(m->grad_norm_partials, 0, m->plan.figures.grad_norm_partials * sizeof(float), st));
+    if (opt_in_backward && !frozen) {
         cudaCheck(cudaMemsetAsync(m->final_norm_grads, 0, (size_t)c->d_model * sizeof(float), st));
-        cudaCheck(cudaMemsetAsync(m->grad_norm_partials, 0, m->plan.figures.grad_norm_partials * sizeof(float), st));
     }
     forward_layers(m, s->B, s->S, 1);
     if (is_host_layer(m, L - 1)) fetch_from_host(m, L - 1);  // overlaps the LM head
     lm_head_pass(m, N, grad_scale, 1);
-    if (opt_in_backward && !c->tied_embeddings) {  // the untied head is complete: update it, reuse its buffer
+    if (opt_in_backward && !frozen && !c->tied_embeddings) {  // the untied head is complete: update it, reuse its buffer
         step_profile_mark(m->profile, PROF_OPTIMIZER, st);
         if (m->comm) {  // its buffer is in the layers' shared working set: the sum must have read it first
             dist_update_block(m, zero_block_lm_head(c), m->embed_head_grads, m->ev_head_free, opt, clip_scale);
@@ -698,8 +773,10 @@ void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_
             cudaCheck(cudaEventRecord(m->ev_grad_done, m->grad_stream));
             cudaCheck(cudaStreamWaitEvent(st, m->ev_grad_done, 0));
         }
-        adamw_tensor(m, m->layout.embed, (size_t)c->vocab_size, (size_t)c->d_model, m->embed_head_grads, 0, opt, clip_scale, st);
-        adamw_tensor(m, m->layout.final_norm, 1, (size_t)c->d_model, m->final_norm_grads, final_norm_id(c), opt, clip_scale, st);
+        if (!frozen) {
+            adamw_tensor(m, m->layout.embed, (size_t)c->vocab_size, (size_t)c->d_model, m->embed_head_grads, 0, opt, clip_scale, st);
+            adamw_tensor(m, m->layout.final_norm, 1, (size_t)c->d_model, m->final_norm_grads, final_norm_id(c), opt, clip_scale, st);
+        }
         grad_norm_finish(m->scalars + 1, m->grad_norm_partials, st);
     }
     step_profile_end_step(m->profile, st);
@@ -762,7 +839,7 @@ void gpu_model_next_token_logits(GpuModel *m, const int32_t *tokens, int n_token
     cudaStream_t st = m->stream;
     int mine = m->sp == 1 || m->comm->rank == owner;
     if (mine)
-        rmsnorm_forward(m->xf, m->xf_rstd, m->x_final + (size_t)(last - owner * S) * d, m->params + m->layout.final_norm, 1, d,
+        rmsnorm_forward(m->xf, m->xf_rstd, m->x_final + (size_t)(last - owner * S) * d, P(m, m->layout.final_norm), 1, d,
                         c->norm_eps, norm_w_offset(m), st);
     for (int v0 = 0; v0 < V; v0 += vc) {
         int vt = V - v0 < vc ? V - v0 : vc;
@@ -786,6 +863,10 @@ static void check_supported(const ModelConfig *c, const GpuSettings *s) {
     if (c->d_model % 8 || c->d_ff % 8 || c->head_dim % 8)
         die("%s config: d_model (%d), d_ff (%d) and head_dim (%d) must be multiples of 8 on the GPU path",
             family_name(c->family), c->d_model, c->d_ff, c->head_dim);
+    char msg[256];
+    if (lora_config_check(&s->lora, msg, sizeof(msg))) die("%s", msg);
+    if (s->lora.rank % 8)
+        die("LoRA rank %d: the GPU path needs a multiple of 8 (the adapter GEMMs' rows stay 16-byte aligned)", s->lora.rank);
     for (int sliding = 0; sliding < 2; sliding++) {
         int layer = -1;
         for (int l = 0; l < c->n_layers; l++) if (config_layer_is_sliding(c, l) == sliding) { layer = l; break; }
@@ -801,22 +882,40 @@ static void check_supported(const ModelConfig *c, const GpuSettings *s) {
     }
 }
 
-// The kernel modules' own figures for this shape: attention workspace (cuDNN's, or the soft-cap
-// kernels' B Hq S floats; largest over the layer kinds and the (1, S) sampling shape), reduction
-// scratch over N rows, grad-norm partials.
-static MstKernelFigures kernel_figures(const ModelConfig *c, const GpuSettings *s) {
-    MstKernelFigures f;
-    f.attn_workspace = 0;
+// Attention workspace with the backward in G head groups: largest over the layer kinds and the
+// (1, S) sampling shape; sequence parallel: this rank's heads over every token of a row.
+static size_t attention_workspace_figure(const ModelConfig *c, const GpuSettings *s, int G) {
+    size_t most = 0;
     UlyssesHeads u;
     int sp = settings_sp(c, s, &u);
     for (int l = 0; l < c->n_layers && l < 2; l++) {
         for (int b = 0; b < 2; b++) {
             AttentionShape sh = attention_shape_sp(c, l, b == 0 ? s->B : 1, s->S, sp, &u);
+            sh.head_groups = G;  // the sampling shape runs only the forward, which is the same for every G
             size_t w = attention_via_softcap(&sh) ? attention_softcap_workspace_bytes(&sh)
                                                   : attention_workspace_bytes(&sh);
-            if (w > f.attn_workspace) f.attn_workspace = w;
+            if (w > most) most = w;
         }
     }
+    return most;
+}
+
+// The kv heads of one GPU's attention: all, or this rank's with sequence parallel.
+static int attn_kv_heads(const ModelConfig *c, const GpuSettings *s) {
+    UlyssesHeads u;
+    return settings_sp(c, s, &u) > 1 ? u.hkv_loc : c->n_kv_heads;
+}
+
+// The kernel modules' own figures for this shape: attention workspace (cuDNN's, or the soft-cap
+// kernels' B Hq S floats), reduction scratch over N rows, grad-norm partials. head_groups: 1 also
+// builds cuDNN's backward in 2, 4 and 8 head groups (those that divide the kv heads of one GPU's
+// attention) for their workspace.
+static MstKernelFigures kernel_figures(const ModelConfig *c, const GpuSettings *s, int head_groups) {
+    MstKernelFigures f;
+    memset(&f, 0, sizeof(f));
+    f.attn_workspace = attention_workspace_figure(c, s, 1);
+    for (int k = 0; k < 3 && head_groups && c->attn_softcap == 0.0f; k++)
+        if (attn_kv_heads(c, s) % (2 << k) == 0) f.attn_workspace_grouped[k] = attention_workspace_figure(c, s, 2 << k);
     int N = s->B * s->S;
     size_t norm_floats = (size_t)ceil_div(N, rmsnorm_rows_per_block()) * c->d_model;
     size_t bias_floats = c->qkv_bias ? bias_grad_scratch_floats(N, qkv_features(c)) : 0;
@@ -831,6 +930,19 @@ static void bind_buffers(GpuModel *m) {
     const ModelConfig *c = &m->config;
     m->params = (bf16 *)plan_req(m, "params", 0);
     m->rope = (float *)plan_req(m, "rope_cos_sin", 0);
+    GpuLora *g = &m->lora;
+    g->params = (bf16 *)plan_ptr(m, "lora_params", 0);
+    g->grads = (float *)plan_ptr(m, "lora_grads", 0);
+    g->grads_per_layer = g->grads == NULL;
+    if (g->grads_per_layer) g->grads = (float *)plan_ptr(m, "lora_layer_grads", 0);
+    g->bblk[LG_QKV] = (bf16 *)plan_ptr(m, "lora_bblk_qkv", 0);
+    g->bblk[LG_GATE_UP] = (bf16 *)plan_ptr(m, "lora_bblk_gate_up", 0);
+    g->u = (bf16 *)plan_ptr(m, "lora_u", 0);
+    g->du = (bf16 *)plan_ptr(m, "lora_du", 0);
+    g->dbblk = (float *)plan_ptr(m, "lora_dbblk", 0);
+    g->qbase = (unsigned char *)plan_ptr(m, "qbase", 0);
+    g->wlayer = (bf16 *)plan_ptr(m, "qbase_layer", 0);
+    g->wlayer_of = -1;
     m->adam_m = plan_req(m, "adam_m", 0);
     m->adam_v = plan_req(m, "adam_v", 0);
     m->adam_m_absmax = (float *)plan_ptr(m, "adam_m_absmax", 0);
@@ -902,7 +1014,7 @@ static void bind_buffers(GpuModel *m) {
 #define OPT_STATE_PIECES 5
 
 static int opt_state_pieces(const GpuModel *m, void **ptr, size_t *bytes) {
-    size_t n = m->layout.total;
+    size_t n = m->n_train;
     int k = 0;
     if (m->settings.moments_8bit) {
         size_t blocks = m->adam8_layout.total;
@@ -941,14 +1053,38 @@ static size_t physical_memory_bytes(void) {
     return (pages > 0 && page > 0) ? (size_t)pages * (size_t)page : 0;
 }
 
+// A quantized base: the embedding, final norm and LM head to params (without the layers between
+// them, see P()), each layer's block through the dequantized-layer buffer into its quantized record.
+static void upload_quantized_base(GpuModel *m, const uint16_t *params_bf16) {
+    const ParamLayout *p = &m->layout;
+    cudaStream_t st = m->stream;
+    size_t layers_end = p->layers_begin + (size_t)m->config.n_layers * p->layer_size;
+    cudaCheck(cudaMemcpyAsync(m->params, params_bf16, p->layers_begin * sizeof(uint16_t), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemcpyAsync(P(m, layers_end), params_bf16 + layers_end, (p->total - layers_end) * sizeof(uint16_t),
+                              cudaMemcpyHostToDevice, st));
+    for (int l = 0; l < m->config.n_layers; l++) {
+        cudaCheck(cudaMemcpyAsync(m->lora.wlayer, params_bf16 + p->layers_begin + (size_t)l * p->layer_size,
+                                  p->layer_size * sizeof(uint16_t), cudaMemcpyHostToDevice, st));
+        qbase_store_layer(&m->lora, p, l, m->lora.wlayer, st);
+    }
+}
+
 typedef struct { GpuModel *m; uint64_t seed; cudaStream_t stream; } RandomInitCtx;
 
+// One tensor of the benchmark init. With a quantized base, a layer's tensors are drawn into the
+// dequantized-layer buffer and the layer is quantized into its record after its last tensor.
 static void random_init_tensor(const char *name, size_t offset, size_t rows, size_t cols, void *ctx) {
     RandomInitCtx *x = (RandomInitCtx *)ctx;
-    bf16 *out = x->m->params + offset;
+    GpuModel *m = x->m;
+    const ParamLayout *p = &m->layout;
+    size_t in_layers = offset - p->layers_begin;
+    int layer_tensor = quantized_base(m) && offset >= p->layers_begin && in_layers < (size_t)m->config.n_layers * p->layer_size;
+    bf16 *out = layer_tensor ? m->lora.wlayer + in_layers % p->layer_size : P(m, offset);
     if (rows > 1) random_normal_fill(out, rows * cols, x->seed, offset, 0.02f, x->stream);
-    else if (strstr(name, "norm")) constant_fill(out, cols, x->m->config.norm_offset ? 0.0f : 1.0f, x->stream);
+    else if (strstr(name, "norm")) constant_fill(out, cols, m->config.norm_offset ? 0.0f : 1.0f, x->stream);
     else constant_fill(out, cols, 0.0f, x->stream);  // biases
+    if (layer_tensor && (in_layers + rows * cols) % p->layer_size == 0)
+        qbase_store_layer(&m->lora, p, (int)(in_layers / p->layer_size), m->lora.wlayer, x->stream);
 }
 
 // The benchmark init of gpu_model_init (gpu_model.h), on the device: no host copy of the weights.
@@ -979,13 +1115,14 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     param_layout_init(&m->layout, c);
     adam8_layout_init(&m->adam8_layout, &m->layout, c);
     if (s->moment_type != DT_FP32 && s->moment_type != DT_BF16) die("moment type %d is not fp32 or bf16", (int)s->moment_type);
+    if (s->moments_8bit && s->lora.rank) die("8-bit moments are for full-parameter training, not LoRA adapters");
     m->comm = s->comm;
     m->sp = settings_sp(c, s, &m->heads);
     size_t free_b, total_b;
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
     ensure_handles();
     check_supported(c, s);  // dies naming the family and cuDNN's reason
-    MstKernelFigures fig = kernel_figures(c, s);
+    MstKernelFigures fig = kernel_figures(c, s, 0);
 
     MstSettings ms;
     memset(&ms, 0, sizeof(ms));
@@ -1002,14 +1139,27 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     ms.ranks = m->comm ? m->comm->world : 1;
     ms.seq_parallel = m->sp > 1;
     ms.overlap_optimizer = s->overlap_optimizer && s->grad_accum_steps == 1;
+    ms.attn_head_groups = s->attn_head_groups;
+    ms.lora = s->lora;
+    m->lora.cfg = s->lora;
+    lora_layout_init(&m->lora.layout, c, &s->lora);
+    quant_layer_layout_init(&m->lora.qlayout, &m->layout, s->lora.base_quant);
+    m->n_train = s->lora.rank ? m->lora.layout.total : m->layout.total;
     if (s->gpu_mem_budget == 0) s->gpu_mem_budget = free_b > GPU_MEM_MARGIN ? free_b - GPU_MEM_MARGIN : 0;
     if (s->host_mem_budget == 0) s->host_mem_budget = mst_default_host_budget(physical_memory_bytes()) / (m->comm ? m->comm->local_world : 1);
     char msg[4096];
-    if (!mst_plan_auto(&m->plan, c, &ms, &fig, s->gpu_mem_budget, s->host_mem_budget, msg, sizeof(msg)))
-        die("%s %dx%d: refusing to start: %s", family_name(c->family), s->B, s->S, msg);
+    // the attention backward in head groups is built only when one call does not fit (or is asked for)
+    int fits = s->attn_head_groups <= 1 &&
+               mst_plan_auto(&m->plan, c, &ms, &fig, s->gpu_mem_budget, s->host_mem_budget, msg, sizeof(msg));
+    if (!fits && c->attn_softcap == 0.0f && s->attn_head_groups != 1) {
+        fig = kernel_figures(c, s, 1);
+        fits = mst_plan_auto(&m->plan, c, &ms, &fig, s->gpu_mem_budget, s->host_mem_budget, msg, sizeof(msg));
+    }
+    if (!fits) die("%s %dx%d: refusing to start: %s", family_name(c->family), s->B, s->S, msg);
     s->mst_chunks = m->plan.settings.mst_chunks;
     s->vocab_chunk = m->plan.settings.vocab_chunk;
     s->host_layers = m->plan.host_layers;
+    s->attn_head_groups = m->plan.settings.attn_head_groups > 1 ? m->plan.settings.attn_head_groups : 1;
     m->settings = *s;
 
     size_t free_before, free_after;
@@ -1033,8 +1183,9 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
 
     const ParamLayout *p = &m->layout;
     cudaStream_t st = m->stream;
-    if (params_bf16) cudaCheck(cudaMemcpyAsync(m->params, params_bf16, p->total * sizeof(uint16_t), cudaMemcpyHostToDevice, st));
-    else random_init_params(m, s->init_seed, st);
+    if (!params_bf16) random_init_params(m, s->init_seed, st);
+    else if (quantized_base(m)) upload_quantized_base(m, params_bf16);
+    else cudaCheck(cudaMemcpyAsync(m->params, params_bf16, p->total * sizeof(uint16_t), cudaMemcpyHostToDevice, st));
     size_t positions = (size_t)s->S * m->sp;  // sequence parallel: every position of the whole row
     float *rope = (float *)mallocCheck(positions * c->head_dim * sizeof(float));
     rope_table_fill(rope, (int)positions, c->head_dim, c->rope_theta, c->rope_scaling, c->rope_factor, c->rope_low_freq_factor,
@@ -1046,9 +1197,18 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
         const PlanEntry *e = mst_plan_find(&m->plan, moments[i]);
         if (e) cudaCheck(cudaMemsetAsync(plan_req(m, moments[i], 0), 0, e->bytes, st));
     }
-    if (m->master && m->comm) dist_init_master(m);
-    else if (m->master) cast_bf16_to_fp32(m->master, m->params, p->total, st);
     if (m->grads) cudaCheck(cudaMemsetAsync(m->grads, 0, p->total * sizeof(float), st));
+    if (s->lora.rank) {
+        float *adapters = (float *)mallocCheck(m->n_train * sizeof(float));
+        lora_init_params(adapters, &m->lora.layout, s->lora_seed);
+        gpu_model_set_lora(m, adapters);  // also the master copy
+        free(adapters);
+        if (!m->lora.grads_per_layer) cudaCheck(cudaMemsetAsync(m->lora.grads, 0, m->n_train * sizeof(float), st));
+    } else if (m->master && m->comm) {
+        dist_init_master(m);
+    } else if (m->master) {
+        cast_bf16_to_fp32(m->master, m->params, p->total, st);
+    }
     cudaCheck(cudaStreamSynchronize(st));
     free(rope);
 
@@ -1079,11 +1239,35 @@ void gpu_model_profile_print(const GpuModel *m, FILE *f) {
 }
 
 void gpu_model_get_params(GpuModel *m, uint16_t *params_bf16_host) {
+    if (quantized_base(m)) die("gpu_model_get_params: the base is stored quantized (%s): its bf16 weights are not kept",
+                               base_quant_name(m->lora.cfg.base_quant));
     cudaCheck(cudaStreamSynchronize(m->stream));
     cudaCheck(cudaMemcpy(params_bf16_host, m->params, m->layout.total * sizeof(uint16_t), cudaMemcpyDeviceToHost));
 }
 
 #define OPT_STATE_TRAILER 16
+
+void gpu_model_get_lora(GpuModel *m, float *host) {
+    if (m->lora.cfg.rank == 0) die("gpu_model_get_lora: the model has no LoRA adapters");
+    size_t n = m->n_train;
+    uint16_t *bits = (uint16_t *)mallocCheck(n * sizeof(uint16_t));
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    cudaCheck(cudaMemcpy(bits, m->lora.params, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; i++) host[i] = bf16_bits_to_float(bits[i]);
+    free(bits);
+}
+
+// The adapters rounded to bf16 (and, with master weights, kept exactly in the fp32 master copy).
+void gpu_model_set_lora(GpuModel *m, const float *host) {
+    if (m->lora.cfg.rank == 0) die("gpu_model_set_lora: the model has no LoRA adapters");
+    size_t n = m->n_train;
+    uint16_t *bits = (uint16_t *)mallocCheck(n * sizeof(uint16_t));
+    for (size_t i = 0; i < n; i++) bits[i] = float_to_bf16_bits(host[i]);
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    cudaCheck(cudaMemcpy(m->lora.params, bits, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+    if (m->master) cudaCheck(cudaMemcpy(m->master, host, n * sizeof(float), cudaMemcpyHostToDevice));
+    free(bits);
+}
 
 size_t gpu_model_optimizer_state_bytes(const GpuModel *m) {
     void *ptr[OPT_STATE_PIECES];
@@ -1151,9 +1335,10 @@ void gpu_model_memory_report(GpuModel *m, MemoryReport *r) {
 }
 
 void gpu_model_debug_grads(GpuModel *m, float *grads_host) {
-    if (m->grads == NULL) die("gradients are kept only with grad_accum_steps > 1 (optimizer-in-backward consumes them)");
+    const float *grads = m->lora.cfg.rank ? (m->lora.grads_per_layer ? NULL : m->lora.grads) : m->grads;
+    if (grads == NULL) die("gradients are kept only with grad_accum_steps > 1 (optimizer-in-backward consumes them)");
     cudaCheck(cudaStreamSynchronize(m->stream));
-    cudaCheck(cudaMemcpy(grads_host, m->grads, m->layout.total * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(grads_host, grads, m->n_train * sizeof(float), cudaMemcpyDeviceToHost));
 }
 
 void gpu_model_free(GpuModel *m) {

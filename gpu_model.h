@@ -19,6 +19,7 @@
 
 #include "comm.h"
 #include "cuda_utils.h"
+#include "lora_gpu.h"
 #include "model_config.h"
 #include "mst.h"
 #include "step_profile.h"
@@ -37,8 +38,12 @@ typedef struct {
     int moments_8bit;       // 1: 8-bit block-wise moments (--optimizer adamw8bit; adamw8bit.h)
     int master_weights;     // 1: fp32 master weights (bf16 weights are round-to-nearest copies)
     size_t gpu_mem_budget;  // bytes for arena + cuBLASLt workspace; 0: free memory minus a 1 GiB margin
-    size_t host_mem_budget; // pinned bytes for offloaded layer inputs; 0: 3/4 of physical memory (shared by the ranks of a host)
+    size_t host_mem_budget; // pinned bytes for offloaded layer inputs; 0: mst_default_host_budget(physical memory)
+                            // (shared by the ranks of a host)
+    LoraConfig lora;        // rank 0: every weight trains; else adapters on a frozen (optionally quantized) base
+    uint64_t lora_seed;     // initialization of new adapters (lora_init_params)
     uint64_t init_seed;     // gpu_model_init with no parameters: the seed of the random init
+    int attn_head_groups;   // attention backward in 1, 2, 4 or 8 head-group calls (less cuDNN workspace); 0 = auto
     Comm *comm;             // NULL: one GPU; else the ranks this model trains with (comm.h)
     int seq_parallel;       // with comm: 1 = Ulysses sequence parallel (B, S: every row, this rank's S tokens)
     int overlap_optimizer;  // one GPU, optimizer-in-backward: 1 = a layer's AdamW on the side stream, overlapping
@@ -111,7 +116,7 @@ typedef struct {
     size_t peak_used;
     StepProfile *profile;  // NULL unless gpu_model_profile_enable
     int capture;           // 1: the next update copies its gradient to capture_grads (gpu_model_capture_grads)
-    float *capture_grads;  // host, layout.total floats (may be NULL on ranks other than 0)
+    float *capture_grads;  // host, n_train floats (may be NULL on ranks other than 0)
     // several GPUs (NULL / 0 on one): the ranks, this rank's ZeRO parts, the side stream of the
     // gradient exchange and update, its events, and the sequence-parallel heads and buffers
     Comm *comm;
@@ -123,6 +128,10 @@ typedef struct {
     cudaEvent_t ev_compute, ev_grads_free[2], ev_head_free, ev_grad_done;
     float *grad_shard;           // the summed gradient of this rank's part of one block
     bf16 *a2a_send, *a2a_recv, *datt_heads, *dqkv_heads;
+    // LoRA: the adapters and their gradients, the quantized base (lora_gpu.h). With LoRA the AdamW
+    // moments and master weights above are the adapters' (n_train values) and the base has no gradients.
+    GpuLora lora;
+    size_t n_train;    // values with gradients and optimizer state: layout.total, or the adapters'
 } GpuModel;
 
 // Resolves the auto settings in *s, plans, refuses (dies with the plan breakdown and what would
@@ -146,17 +155,24 @@ void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_
 float gpu_model_eval_loss(GpuModel *m, const int32_t *tokens, const int32_t *targets);
 // Logits (V, fp32, soft-capped where the family does) at position n_tokens - 1 of one sequence.
 void gpu_model_next_token_logits(GpuModel *m, const int32_t *tokens, int n_tokens, float *logits_host);
+// The bf16 weights (layout.total); with LoRA the frozen base (refused when it is quantized: the bf16
+// base is not kept).
 void gpu_model_get_params(GpuModel *m, uint16_t *params_bf16_host);
-// Optimizer state blob: m | v (moment_type) | [master fp32] | float prev_grad_norm | int32 has_prev | 8 zero bytes.
-// With moments_8bit, m and v are each codes (adam8_layout.total * ADAM8_BLOCK bytes, uint8) | scales
-// (adam8_layout.total fp32): m codes | m scales | v codes | v scales | [master] | the same trailer.
+// The LoRA adapters (lora.h layout, n_train floats: the bf16 adapters widened / the values rounded to bf16).
+void gpu_model_get_lora(GpuModel *m, float *host);
+void gpu_model_set_lora(GpuModel *m, const float *host);
+// Optimizer state blob over the n_train trainable values:
+// m | v (moment_type) | [master fp32] | float prev_grad_norm | int32 has_prev | 8 zero bytes.
+// With moments_8bit (full-parameter only), m and v are each codes (adam8_layout.total * ADAM8_BLOCK
+// bytes, uint8) | scales (adam8_layout.total fp32): m codes | m scales | v codes | v scales | [master] | the same trailer.
 size_t gpu_model_optimizer_state_bytes(const GpuModel *m);
 void gpu_model_get_optimizer_state(GpuModel *m, void *host);
 void gpu_model_set_optimizer_state(GpuModel *m, const void *host);
 void gpu_model_memory_report(GpuModel *m, MemoryReport *r);
-// The gradients accumulated so far (layout.total floats); needs grad_accum_steps > 1.
+// The gradients accumulated so far (n_train floats: every parameter, or with LoRA the adapters);
+// needs grad_accum_steps > 1.
 void gpu_model_debug_grads(GpuModel *m, float *grads_host);
-// The next optimizer update first copies the gradient it applies (layout.total floats, summed over
+// The next optimizer update first copies the gradient it applies (n_train floats, summed over
 // the ranks, before clipping) to grads_host (rank 0's on several GPUs; the others may pass NULL).
 // Needs grad_accum_steps > 1 (optimizer-in-backward never holds the whole gradient).
 void gpu_model_capture_grads(GpuModel *m, float *grads_host);

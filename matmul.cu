@@ -18,7 +18,9 @@ typedef struct {
     cublasLtMatmulAlgo_t algo;
 } GemmPlan;
 
-#define GEMM_PLAN_CACHE_SIZE 64
+// Room for every shape of a training step: the base GEMMs, their tail chunks, and with LoRA six
+// adapter GEMMs per fused group (a full table evicts round-robin and re-runs the heuristic).
+#define GEMM_PLAN_CACHE_SIZE 256
 
 typedef struct {
     cublasLtHandle_t handle;
@@ -186,6 +188,7 @@ void linear_backward_input(bf16 *dinp, const bf16 *dout, const bf16 *W, int N, i
 
 void linear_backward_weight(void *dW, DType dw_type, const bf16 *dout, const bf16 *inp, int N, int in,
                             int out_features, int accumulate, cudaStream_t stream) {
+    if (dW == NULL) return;  // a frozen weight
     gemm(dW, dw_type, dout, 1, inp, 0, out_features, in, N, 1.0f, accumulate ? 1.0f : 0.0f, NULL, stream);
 }
 
@@ -230,6 +233,7 @@ __global__ void bias_grad_finalize_kernel(float *dbias, const float *partial, in
 }
 
 void bias_backward(float *dbias, float *scratch, const bf16 *dout, int N, int out_features, cudaStream_t stream) {
+    if (dbias == NULL) return;  // a frozen bias
     if (N <= 0 || out_features <= 0) die("bias_backward: bad shape N=%d out=%d", N, out_features);
     int n_row_blocks = ceil_div(N, BIAS_GRAD_ROWS_PER_BLOCK);
     if (n_row_blocks > 65535) {

@@ -24,10 +24,11 @@ void linear_forward(void *out, DType out_type, const bf16 *inp, const bf16 *W, c
 void linear_backward_input(bf16 *dinp, const bf16 *dout, const bf16 *W, int N, int in, int out_features,
                            int accumulate, cudaStream_t stream);
 // dW (out, in) = dout^T (out, N) inp (N, in) [+ dW when accumulate] ; dW fp32 or bf16. The first
-// write of a step overwrites, so nothing needs zeroing (and the GEMM does not read dW).
+// write of a step overwrites, so nothing needs zeroing (and the GEMM does not read dW). dW NULL: a
+// frozen weight, nothing to do.
 void linear_backward_weight(void *dW, DType dw_type, const bf16 *dout, const bf16 *inp, int N, int in,
                             int out_features, int accumulate, cudaStream_t stream);
-// dbias (out) fp32 += column sums of dout (N, out); `scratch` holds at least
+// dbias (out) fp32 += column sums of dout (N, out) (dbias NULL: frozen, nothing to do); `scratch` holds at least
 // bias_grad_scratch_floats(N, out) floats (deterministic, no atomics).
 void bias_backward(float *dbias, float *scratch, const bf16 *dout, int N, int out_features, cudaStream_t stream);
 size_t bias_grad_scratch_floats(int N, int out_features);

@@ -9,14 +9,19 @@
 // vocabulary tiles) run in gpu_model.cu on the buffers planned here.
 //
 // Buffers (N = B*S tokens, c = chunk rows = ceil(N / M), vc = vocabulary columns per tile):
-//   weights        params bf16, RoPE cos/sin table (S, hd) fp32
-//   optimizer      AdamW moments m, v (bf16 or fp32; or 8-bit codes + an fp32 scale per 256-element
-//                  block, adamw8bit.h), optional fp32 master weights
+//   weights        params bf16, RoPE cos/sin table (S, hd) fp32; with LoRA the adapters (bf16) and
+//                  the block-diagonal B of q|k|v and gate|up (lora_gpu.h); with a quantized base
+//                  the per-layer records (quant.h), one dequantized layer (bf16) and, bf16, only
+//                  the embedding, final norm and LM head
+//   optimizer      AdamW moments m, v (bf16 or fp32; or, full-parameter only, 8-bit codes + an fp32
+//                  scale per 256-element block, adamw8bit.h), optional fp32 master weights: of every
+//                  parameter, or with LoRA of the adapters only (the base is frozen)
 //   gradients      fp32: the full model with gradient accumulation; with optimizer-in-backward
 //                  (grad_accum_steps = 1) one layer's block + embedding/LM head + final norm;
 //                  grad-norm partial sums. An untied model's embedding/LM-head gradient buffer
 //                  lives in the shared region (below): it is in use only when no layer is
-//                  (counted there, as intermediates)
+//                  (counted there, as intermediates). With LoRA the same for the adapters only
+//                  (all layers, or one layer's block) and no embedding/LM-head gradients
 //   activations    saved layer inputs (N, d) bf16 per device-resident layer; without recompute
 //                  also each layer's attention activations (and with M = 1 its MLP ones)
 //   intermediates  the residual stream's end (x_final, which the LM head's backward overwrites
@@ -41,6 +46,7 @@
 #define MST_H
 
 #include "adamw8bit.h"
+#include "lora.h"
 #include "model_config.h"
 #include "ulysses.h"
 #include "zero.h"
@@ -74,6 +80,9 @@ typedef struct {
     int seq_parallel;      // 1 (ranks > 1): Ulysses sequence parallel; S is this GPU's tokens of a row
     int overlap_optimizer; // 1: optimizer-in-backward on one GPU runs a layer's AdamW on a side stream
                            // while the backward of the layer below goes on (two layer-gradient buffers)
+    int attn_head_groups;  // G: the attention backward runs in G calls over Hq/G query heads each, which
+                           // divides cuDNN's fp32 workspace by about G; 1, 2, 4 or 8 dividing Hkv; 0 = auto
+    LoraConfig lora;       // rank 0: every weight trains; else adapters on a frozen (optionally quantized) base
 } MstSettings;
 
 
@@ -88,10 +97,33 @@ static inline int mst_full_seq(const MstSettings *s) { return s->seq_parallel ? 
 // the launchers; without a GPU mst_kernel_figures_estimate() gives documented estimates.
 typedef struct {
     size_t attn_workspace;      // attention workspace for (B, S), bytes: cuDNN SDPA's or the soft-cap backward's
+    size_t attn_workspace_grouped[3];  // the same with the backward in 2, 4, 8 head groups; 0: not offered
     size_t matmul_workspace;    // cuBLASLt workspace (allocated by matmul_init, outside the arena)
     size_t reduce_scratch;      // fp32 partial sums of the norm-weight / bias gradients over N rows, bytes
     size_t grad_norm_partials;  // floats of the grad-norm partial sums
 } MstKernelFigures;
+
+// The attention workspace with the backward in G head groups (G <= 1: one call); 0 when not offered.
+static inline size_t mst_attn_workspace(const MstKernelFigures *f, int G) {
+    return G <= 1 ? f->attn_workspace : G == 2 ? f->attn_workspace_grouped[0] : G == 4 ? f->attn_workspace_grouped[1]
+                                                : G == 8 ? f->attn_workspace_grouped[2] : 0;
+}
+
+// The kv heads that one GPU's attention runs on: all of them, or with sequence parallel this GPU's
+// (ulysses.h; a replicated kv head counts once). Head groups must divide them.
+static inline int mst_attn_kv_heads(const ModelConfig *c, const MstSettings *s) {
+    UlyssesHeads u;
+    char msg[256];
+    if (!s->seq_parallel || ulysses_heads_init(&u, s->ranks, c->n_heads, c->n_kv_heads, c->head_dim, msg, sizeof(msg)))
+        return c->n_kv_heads;
+    return u.hkv_loc;
+}
+
+// 1 when the attention backward may run in G head groups: one call always; G > 1 when the figures
+// offer it and G divides the kv heads of one GPU's attention.
+static inline int mst_head_groups_offered(const ModelConfig *c, const MstSettings *s, const MstKernelFigures *f, int G) {
+    return G <= 1 || (mst_attn_workspace(f, G) > 0 && mst_attn_kv_heads(c, s) % G == 0);
+}
 
 typedef struct {
     char name[32];
@@ -129,18 +161,28 @@ static inline const char *mst_category_name(int c) {
 static inline size_t mst_align(size_t bytes) { return (bytes + MST_ALIGN - 1) / MST_ALIGN * MST_ALIGN; }
 static inline size_t mst_ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
-// Estimates for planning without a GPU. cuDNN's SDPA backward asks for about an fp32 dQ
-// accumulator (B, S, Hq, hd) plus two fp32 row statistics (B, Hq, S); with an attention soft-cap
+// Estimates for planning without a GPU. cuDNN 9.14's SDPA backward on the H100 asks for two fp32
+// (B, S, Hq, hd) buffers plus one fp32 row statistic (B, Hq, S): 128.5 MiB for Llama-3-8B at S=4096
+// (measured); with the backward in G head groups, the same for Hq/G heads; with an attention soft-cap
 // every layer runs the soft-cap kernels instead, whose workspace is exactly one fp32 (B, Hq, S)
 // (attention_softcap_workspace_bytes in attention_softcap.cu); the norm/bias gradient
 // reductions keep one fp32 row of partial sums per 32 rows for the widest reduced tensor (the
 // fused QKV bias); 1024 grad-norm partials; 32 MiB of cuBLASLt workspace.
+static inline size_t mst_attn_workspace_estimate(const ModelConfig *c, size_t N, int head_groups) {
+    size_t heads = (size_t)(c->n_heads / head_groups);
+    return 2 * N * heads * c->head_dim * 4 + N * heads * 4;
+}
+
 static inline void mst_kernel_figures_estimate(const ModelConfig *c, int B, int S, MstKernelFigures *f) {
     size_t N = (size_t)B * S;
     size_t qkv = (size_t)(c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
     size_t widest = qkv > (size_t)c->d_model ? qkv : (size_t)c->d_model;
-    f->attn_workspace = c->attn_softcap > 0.0f ? N * c->n_heads * 4
-                                               : N * c->n_heads * c->head_dim * 4 + 2 * N * c->n_heads * 4;
+    f->attn_workspace = c->attn_softcap > 0.0f ? N * c->n_heads * 4 : mst_attn_workspace_estimate(c, N, 1);
+    for (int k = 0; k < 3; k++) {
+        int G = 2 << k;
+        f->attn_workspace_grouped[k] = c->attn_softcap > 0.0f || c->n_kv_heads % G != 0 ? 0
+                                       : mst_attn_workspace_estimate(c, N, G);
+    }
     f->matmul_workspace = MST_MATMUL_WORKSPACE;
     f->reduce_scratch = (N + 31) / 32 * widest * 4;
     f->grad_norm_partials = 1024;
@@ -159,13 +201,31 @@ static inline const char *mst_settings_check(const ModelConfig *c, const MstSett
         snprintf(buf, len, "host layers %d must be in [0, %d] and needs offload", s->host_layers, c->n_layers); return buf;
     }
     if (s->grad_accum_steps < 1) { snprintf(buf, len, "grad_accum_steps %d must be >= 1", s->grad_accum_steps); return buf; }
+    if (!(s->attn_head_groups == 0 || s->attn_head_groups == 1 || s->attn_head_groups == 2 || s->attn_head_groups == 4 ||
+          s->attn_head_groups == 8) || (s->attn_head_groups > 1 && c->n_kv_heads % s->attn_head_groups != 0)) {
+        snprintf(buf, len, "attention head groups %d must be 1, 2, 4 or 8 and divide the %d kv heads (0 = auto)",
+                 s->attn_head_groups, c->n_kv_heads);
+        return buf;
+    }
     if (s->moment_bytes != 1 && s->moment_bytes != 2 && s->moment_bytes != 4) { snprintf(buf, len, "moment bytes %d must be 1 (8-bit), 2 (bf16) or 4 (fp32)", s->moment_bytes); return buf; }
     if (s->moment_bytes == 1 && mst_ranks(s) > 1) { snprintf(buf, len, "8-bit moments are not sharded over several GPUs (ZeRO): use --moments bf16 or fp32 with %d GPUs", s->ranks); return buf; }
+    if (s->moment_bytes == 1 && s->lora.rank) { snprintf(buf, len, "8-bit moments are for full-parameter training, not LoRA adapters"); return buf; }
+    if (s->lora.rank && mst_ranks(s) > 1) {
+        snprintf(buf, len, "LoRA trains on one GPU only: %d GPUs were asked for (the adapters' gradients are not exchanged "
+                 "between GPUs); run without mpirun / torchrun, or train every weight", s->ranks);
+        return buf;
+    }
+    if (s->lora.rank && s->overlap_optimizer) { snprintf(buf, len, "the overlapped optimizer is for full-parameter training, not LoRA adapters"); return buf; }
     if (s->ranks < 0 || (s->seq_parallel && s->ranks < 2)) { snprintf(buf, len, "ranks %d (sequence parallel %d): sequence parallelism needs 2 or more GPUs", s->ranks, s->seq_parallel); return buf; }
     if ((long)mst_full_seq(s) * s->B > (1L << 31)) { snprintf(buf, len, "B*S = %ld tokens over all GPUs is too many", (long)mst_full_seq(s) * s->B); return buf; }
     UlyssesHeads u;
     if (s->seq_parallel && ulysses_heads_init(&u, s->ranks, c->n_heads, c->n_kv_heads, c->head_dim, buf, len)) return buf;
-    return NULL;
+    if (s->attn_head_groups > 1 && mst_attn_kv_heads(c, s) % s->attn_head_groups != 0) {
+        snprintf(buf, len, "attention head groups %d must divide the %d kv heads that one GPU's attention runs on%s",
+                 s->attn_head_groups, mst_attn_kv_heads(c, s), s->seq_parallel ? " (sequence parallel: the kv heads per GPU)" : "");
+        return buf;
+    }
+    return lora_config_check(&s->lora, buf, len);
 }
 
 // ---- building a plan ----
@@ -279,6 +339,26 @@ static inline void plan_sequence_parallel(PlanBuilder *b, const ModelConfig *c, 
     plan_add(b, "dqkv_heads", rows_full * hqkv * hd * 2, 1, MEM_INTERMEDIATES);
 }
 
+// LoRA weights: the adapters (bf16) and the materialized block-diagonal B of the fused groups.
+static inline void plan_lora_weights(PlanBuilder *b, const LoraLayout *L) {
+    plan_add(b, "lora_params", L->total * 2, 1, MEM_WEIGHTS);
+    if (L->group_rank[LG_QKV]) plan_add(b, "lora_bblk_qkv", L->group_out[LG_QKV] * L->group_rank[LG_QKV] * 2, 1, MEM_WEIGHTS);
+    if (L->group_rank[LG_GATE_UP]) plan_add(b, "lora_bblk_gate_up", L->group_out[LG_GATE_UP] * L->group_rank[LG_GATE_UP] * 2, 1, MEM_WEIGHTS);
+}
+
+// LoRA working buffers of one group at a time over up to n rows: u = x A_cat^T and du (n, R) bf16,
+// dB_blk (out_g, R) fp32, each sized for the largest group.
+static inline void plan_lora_scratch(PlanBuilder *b, const LoraLayout *L, size_t n) {
+    size_t R = 0, dbblk = 0;
+    for (int g = 0; g < LORA_GROUP_COUNT; g++) {
+        if ((size_t)L->group_rank[g] > R) R = (size_t)L->group_rank[g];
+        if (L->group_out[g] * L->group_rank[g] > dbblk) dbblk = L->group_out[g] * L->group_rank[g];
+    }
+    plan_add(b, "lora_u", n * R * 2, 1, MEM_INTERMEDIATES);
+    plan_add(b, "lora_du", n * R * 2, 1, MEM_INTERMEDIATES);
+    plan_add(b, "lora_dbblk", dbblk * 4, 1, MEM_INTERMEDIATES);
+}
+
 // Builds the plan for fully resolved settings (mst_chunks >= 1, vocab_chunk >= 1, host_layers
 // explicit). Dies on invalid settings (callers validate user input with mst_settings_check first).
 static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig) {
@@ -304,13 +384,26 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     p->mlp_saved = (s->mst_chunks == 1 && !s->recompute);
     size_t rows = (size_t)p->chunk_rows, vc = (size_t)s->vocab_chunk;
 
+    LoraLayout lora;
+    lora_layout_init(&lora, c, &s->lora);
+    size_t n_train = s->lora.rank ? lora.total : lay.total;  // values with gradients and optimizer state
+
     PlanBuilder b;
     memset(&b, 0, sizeof(b));
     b.p = p;
-    plan_add(&b, "params", lay.total * 2, 1, MEM_WEIGHTS);
-    size_t state = lay.total, shard = 0;  // optimizer-state elements of this GPU, gradient-shard elements
+    if (s->lora.base_quant != BASE_QUANT_NONE) {
+        QuantLayerLayout q;
+        quant_layer_layout_init(&q, &lay, s->lora.base_quant);
+        plan_add(&b, "params", quant_rest_elems(&lay, L) * 2, 1, MEM_WEIGHTS);
+        plan_add(&b, "qbase", q.bytes, L, MEM_WEIGHTS);
+        plan_add(&b, "qbase_layer", lay.layer_size * 2, 1, MEM_WEIGHTS);
+    } else {
+        plan_add(&b, "params", lay.total * 2, 1, MEM_WEIGHTS);
+    }
+    size_t state = n_train, shard = 0;  // optimizer-state elements of this GPU, gradient-shard elements
     if (mst_ranks(s) > 1) zero_figures(&lay, c, s->ranks, &state, &shard);
     plan_add(&b, "rope_cos_sin", (size_t)mst_full_seq(s) * c->head_dim * 4, 1, MEM_WEIGHTS);
+    if (s->lora.rank) plan_lora_weights(&b, &lora);
     if (s->moment_bytes == 1) {  // codes (every tensor padded to whole blocks) and block scales; one GPU only
         Adam8Layout a8;
         adam8_layout_init(&a8, &lay, c);
@@ -323,7 +416,10 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
         plan_add(&b, "adam_v", state * s->moment_bytes, 1, MEM_OPTIMIZER);
     }
     if (s->master_weights) plan_add(&b, "master", state * 4, 1, MEM_OPTIMIZER);
-    if (s->grad_accum_steps > 1) {
+    if (s->lora.rank) {
+        if (s->grad_accum_steps > 1) plan_add(&b, "lora_grads", lora.total * 4, 1, MEM_GRADIENTS);
+        else plan_add(&b, "lora_layer_grads", lora.layer_size * 4, 1, MEM_GRADIENTS);
+    } else if (s->grad_accum_steps > 1) {
         plan_add(&b, "grads", lay.total * 4, 1, MEM_GRADIENTS);
     } else {
         plan_add(&b, "layer_grads", lay.layer_size * 4, mst_layer_grad_buffers(s), MEM_GRADIENTS);
@@ -356,11 +452,12 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     if (c->post_norms) plan_add(&b, "attn_tmp", N * d * 2, 1, MEM_INTERMEDIATES);
     if (!p->mlp_saved) plan_mlp_acts(&b, c, rows, 1, MEM_INTERMEDIATES);
     if (c->post_norms) plan_add(&b, "mlp_tmp", (p->mlp_saved ? N : rows) * d * 2, 1, MEM_INTERMEDIATES);
+    if (s->lora.rank) plan_lora_scratch(&b, &lora, N);
     plan_share_begin(&b, SHARE_LMHEAD);
     // Untied optimizer-in-backward: the head's gradient lives from the LM-head pass to its update
     // right after it, and the embedding's from the end of the layers' backward to its update, both
     // times when no layer's working buffers are in use.
-    if (s->grad_accum_steps == 1 && !c->tied_embeddings) plan_add(&b, "embed_head_grads", V * d * 4, 1, MEM_GRADIENTS);
+    if (s->grad_accum_steps == 1 && !c->tied_embeddings && !s->lora.rank) plan_add(&b, "embed_head_grads", V * d * 4, 1, MEM_GRADIENTS);
     plan_add(&b, "xf", rows * d * 2, 1, MEM_INTERMEDIATES);
     plan_add(&b, "xf_rstd", rows * 4, 1, MEM_INTERMEDIATES);
     plan_add(&b, "dxf", rows * d * 2, 1, MEM_INTERMEDIATES);
@@ -374,7 +471,7 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     plan_add(&b, "losses", N * 4, 1, MEM_INTERMEDIATES);
     plan_share_end(&b);
 
-    plan_add(&b, "attn_workspace", fig->attn_workspace, 1, MEM_WORKSPACE);
+    plan_add(&b, "attn_workspace", mst_attn_workspace(fig, s->attn_head_groups), 1, MEM_WORKSPACE);
     plan_add(&b, "reduce_scratch", fig->reduce_scratch, 1, MEM_WORKSPACE);
 
     p->device_total = b.device_cursor;
@@ -413,6 +510,8 @@ static inline int mst_plan_fits(const MemoryPlan *p, size_t device_budget, size_
 static inline MstKernelFigures mst_figures_rescale(const MstKernelFigures *f, int S_from, int S_to) {
     MstKernelFigures g = *f;
     g.attn_workspace = (size_t)((double)f->attn_workspace * S_to / S_from) + 1;
+    for (int k = 0; k < 3; k++)
+        if (f->attn_workspace_grouped[k]) g.attn_workspace_grouped[k] = (size_t)((double)f->attn_workspace_grouped[k] * S_to / S_from) + 1;
     g.reduce_scratch = (size_t)((double)f->reduce_scratch * S_to / S_from) + 1;
     return g;
 }
@@ -441,12 +540,18 @@ static inline int plan_vc_candidates(const ModelConfig *c, const MstSettings *s,
 }
 
 // The most frugal settings (largest M, smallest vocab chunk, most host layers) for a hint.
-static inline MstSettings plan_frugal(const ModelConfig *c, const MstSettings *s) {
+static inline MstSettings plan_frugal(const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig) {
     int ms[64], vcs[64];
     MstSettings f = *s;
     f.mst_chunks = ms[plan_m_candidates(s, ms, 64) - 1];
     f.vocab_chunk = vcs[plan_vc_candidates(c, s, vcs, 64) - 1];
     if (s->offload && s->host_layers == 0) f.host_layers = c->n_layers;
+    if (s->attn_head_groups == 0) {  // the most groups offered, the smallest workspace
+        f.attn_head_groups = 1;
+        for (int G = 2; G <= 8; G *= 2)
+            if (mst_head_groups_offered(c, s, fig, G) && mst_attn_workspace(fig, G) < mst_attn_workspace(fig, f.attn_head_groups))
+                f.attn_head_groups = G;
+    }
     return f;
 }
 
@@ -482,6 +587,19 @@ static inline int plan_search(MemoryPlan *p, const ModelConfig *c, const MstSett
     return 0;
 }
 
+// plan_search with the attention backward in one call, else (auto) in 2, 4, 8 head groups as the
+// figures and the kv heads of one GPU's attention offer them: the first that fits.
+static inline int plan_search_groups(MemoryPlan *p, const ModelConfig *c, const MstSettings *s,
+                                     const MstKernelFigures *fig, size_t device_budget, size_t host_budget) {
+    MstSettings t = *s;
+    for (int G = 1; G <= 8; G *= 2) {
+        if (s->attn_head_groups > 0 && G != s->attn_head_groups) continue;
+        if (!mst_head_groups_offered(c, s, fig, G)) continue;
+        t.attn_head_groups = G;
+        if (plan_search(p, c, &t, fig, device_budget, host_budget)) return 1;
+    }
+    return 0;
+}
 // The moment format of a moment_bytes setting, as the plan prints it.
 static inline const char *mst_moments_name(int moment_bytes) {
     return moment_bytes == 4 ? "fp32" : moment_bytes == 2 ? "bf16" : "8-bit block-wise";
@@ -507,9 +625,9 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     msg[0] = '\0';
     const char *err = mst_settings_check(c, s, msg, msg_len);
     if (err) return 0;
-    if (plan_search(p, c, s, fig, device_budget, host_budget)) return 1;
+    if (plan_search_groups(p, c, s, fig, device_budget, host_budget)) return 1;
 
-    MstSettings f = plan_frugal(c, s);
+    MstSettings f = plan_frugal(c, s, fig);
     mst_plan_build(p, c, &f, fig);
     snprintf(msg, msg_len,
              "does not fit: B=%d S=%d needs %.2f %s on the device (arena %.2f %s + cuBLASLt %.2f %s) and %.2f %s pinned host "
@@ -519,7 +637,9 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
              MST_HUMAN(device_budget), MST_HUMAN(host_budget));
     for (int k = 0; k < MEM_CATEGORY_COUNT; k++) appendf(msg, msg_len, " %s %.2f %s%s", mst_category_name(k), MST_HUMAN(p->category_bytes[k]), k + 1 < MEM_CATEGORY_COUNT ? "," : "\n");
 
-    // Longest sequence that fits with these settings (binary search on S with the frugal choices).
+    // Longest sequence that fits with these settings (binary search on S, each S with the full
+    // search: with offload the host budget can bind before the device's, and then fewer offloaded
+    // layers than the frugal choice's all of them fit a longer sequence).
     int lo = 0, hi = s->S;
     while (hi - lo > 1) {
         int mid = lo + (hi - lo) / 2;
@@ -527,10 +647,8 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
         t.S = mid;
         if (t.mst_chunks > t.B * mid) t.mst_chunks = t.B * mid;
         MstKernelFigures g = mst_figures_rescale(fig, s->S, mid);
-        MstSettings tf = plan_frugal(c, &t);
         MemoryPlan tmp;
-        mst_plan_build(&tmp, c, &tf, &g);
-        if (mst_plan_fits(&tmp, device_budget, host_budget)) lo = mid; else hi = mid;
+        if (plan_search_groups(&tmp, c, &t, &g, device_budget, host_budget)) lo = mid; else hi = mid;
     }
     if (lo > 0) appendf(msg, msg_len, "  with these settings the longest sequence that fits is about S=%d (B=%d)\n", lo * (mst_full_seq(s) / s->S), s->B);
     else appendf(msg, msg_len, "  with these settings nothing fits, not even S=1 (the weights and optimizer state alone are too large)\n");
@@ -541,13 +659,13 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     if (!s->recompute) { alt[n_alt].what = "recompute on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; n_alt++; }
     if (!s->offload) { alt[n_alt].what = "recompute + offload on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; alt[n_alt].t.offload = 1; alt[n_alt].t.host_layers = 0; n_alt++; }
     if (s->moment_bytes == 4) { alt[n_alt].what = "bf16 optimizer moments"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 2; n_alt++; }
-    if (s->moment_bytes > 1 && mst_ranks(s) == 1) { alt[n_alt].what = "8-bit optimizer moments (--optimizer adamw8bit)"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 1; n_alt++; }
+    if (s->moment_bytes > 1 && mst_ranks(s) == 1 && !s->lora.rank) { alt[n_alt].what = "8-bit optimizer moments (--optimizer adamw8bit)"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 1; n_alt++; }
     if (s->master_weights) { alt[n_alt].what = "no fp32 master weights"; alt[n_alt].t = *s; alt[n_alt].t.master_weights = 0; n_alt++; }
     if (s->grad_accum_steps > 1) { alt[n_alt].what = "grad_accum_steps=1 (optimizer in backward)"; alt[n_alt].t = *s; alt[n_alt].t.grad_accum_steps = 1; n_alt++; }
     int any = 0;
     for (int i = 0; i < n_alt; i++) {
         MemoryPlan tmp;
-        if (plan_search(&tmp, c, &alt[i].t, fig, device_budget, host_budget)) {
+        if (plan_search_groups(&tmp, c, &alt[i].t, fig, device_budget, host_budget)) {
             appendf(msg, msg_len, "  it would fit with %s (M=%d, vocab chunk %d, %d offloaded layers)\n", alt[i].what, tmp.settings.mst_chunks, tmp.settings.vocab_chunk, tmp.host_layers);
             any = 1;
         }
@@ -581,6 +699,9 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
 //                  (dqkv, datt): attention bwd; one layer's gradients: the layer's backward
 //   LM-head set    the LM head phase; an untied embedding/head gradient also at the head update,
 //                  the embedding bwd and the optimizer (tied: from the LM head to the optimizer)
+//   LoRA           adapters, their B blocks and full gradients, the quantized base and its one
+//                  dequantized layer (it keeps the last layer loaded): always; the adapter input
+//                  products u: every layer phase; one layer's adapter gradients, du, dB_blk: its backward
 //   workspace      cuDNN's in the attention phases; the reduction scratch in the norm backwards
 // Bytes are counted by each entry's own category (unlike plan.category_bytes, which counts the
 // shared region as intermediates), over the arena only (not the cuBLASLt workspace).
@@ -621,6 +742,7 @@ static inline int phase_is_backward(int kind) { return kind >= PHASE_RECOMPUTE &
 #define PHASE_BIT(kind) (1u << (kind))
 #define PHASES_ATTENTION (PHASE_BIT(PHASE_ATTN_FWD) | PHASE_BIT(PHASE_RECOMPUTE) | PHASE_BIT(PHASE_ATTN_BWD))
 #define PHASES_LAYER_BWD (PHASE_BIT(PHASE_RECOMPUTE) | PHASE_BIT(PHASE_MLP_BWD) | PHASE_BIT(PHASE_ATTN_BWD))
+#define PHASES_LAYER (PHASE_BIT(PHASE_ATTN_FWD) | PHASE_BIT(PHASE_MLP_FWD) | PHASES_LAYER_BWD)
 #define PHASES_NORM_BWD (PHASE_BIT(PHASE_LM_HEAD) | PHASE_BIT(PHASE_MLP_BWD) | PHASE_BIT(PHASE_ATTN_BWD))
 #define PHASES_EMBED_HEAD_GRAD (PHASE_BIT(PHASE_LM_HEAD) | PHASE_BIT(PHASE_HEAD_UPDATE) | PHASE_BIT(PHASE_EMBED_BWD) | PHASE_BIT(PHASE_OPTIMIZER))
 static inline int phase_in(int kind, unsigned mask) { return (int)((mask >> kind) & 1u); }
@@ -665,10 +787,10 @@ static inline int name_in(const char *name, const char *const *list) {
 // Slices of entry e that hold live data during phase (kind, layer). Dies on an entry without a rule
 // (a new plan entry must say when it is live).
 static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int kind, int layer) {
-    static const char *const always[] = {"params", "rope_cos_sin", "adam_m", "adam_v", "master", "grads",
-                                         "final_norm_grads", "grad_norm_partials", "tokens", "targets", "embed_unique",
-                                         "embed_offsets", "embed_positions", "scalars", "grad_shard", "adam_m_absmax",
-                                         "adam_v_absmax", NULL};
+    static const char *const always[] = {"params", "rope_cos_sin", "adam_m", "adam_v", "adam_m_absmax", "adam_v_absmax",
+                                         "master", "grads", "final_norm_grads", "grad_norm_partials", "tokens", "targets",
+                                         "embed_unique", "embed_offsets", "embed_positions", "scalars", "grad_shard", "qbase",
+                                         "qbase_layer", "lora_params", "lora_bblk_qkv", "lora_bblk_gate_up", "lora_grads", NULL};
     static const char *const attn_acts[] = {"ln1", "ln1_rstd", "qkv", "att", "att_stats", "h1", "ao", "ao_rstd",
                                              "qkv_heads", "att_heads", NULL};
     static const char *const mlp_acts[] = {"ln2", "ln2_rstd", "gate_up", "glu", "dn", "dn_rstd", NULL};
@@ -702,6 +824,9 @@ static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int ki
     }
     // two buffers (side stream): one is still read by the previous layer's update while backward fills the other
     if (strcmp(n, "layer_grads") == 0) return phase_in(kind, PHASES_LAYER_BWD) ? e->count : 0;
+    if (strcmp(n, "lora_layer_grads") == 0) return phase_in(kind, PHASES_LAYER_BWD);
+    if (strcmp(n, "lora_u") == 0) return phase_in(kind, PHASES_LAYER);
+    if (strcmp(n, "lora_du") == 0 || strcmp(n, "lora_dbblk") == 0) return phase_in(kind, PHASES_LAYER_BWD);
     if (strcmp(n, "embed_head_grads") == 0) {
         if (saved) return kind >= PHASE_LM_HEAD;  // tied: the head's gradient, then the embedding's added
         return phase_in(kind, PHASES_EMBED_HEAD_GRAD);
@@ -765,12 +890,21 @@ static inline size_t mst_timeline_peak(const MemoryPlan *p, MstPhase *at) {
 static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
     const MstSettings *s = &p->settings;
     fprintf(f, "memory plan: B=%d S=%d | M=%d (%d chunks of %d rows) | vocab chunk %d (%d tile%s, %s) | recompute %s | "
-               "offload %s (%d of %d layer inputs on the host) | %s | moments %s%s\n",
+               "offload %s (%d of %d layer inputs on the host) | %s | moments %s%s%s\n",
             s->B, mst_full_seq(s), s->mst_chunks, p->n_chunks, p->chunk_rows, s->vocab_chunk, p->vocab_tiles,
             p->vocab_tiles == 1 ? "" : "s", p->vocab_tiles == 1 ? "one pass" : "two passes", s->recompute ? "on" : "off",
             s->offload ? "on" : "off", p->host_layers, p->host_layers + p->device_layers,
             s->grad_accum_steps > 1 ? "gradient accumulation (fp32 full-model gradients)" : "optimizer in backward (fp32 gradients of one layer)",
-            mst_moments_name(s->moment_bytes), s->master_weights ? " + fp32 master weights" : "");
+            mst_moments_name(s->moment_bytes), s->master_weights ? " + fp32 master weights" : "",
+            s->attn_head_groups == 2 ? " | attention backward in 2 head groups"
+            : s->attn_head_groups == 4 ? " | attention backward in 4 head groups"
+            : s->attn_head_groups == 8 ? " | attention backward in 8 head groups" : "");
+    if (s->lora.rank) {
+        char targets[64];
+        lora_targets_string(s->lora.targets, targets, sizeof(targets));
+        fprintf(f, "  LoRA rank %d on %s: frozen base (%s), gradients and optimizer state of the adapters only\n",
+                s->lora.rank, targets, s->lora.base_quant == BASE_QUANT_NONE ? "bf16" : base_quant_name(s->lora.base_quant));
+    }
     if (s->grad_accum_steps == 1 && s->overlap_optimizer && mst_ranks(s) == 1)
         fprintf(f, "  overlapped optimizer: a layer's AdamW runs on a side stream during the backward of the layer below\n");
     if (mst_ranks(s) > 1) {

@@ -388,6 +388,7 @@ void rmsnorm_backward(bf16 *dx, float *dw_fp32, float *scratch, const bf16 *dy, 
     rmsnorm_backward_kernel<<<n_blocks, RMS_BWD_WARPS * WARP_SIZE, smem, stream>>>(dx, scratch, dy, x, w, rstd, N,
                                                                                    d, w_offset, accumulate, vec);
     cudaCheckLaunch();
+    if (dw_fp32 == NULL) return;  // a frozen weight: no gradient
     dim3 block(WARP_SIZE, COLSUM_SEGMENTS);
     rmsnorm_dw_reduce_kernel<<<ceil_div(d, WARP_SIZE), block, 0, stream>>>(dw_fp32, scratch, n_blocks, d);
     cudaCheckLaunch();

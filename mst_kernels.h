@@ -21,7 +21,8 @@ void embedding_backward(void *dembed, DType dembed_type, const bf16 *dout, const
 // w_offset is 1 for Gemma (weights stored as w - 1), else 0.
 void rmsnorm_forward(bf16 *y, float *rstd, const bf16 *x, const bf16 *w, int N, int d, float eps,
                      float w_offset, cudaStream_t stream);
-// dx = (accumulate ? dx : 0) + d(y)/d(x) . dy; dw_fp32 (d) += sum over rows of dy * x * rstd.
+// dx = (accumulate ? dx : 0) + d(y)/d(x) . dy; dw_fp32 (d) += sum over rows of dy * x * rstd
+// (dw_fp32 NULL: a frozen weight, no gradient).
 // `scratch` holds ceil(N / rmsnorm_rows_per_block()) * d floats of per-block partial sums, so the
 // weight-gradient reduction is deterministic (no atomics).
 void rmsnorm_backward(bf16 *dx, float *dw_fp32, float *scratch, const bf16 *dy, const bf16 *x,

@@ -11,6 +11,12 @@
 // 8-bit moments (adamw8bit): losses, repeatability, optimizer-state round trip;
 // MsT on (M > 1, vocabulary chunked) agrees with MsT off (M = 1, one tile); next-token logits;
 // planned arena == allocated arena == cudaMemGetInfo drop (within 2 MiB).
+// LoRA (PEFT references tests/ref/<case>.lora.bin + .lora_ref.bin, scripts/make_lora_reference.py):
+// the same matrix of settings and checks on the adapters (gradients, AdamW), with a frozen base
+// (the plan has no base gradients); and a quantized base (int8, NF4): loss and adapter gradients
+// against the CPU reference model computing with the same dequantized bf16 weights (cpu_model.h),
+// within the same bf16 tolerances; the device random init on an NF4 base equals the upload of its
+// bf16 weights.
 //
 // Tolerances. bf16 storage has an 8-bit mantissa (2^-9 ~ 2e-3 relative rounding per op); through two
 // layers of bf16 GEMM inputs, residual stream and attention the errors compound. The yardstick is
@@ -35,6 +41,7 @@
 //        mst_kernels.cu matmul.cu attention_cudnn.cpp -lcublasLt -lcublas -lcudnn -o build/test_llama
 #include <math.h>
 #include "attention.h"
+#include "cpu_model.h"
 #include "gpu_model.h"
 #include "tensor_file.h"
 #include "tests/test_util.h"
@@ -145,20 +152,35 @@ typedef struct {
     OptimizerStep opt;
     const int32_t *tokens, *targets;
     int B, S;
+    LoraConfig lora;          // rank 0: the base case; else the PEFT case (p0, tensors, refs: the adapters')
+    size_t n_train;           // trainable values: layout.total or the adapters'
 } Case;
 
-static void case_load(Case *cs, const char *name) {
+// The base case <name> (model.bin, ref.bin), or with lora the PEFT case (+ lora.bin, lora_ref.bin).
+static void case_load(Case *cs, const char *name, int lora) {
     char path[512];
     memset(cs, 0, sizeof(*cs));
     cs->name = name;
     snprintf(path, sizeof(path), "tests/ref/%s.model.bin", name);
     cs->params = model_load_bf16(&cs->config, &cs->layout, path);
-    snprintf(path, sizeof(path), "tests/ref/%s.ref.bin", name);
-    tensor_file_load(&cs->ref, path);
-    param_layout_visit(&cs->layout, &cs->config, collect_tensor, &cs->tensors);
     size_t n = cs->layout.total;
-    cs->p0 = (float *)mallocCheck(n * sizeof(float));
-    for (size_t i = 0; i < n; i++) cs->p0[i] = bf16_bits_to_float(cs->params[i]);
+    if (lora) {
+        snprintf(path, sizeof(path), "tests/ref/%s.lora.bin", name);
+        lora_load(path, &cs->config, &cs->lora, NULL);
+        LoraLayout L;
+        lora_layout_init(&L, &cs->config, &cs->lora);
+        n = L.total;
+        cs->p0 = (float *)mallocCheck(n * sizeof(float));
+        lora_load(path, &cs->config, &cs->lora, cs->p0);
+        lora_layout_visit(&L, collect_tensor, &cs->tensors);
+    } else {
+        param_layout_visit(&cs->layout, &cs->config, collect_tensor, &cs->tensors);
+        cs->p0 = (float *)mallocCheck(n * sizeof(float));
+        for (size_t i = 0; i < n; i++) cs->p0[i] = bf16_bits_to_float(cs->params[i]);
+    }
+    cs->n_train = n;
+    snprintf(path, sizeof(path), "tests/ref/%s.%s.bin", name, lora ? "lora_ref" : "ref");
+    tensor_file_load(&cs->ref, path);
     cs->ref_grads = (float *)mallocCheck(n * sizeof(float));
     cs->ref_params = (float *)mallocCheck(n * sizeof(float));
     for (int i = 0; i < cs->tensors.n; i++) {
@@ -204,6 +226,7 @@ typedef struct {
     int recompute, M, vocab_chunk, offload, host_layers, accum, master;
     DType moments;
     int moments_8bit;  // --optimizer adamw8bit
+    int head_groups;   // attention backward in this many head-group calls (0: auto)
 } RunSpec;
 
 typedef struct {
@@ -248,6 +271,18 @@ static void check_params(const Case *cs, const float *got, const float *ref, dou
     free(du_ref);
 }
 
+// A model for the case with settings s: the case's adapters on its frozen base for a LoRA case.
+static void case_model_init(GpuModel *m, const Case *cs, GpuSettings *s) {
+    s->lora = cs->lora;
+    gpu_model_init(m, &cs->config, cs->params, s);
+    if (cs->lora.rank) {
+        gpu_model_set_lora(m, cs->p0);
+        expect(mst_plan_find(&m->plan, "grads") == NULL && mst_plan_find(&m->plan, "layer_grads") == NULL &&
+                   mst_plan_find(&m->plan, "embed_head_grads") == NULL && m->n_train == cs->n_train,
+               "%s", "LoRA: the plan must hold no base gradients, and the optimizer state only the adapters'");
+    }
+}
+
 static void check_arena(GpuModel *m) {
     MemoryReport r;
     gpu_model_memory_report(m, &r);
@@ -272,10 +307,11 @@ static void run_one(const Case *cs, const RunSpec *rs, RunResult *res, int print
     s.moment_type = rs->moments;
     s.moments_8bit = rs->moments_8bit;
     s.master_weights = rs->master;
+    s.attn_head_groups = rs->head_groups;
     GpuModel m;
-    gpu_model_init(&m, &cs->config, cs->params, &s);
+    case_model_init(&m, cs, &s);
     check_arena(&m);
-    size_t n = cs->layout.total;
+    size_t n = cs->n_train;
     OptimizerStep opt = cs->opt;
     StepResult sr;
     for (int step = 1; step <= 2; step++) {
@@ -306,19 +342,25 @@ static void run_one(const Case *cs, const RunSpec *rs, RunResult *res, int print
     gpu_model_free(&m);
 }
 
-// Next-token logits of both sequences (all of sequence 0, the first 20 tokens of sequence 1).
-static void check_next_token_logits(const Case *cs) {
+// Settings for the case's batch with recompute on and the given chunking, accumulation and moments.
+static GpuSettings case_settings(const Case *cs, int M, int vocab_chunk, int accum, DType moments) {
     GpuSettings s;
     memset(&s, 0, sizeof(s));
     s.B = cs->B;
     s.S = cs->S;
-    s.mst_chunks = 3;
-    s.vocab_chunk = 100;
+    s.mst_chunks = M;
+    s.vocab_chunk = vocab_chunk;
     s.recompute = 1;
-    s.grad_accum_steps = 1;
-    s.moment_type = DT_FP32;
+    s.grad_accum_steps = accum;
+    s.moment_type = moments;
+    return s;
+}
+
+// Next-token logits of both sequences (all of sequence 0, the first 20 tokens of sequence 1).
+static void check_next_token_logits(const Case *cs) {
+    GpuSettings s = case_settings(cs, 3, 100, 1, DT_FP32);
     GpuModel m;
-    gpu_model_init(&m, &cs->config, cs->params, &s);
+    case_model_init(&m, cs, &s);
     int V = cs->config.vocab_size;
     const float *ref = (const float *)tensor_file_get(&cs->ref, "logits", cs->name)->data;
     float *logits = (float *)mallocCheck((size_t)V * sizeof(float));
@@ -335,19 +377,11 @@ static void check_next_token_logits(const Case *cs) {
 
 // Optimizer state: get -> set -> get is bit-exact (moments_8bit: 8-bit moments).
 static void check_state_round_trip(const Case *cs, int moments_8bit) {
-    GpuSettings s;
-    memset(&s, 0, sizeof(s));
-    s.B = cs->B;
-    s.S = cs->S;
-    s.mst_chunks = 1;
-    s.vocab_chunk = cs->config.vocab_size;
-    s.recompute = 1;
-    s.grad_accum_steps = 1;
-    s.moment_type = DT_BF16;
+    GpuSettings s = case_settings(cs, 1, cs->config.vocab_size, 1, DT_BF16);
     s.moments_8bit = moments_8bit;
     s.master_weights = 1;
     GpuModel m;
-    gpu_model_init(&m, &cs->config, cs->params, &s);
+    case_model_init(&m, cs, &s);
     StepResult sr;
     OptimizerStep opt = cs->opt;
     gpu_model_train_micro_step(&m, cs->tokens, cs->targets, 0, &opt, &sr);
@@ -362,9 +396,76 @@ static void check_state_round_trip(const Case *cs, int moments_8bit) {
     gpu_model_free(&m);
 }
 
-static void run_case(const char *name) {
+// A quantized base (kind): loss and adapter gradients on the GPU against the CPU reference model
+// with the same dequantized weights (cpu_model_load_bf16 rounds each projection through quant.h).
+static void check_quantized_base(const Case *cs, int kind) {
+    Case q = *cs;
+    q.lora.base_quant = kind;
+    CpuModel cpu;
+    cpu_model_init(&cpu, &cs->config, cs->B, cs->S);
+    cpu_model_init_lora(&cpu, &q.lora, 0);
+    memcpy(cpu.lora_params, cs->p0, cs->n_train * sizeof(float));
+    cpu_model_load_bf16(&cpu, cs->params);
+    float cpu_loss = cpu_model_forward(&cpu, cs->tokens, cs->targets, cs->B, cs->S);
+    cpu_model_backward(&cpu);
+    GpuSettings s = case_settings(cs, 3, 64, 2, DT_FP32);
+    GpuModel m;
+    case_model_init(&m, &q, &s);
+    check_arena(&m);
+    expect(mst_plan_find(&m.plan, "qbase") != NULL && mst_plan_find(&m.plan, "params")->bytes <
+               mst_align(cs->layout.total * sizeof(uint16_t)), "%s", "a quantized base must not keep the bf16 layers");
+    StepResult sr;
+    OptimizerStep opt = cs->opt;
+    gpu_model_train_micro_step(&m, cs->tokens, cs->targets, 0, &opt, &sr);
+    float *grads = (float *)mallocCheck(cs->n_train * sizeof(float));
+    gpu_model_debug_grads(&m, grads);
+    for (size_t i = 0; i < cs->n_train; i++) grads[i] *= 2.0f;
+    char what[32];
+    snprintf(what, sizeof(what), "%s loss", base_quant_name(kind));
+    compare_scalar(what, sr.loss, cpu_loss, TOL_LOSS);
+    snprintf(what, sizeof(what), "%s grad", base_quant_name(kind));
+    check_grads(cs, grads, cpu.lora_grads, TOL_GRAD, what, 0);
+    print_worst();
+    free(grads);
+    gpu_model_free(&m);
+    cpu_model_free(&cpu);
+}
+
+// The benchmark init (gpu_model_init with no weights, as for --preset) on a quantized base: the
+// layers are drawn into the dequantized-layer buffer and quantized one by one. A model initialized
+// from the same draw's bf16 weights (read back from a bf16-base model) and quantized on upload must
+// give the same loss, bit for bit.
+static void check_random_init_quantized(const Case *cs, int kind) {
+    GpuSettings s = case_settings(cs, 3, 64, 2, DT_FP32);
+    s.init_seed = 1234;
+    s.lora = cs->lora;
+    GpuModel m;
+    gpu_model_init(&m, &cs->config, NULL, &s);
+    uint16_t *w = (uint16_t *)mallocCheck(cs->layout.total * sizeof(uint16_t));
+    gpu_model_get_params(&m, w);
+    gpu_model_free(&m);
+    float loss[2];
+    for (int from_host = 0; from_host < 2; from_host++) {
+        s = case_settings(cs, 3, 64, 2, DT_FP32);
+        s.init_seed = 1234;
+        s.lora = cs->lora;
+        s.lora.base_quant = kind;
+        gpu_model_init(&m, &cs->config, from_host ? w : NULL, &s);
+        gpu_model_set_lora(&m, cs->p0);
+        loss[from_host] = gpu_model_eval_loss(&m, cs->tokens, cs->targets);
+        gpu_model_free(&m);
+    }
+    char detail[160];
+    snprintf(detail, sizeof(detail), "%s base: loss %.9g drawn on the device, %.9g uploaded", base_quant_name(kind),
+             loss[0], loss[1]);
+    printf("  random init on a %s\n", detail);
+    expect(loss[0] == loss[1] && isfinite(loss[0]), "random init on a %s", detail);
+    free(w);
+}
+
+static void run_case(const char *name, int lora) {
     Case cs;
-    case_load(&cs, name);
+    case_load(&cs, name, lora);
     const ModelConfig *c = &cs.config;
     AttentionShape sh = {cs.B, cs.S, c->n_heads, c->n_kv_heads, c->head_dim, c->query_scale, c->sliding_window, c->attn_softcap};
     char why[256];
@@ -375,10 +476,11 @@ static void run_case(const char *name) {
         case_free(&cs);
         return;
     }
-    printf("== %s (%s, V=%d d=%d L=%d, B=%d S=%d)\n", name, family_name(c->family), c->vocab_size, c->d_model, c->n_layers, cs.B, cs.S);
+    printf("== %s%s (%s, V=%d d=%d L=%d, B=%d S=%d)\n", lora ? "LoRA " : "", name, family_name(c->family), c->vocab_size,
+           c->d_model, c->n_layers, cs.B, cs.S);
     const float *ref_loss = (const float *)tensor_file_get(&cs.ref, "loss", name)->data;
     const float *ref_losses = (const float *)tensor_file_get(&cs.ref, "adamw.loss", name)->data;
-    size_t n = cs.layout.total;
+    size_t n = cs.n_train;
     int V = c->vocab_size, L = c->n_layers;
     int Ms[3] = {1, 3, cs.S};
     int vcs[3] = {V, 100, 64};
@@ -432,6 +534,21 @@ static void run_case(const char *name) {
             }
         }
     }
+    // The attention backward in head groups (the most of 2, 4, 8 that divide Hkv) against one call,
+    // same settings otherwise (recompute, M = 1, one vocabulary tile, accumulation, master weights).
+    int groups = 0;
+    for (int G = 2; G <= 8; G *= 2)
+        if (c->n_kv_heads % G == 0 && c->attn_softcap == 0.0f) groups = G;
+    if (groups > 0) {
+        RunSpec rg = {1, 1, V, 0, 0, 2, 1, DT_FP32, 0, groups};
+        printf("  recompute 1 M 1, attention backward in %d head groups\n", groups);
+        run_one(&cs, &rg, &res, 0);
+        compare_scalar("groups loss@3", res.loss[2], ref_losses[2], TOL_LOSS);
+        check_grads(&cs, res.grads, cs.ref_grads, TOL_GRAD, "grad", 0);
+        check_grads(&cs, res.grads, base[1].grads, TOL_AGREE, "groups-vs-one", 0);
+        check_params(&cs, res.master, base[1].master, TOL_PARAM_UPDATE, "groups-vs-one-w", 0);
+        print_worst();
+    }
     // bf16 moments without master weights (stochastic rounding): the losses still follow the reference.
     RunSpec rb = {1, 3, 100, 0, 0, 1, 0, DT_BF16};
     printf("  bf16 moments, no master weights, optimizer-in-backward\n");
@@ -439,27 +556,36 @@ static void run_case(const char *name) {
     compare_scalar("bf16 loss@2", res_oib.loss[1], ref_losses[1], 2 * TOL_LOSS);
     compare_scalar("bf16 loss@3", res_oib.loss[2], ref_losses[2], 2 * TOL_LOSS);
     print_worst();
-    // 8-bit moments (--optimizer adamw8bit): step 1 updates with the new moments before they are
-    // encoded, step 2 with the decoded ones (at most 0.7% of a block's absmax off), so the losses
-    // follow the reference as closely as with bf16 moments; with master weights and accumulation a
-    // repeated run gives the same bits.
-    RunSpec r8 = {1, 3, 100, 0, 0, 1, 0, DT_BF16, 1};
-    printf("  8-bit moments, no master weights, optimizer-in-backward\n");
-    run_one(&cs, &r8, &res_oib, 0);
-    compare_scalar("8bit loss@2", res_oib.loss[1], ref_losses[1], 2 * TOL_LOSS);
-    compare_scalar("8bit loss@3", res_oib.loss[2], ref_losses[2], 2 * TOL_LOSS);
-    compare_scalar("8bit oib norm", res_oib.grad_norm, cs.ref_grad_norm, TOL_GRAD);  // fused in adamw8bit_update
-    RunSpec r8m = {1, 3, 100, 0, 0, 2, 1, DT_BF16, 1};
-    printf("  8-bit moments, master weights, gradient accumulation, twice\n");
-    run_one(&cs, &r8m, &res, 0);
-    run_one(&cs, &r8m, &base[0], 0);
-    compare_scalar("8bit acc loss@3", res.loss[2], ref_losses[2], 2 * TOL_LOSS);
-    expect(memcmp(res.master, base[0].master, n * sizeof(float)) == 0, "%s",
-           "a repeated 8-bit run must give bit-identical weights");
-    print_worst();
+    // 8-bit moments (--optimizer adamw8bit; full-parameter only, LoRA refuses them): step 1 updates
+    // with the new moments before they are encoded, step 2 with the decoded ones (at most 0.7% of a
+    // block's absmax off), so the losses follow the reference as closely as with bf16 moments; with
+    // master weights and accumulation a repeated run gives the same bits.
+    if (!lora) {
+        RunSpec r8 = {1, 3, 100, 0, 0, 1, 0, DT_BF16, 1};
+        printf("  8-bit moments, no master weights, optimizer-in-backward\n");
+        run_one(&cs, &r8, &res_oib, 0);
+        compare_scalar("8bit loss@2", res_oib.loss[1], ref_losses[1], 2 * TOL_LOSS);
+        compare_scalar("8bit loss@3", res_oib.loss[2], ref_losses[2], 2 * TOL_LOSS);
+        compare_scalar("8bit oib norm", res_oib.grad_norm, cs.ref_grad_norm, TOL_GRAD);  // fused in adamw8bit_update
+        RunSpec r8m = {1, 3, 100, 0, 0, 2, 1, DT_BF16, 1};
+        printf("  8-bit moments, master weights, gradient accumulation, twice\n");
+        run_one(&cs, &r8m, &res, 0);
+        run_one(&cs, &r8m, &base[0], 0);
+        compare_scalar("8bit acc loss@3", res.loss[2], ref_losses[2], 2 * TOL_LOSS);
+        expect(memcmp(res.master, base[0].master, n * sizeof(float)) == 0, "%s",
+               "a repeated 8-bit run must give bit-identical weights");
+        print_worst();
+    }
     check_next_token_logits(&cs);
     check_state_round_trip(&cs, 0);
-    check_state_round_trip(&cs, 1);
+    if (lora) {
+        printf("  quantized base (int8, NF4) vs the CPU model with the same dequantized weights\n");
+        check_quantized_base(&cs, BASE_QUANT_INT8);
+        check_quantized_base(&cs, BASE_QUANT_NF4);
+        check_random_init_quantized(&cs, BASE_QUANT_NF4);
+    } else {
+        check_state_round_trip(&cs, 1);
+    }
     for (int i = 0; i < 2; i++) {
         free(base[i].grads);
         free(base[i].master);
@@ -476,7 +602,9 @@ int main(void) {
         return test_report_finish(&report, "test_llama");
     }
     const char *cases[] = {"llama2_mha", "llama3_gqa", "llama_tied", "mistral", "qwen2", "gemma2"};
-    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) run_case(cases[i]);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) run_case(cases[i], 0);
+    const char *lora_cases[] = {"llama3_gqa", "qwen2", "gemma2"};
+    for (size_t i = 0; i < sizeof(lora_cases) / sizeof(lora_cases[0]); i++) run_case(lora_cases[i], 1);
     gpu_model_release_handles();
     return test_report_finish(&report, "test_llama");
 }

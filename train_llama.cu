@@ -11,6 +11,7 @@
 //   mpirun -np 2 ./train_llama --batch 16 ...            data parallel over 2 GPUs (8 rows each)
 //   mpirun -np 8 ./train_llama --preset llama3-8b --seq-parallel --seq-len 1048576 ...
 //                                                       sequence parallel: 131072 tokens per GPU
+//   ./train_llama --model base.bin --lora-rank 16 --base-quant nf4 --train ...   (QLoRA-style)
 //
 // No kernels here: the GPU model lives in gpu_model.cu, the CPU model in cpu_model.h.
 #include <float.h>
@@ -46,8 +47,9 @@ typedef struct {
     int moments_given;
     int master_weights, mst_chunks, vocab_chunk, recompute, offload;  // mst_chunks, vocab_chunk: 0 = auto
     int host_layers;          // with offload: layers whose inputs live on the host; 0 = as few as fit
+    int attn_head_groups;     // attention backward in 1, 2, 4 or 8 head-group calls; 0 = auto
     float gpu_mem_gib;        // 0: free device memory minus a margin
-    float host_mem_gib;       // --plan-only: host memory of the machine planned for; 0: this machine's
+    float host_mem_gib;       // pinned host budget (plan and GPU runs); 0: mst_default_host_budget of this machine's memory
     int eval_every, eval_batches, sample_every, sample_tokens;
     const char *prompt;
     float temperature, top_p;
@@ -62,7 +64,8 @@ typedef struct {
     int bench;                // 1: print a BENCH {json} line after the run
     int profile;              // 1: GPU time by region of the steps after the first (GPU path)
     int checkpoints;          // 0: write none (synthetic data without --ckpt-every / --stop-after)
-    int eval_given, sample_given, ckpt_given;  // the flags were on the command line
+    int eval_given, sample_given, ckpt_given, lora_given;  // the flags were on the command line
+    LoraConfig lora;          // rank 0: full fine-tuning; else adapters on a frozen (optionally quantized) base
     int overlap_optimizer;    // 1: optimizer-in-backward's AdamW on a side stream (one GPU; several always)
     int seq_parallel;         // several GPUs: split every row's tokens (Ulysses) instead of the rows
     int gpus;                 // --plan-only: plan for this many GPUs; training: must match the launcher (0: any)
@@ -109,6 +112,7 @@ static Options options_default(void) {
     o.seed = 1337;
     o.checkpoints = 1;
     o.dist_timeout = 1800.0f;
+    o.lora.targets = LORA_ALL_TARGETS;
     return o;
 }
 
@@ -128,7 +132,7 @@ static void usage(FILE *f) {
             "  --steps N             optimizer steps (default %d)\n"
             "optimizer\n"
             "  --optimizer NAME      adamw | adamw8bit: AdamW with 8-bit block-wise moments, on the GPU and\n"
-            "                        the CPU path (default %s)\n"
+            "                        the CPU path; full-parameter only, not with --lora-rank (default %s)\n"
             "  --lr LR               peak learning rate (default %g)\n"
             "  --min-lr-frac F       final lr = F * lr (default %g)\n"
             "  --warmup N            linear warmup steps (default %d)\n"
@@ -148,8 +152,20 @@ static void usage(FILE *f) {
             "  --offload 0|1         layer inputs may live in pinned host memory (default %d)\n"
             "  --host-layers N       with --offload 1: the first N layers keep their inputs on the host\n"
             "                        (default: as few as fit)\n"
+            "  --attn-head-groups auto|G  attention backward in G calls over Hq/G heads each (1, 2, 4, 8;\n"
+            "                        divides cuDNN's fp32 workspace by about G; default auto: more than 1 only\n"
+            "                        when one call does not fit)\n"
             "  --gpu-mem GiB         device budget (default: free memory at start minus 0.5 GiB)\n"
+            "  --host-mem GiB        pinned host budget of offloaded layer inputs, here or (--plan-only) on the\n"
+            "                        machine planned for (default: this machine's memory less 16 GiB, at least\n"
+            "                        3/4 of it; 109 on the 125 GiB H100 device machine)\n"
             "  --cpu                 train on the CPU reference path even with a GPU\n"
+            "LoRA (the base stays frozen; checkpoints hold the adapters: lora_<step>.bin + state_<step>.bin)\n"
+            "  --lora-rank R         train rank-R adapters instead of every weight (default 0: no LoRA)\n"
+            "  --lora-alpha A        adapter scale alpha / R (default: R, scale 1)\n"
+            "  --lora-targets LIST   comma-separated of q,k,v,o,gate,up,down, or all (default all)\n"
+            "  --base-quant Q        none | int8 | nf4: store the frozen base projections quantized, blocks of\n"
+            "                        64 with an fp32 absmax each (GPU: dequantized per layer; needs --lora-rank)\n"
             "evaluation and sampling\n"
             "  --eval-every N        evaluate every N steps, 0 = only at the end (default %d)\n"
             "  --eval-batches N      validation batches per evaluation (default %d)\n"
@@ -172,8 +188,6 @@ static void usage(FILE *f) {
             "                        uses --preset or --model, --seq-len, --batch, --gpu-mem and the flags above\n"
             "  --preset NAME         llama3-8b | llama2-7b | mistral-7b | qwen2-7b | gemma2-9b: with --plan-only, plan\n"
             "                        that config; else train it from a random init (std 0.02; GPU only)\n"
-            "  --host-mem GiB        with --plan-only: plan for a machine with this much host memory (default:\n"
-            "                        this machine's), e.g. 125 for the H100 device machine\n"
             "  --plan-json FILE      write the memory plan as JSON: entries, totals by category and the bytes live\n"
             "                        in each phase of one step (for scripts/plot_memory.py); --plan-only or GPU path\n"
             "benchmarks\n"
@@ -229,6 +243,13 @@ static int parse_auto_int(const char *flag, const char *s) {
     return strcmp(s, "auto") == 0 ? 0 : (int)parse_int(flag, s, 1, INT32_MAX);
 }
 
+static int parse_base_quant(const char *flag, const char *s) {
+    for (int q = 0; q < BASE_QUANT_COUNT; q++)
+        if (strcmp(s, base_quant_name(q)) == 0) return q;
+    die("%s: '%s' is not one of none, int8, nf4", flag, s);
+    return 0;
+}
+
 static const char *parse_choice(const char *flag, const char *s, const char *a, const char *b, const char *c) {
     if (strcmp(s, a) == 0 || strcmp(s, b) == 0 || (c && strcmp(s, c) == 0)) return s;
     die("%s: '%s' is not one of %s, %s%s%s", flag, s, a, b, c ? ", " : "", c ? c : "");
@@ -239,9 +260,10 @@ static const char *parse_choice(const char *flag, const char *s, const char *a, 
 static const char *const VALUE_FLAGS[] = {
     "--model", "--tokenizer", "--train", "--val", "--preset", "--seq-len", "--batch", "--grad-accum", "--steps", "--lr",
     "--min-lr-frac", "--warmup", "--schedule", "--weight-decay", "--beta1", "--beta2", "--eps", "--clip", "--moments", "--optimizer",
-    "--mst", "--vocab-chunk", "--recompute", "--offload", "--gpu-mem", "--eval-every", "--eval-batches", "--sample-every",
-    "--sample-tokens", "--prompt", "--temperature", "--top-p", "--ckpt-dir", "--ckpt-every", "--keep-last", "--resume",
-    "--stop-after", "--seed", "--log", "--plan-json", "--mem-trace", "--host-mem", "--host-layers", "--gpus", "--dist-dir", "--dist-id",
+    "--mst", "--vocab-chunk", "--recompute", "--offload", "--gpu-mem", "--host-mem", "--host-layers", "--eval-every",
+    "--eval-batches", "--sample-every", "--sample-tokens", "--prompt", "--temperature", "--top-p", "--ckpt-dir",
+    "--ckpt-every", "--keep-last", "--resume", "--stop-after", "--seed", "--log", "--plan-json", "--mem-trace",
+    "--lora-rank", "--lora-alpha", "--lora-targets", "--base-quant", "--attn-head-groups", "--gpus", "--dist-dir", "--dist-id",
     "--dist-timeout", "--dump-grads"};
 
 static int is_value_flag(const char *a) {
@@ -293,6 +315,7 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--recompute") == 0) o.recompute = (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--offload") == 0) o.offload = (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--host-layers") == 0) o.host_layers = (int)parse_int(a, v, 1, INT32_MAX);
+        else if (strcmp(a, "--attn-head-groups") == 0) o.attn_head_groups = parse_auto_int(a, v);
         else if (strcmp(a, "--gpu-mem") == 0) o.gpu_mem_gib = parse_float(a, v, 0.0f, 1e6f);
         else if (strcmp(a, "--host-mem") == 0) o.host_mem_gib = parse_float(a, v, 1.0f, 1e6f);
         else if (strcmp(a, "--eval-every") == 0) { o.eval_every = (int)parse_int(a, v, 0, INT32_MAX); o.eval_given = 1; }
@@ -309,6 +332,15 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--stop-after") == 0) { o.stop_after = (int)parse_int(a, v, 1, INT32_MAX); o.ckpt_given = 1; }
         else if (strcmp(a, "--seed") == 0) o.seed = (uint64_t)parse_int(a, v, 0, INT64_MAX);
         else if (strcmp(a, "--log") == 0) o.log = v;
+        else if (strcmp(a, "--lora-rank") == 0) o.lora.rank = (int)parse_int(a, v, 0, 65536);
+        else if (strcmp(a, "--lora-alpha") == 0) { o.lora.alpha = parse_float(a, v, 1e-6f, 1e6f); o.lora_given = 1; }
+        else if (strcmp(a, "--lora-targets") == 0) {
+            char msg[256];
+            const char *err = lora_parse_targets(v, &o.lora.targets, msg, sizeof(msg));
+            if (err) die("--lora-targets: %s", err);
+            o.lora_given = 1;
+        }
+        else if (strcmp(a, "--base-quant") == 0) o.lora.base_quant = parse_base_quant(a, v);
         else if (strcmp(a, "--plan-json") == 0) o.plan_json = v;
         else if (strcmp(a, "--mem-trace") == 0) o.mem_trace = v;
         else if (strcmp(a, "--gpus") == 0) o.gpus = (int)parse_int(a, v, 1, 4096);
@@ -318,7 +350,6 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--dump-grads") == 0) o.dump_grads = v;
         else die("internal: option '%s' has no handler", a);
     }
-    if (o.host_mem_gib > 0.0f && !o.plan_only) die("--host-mem plans for another machine: it goes with --plan-only");
     if (o.preset && (o.model || o.resume)) die("--preset NAME builds a random-init model: it does not go with --model or --resume");
     if (o.synthetic) {
         if (o.sample_given && o.sample_tokens > 0) die("--synthetic-data runs without a tokenizer: it cannot sample (drop --sample-tokens/--sample-every)");
@@ -332,7 +363,19 @@ static Options options_parse(int argc, char **argv) {
     if (o.host_layers > 0 && o.offload == 0) die("--host-layers N needs --offload 1");
     if (o.recompute == 0 && o.offload == 1) die("--offload 1 needs --recompute 1 (only recomputed layers can keep their inputs on the host)");
     if (o.dump_grads && o.grad_accum < 2) die("--dump-grads needs --grad-accum >= 2 (optimizer-in-backward never holds the whole gradient)");
+    if (o.dump_grads && o.lora.rank > 0) die("--dump-grads writes the full model's gradient: it does not go with --lora-rank");
     if (o.overlap_optimizer && o.grad_accum > 1) die("--overlap-optimizer overlaps optimizer-in-backward: it needs --grad-accum 1");
+    if (o.overlap_optimizer && o.lora.rank > 0)
+        die("--overlap-optimizer overlaps the full model's per-layer AdamW: LoRA's adapter updates are tiny, drop it");
+    if (o.lora.rank > 0 && strcmp(o.optimizer, "adamw8bit") == 0)
+        die("--optimizer adamw8bit quantizes the moments of full-parameter training; LoRA adapters keep AdamW moments "
+            "(bf16 or fp32, small beside the base): drop --optimizer adamw8bit");
+    if (o.lora.rank == 0 && o.lora_given) die("--lora-alpha and --lora-targets shape LoRA adapters: they need --lora-rank R");
+    if (o.lora.rank > 0 && o.lora.alpha == 0.0f) o.lora.alpha = (float)o.lora.rank;
+    char msg[256];
+    if (lora_config_check(&o.lora, msg, sizeof(msg))) die("%s", msg);
+    if (o.lora.rank > 0 && !o.model && !o.preset)
+        die("--lora-rank trains adapters on a frozen base: give the base with --model PATH (or --preset for benchmarks)");
     return o;
 }
 
@@ -487,7 +530,9 @@ typedef struct {
     ModelConfig c;
     ParamLayout layout;
     int B, S, grad_accum;     // the global batch (over every GPU)
-    int adam8;  // --optimizer adamw8bit
+    LoraConfig lora;    // rank 0: every weight trains; else only the adapters (lora.h)
+    size_t n_train;     // trainable values: layout.total, or the adapters' count
+    int adam8;          // --optimizer adamw8bit (full-parameter training only)
     // several GPUs (comm NULL: one): each rank's part of a batch is B_local rows of S_local tokens
     Comm *comm;
     int seq_parallel, B_local, S_local;
@@ -515,19 +560,32 @@ static double gib(size_t b) { return (double)b / (1024.0 * 1024.0 * 1024.0); }
 
 static size_t physical_memory(void) { return (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE); }
 
-// Bytes the CPU path allocates: the model (params, grads, activations) and two fp32 moments (adam8:
-// the 8-bit codes and block scales).
-static size_t cpu_path_bytes(const ModelConfig *c, int B, int S, int adam8) {
+// Values that train: every parameter, or with LoRA the adapters.
+static size_t trainable_count(const ModelConfig *c, const LoraConfig *lc) {
+    if (lc->rank > 0) {
+        LoraLayout L;
+        lora_layout_init(&L, c, lc);
+        return L.total;
+    }
+    ParamLayout l;
+    param_layout_init(&l, c);
+    return l.total;
+}
+
+// Bytes the CPU path allocates: the model (params, grads or adapters, activations) and two fp32
+// moments of the trainable values (adam8: the 8-bit codes and block scales).
+static size_t cpu_path_bytes(const ModelConfig *c, const LoraConfig *lc, int B, int S, int adam8) {
     ParamLayout l;
     param_layout_init(&l, c);
     Adam8Layout a;
     adam8_layout_init(&a, &l, c);
-    return cpu_model_bytes(c, B, S) + (adam8 ? adam8_state_bytes(&a) : 2 * l.total * sizeof(float));
+    return (size_t)((long long)cpu_model_bytes(c, B, S) + cpu_lora_bytes(c, lc, B, S)) +
+           (adam8 ? adam8_state_bytes(&a) : 2 * trainable_count(c, lc) * sizeof(float));
 }
 
 // Dies when the CPU path would need more than half of this machine's memory for c at B x S.
-static void cpu_path_check(const ModelConfig *c, int B, int S, int adam8) {
-    size_t need = cpu_path_bytes(c, B, S, adam8), limit = physical_memory() / 2;
+static void cpu_path_check(const ModelConfig *c, const LoraConfig *lc, int B, int S, int adam8) {
+    size_t need = cpu_path_bytes(c, lc, B, S, adam8), limit = physical_memory() / 2;
     ParamLayout l;
     param_layout_init(&l, c);
     if (need > limit)
@@ -570,6 +628,8 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     t->B = t->B_local = o->batch;
     t->S = t->S_local = o->seq_len;
     t->grad_accum = o->grad_accum;
+    t->lora = o->lora;
+    t->n_train = trainable_count(c, &o->lora);
     t->adam8 = strcmp(o->optimizer, "adamw8bit") == 0;
     t->comm = comm;
     t->seq_parallel = o->seq_parallel;
@@ -581,12 +641,13 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     }
     snprintf(t->device, sizeof(t->device), "cpu");
     if (backend == BACKEND_CPU) {
-        cpu_path_check(c, t->B, t->S, t->adam8);
+        cpu_path_check(c, &t->lora, t->B, t->S, t->adam8);
         cpu_model_init(&t->cpu, c, t->B, t->S);
+        if (t->lora.rank) cpu_model_init_lora(&t->cpu, &t->lora, o->seed);
         cpu_model_load_bf16(&t->cpu, params);
         if (!t->adam8) {
-            t->mom1 = (float *)callocCheck(t->layout.total, sizeof(float));
-            t->mom2 = (float *)callocCheck(t->layout.total, sizeof(float));
+            t->mom1 = (float *)callocCheck(t->n_train, sizeof(float));
+            t->mom2 = (float *)callocCheck(t->n_train, sizeof(float));
             return;
         }
         adam8_layout_init(&t->a8, &t->layout, c);
@@ -608,12 +669,17 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     s->recompute = o->recompute;
     s->offload = o->offload;
     s->host_layers = o->host_layers;
+    s->attn_head_groups = o->attn_head_groups;
     s->grad_accum_steps = o->grad_accum;
     s->moment_type = strcmp(o->moments, "fp32") == 0 ? DT_FP32 : DT_BF16;
     s->moments_8bit = t->adam8;
     s->master_weights = o->master_weights;
     s->overlap_optimizer = o->overlap_optimizer;
     s->gpu_mem_budget = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0);
+    // --host-mem: the pinned budget of the host, shared by its ranks (0: gpu_model_init's default, shared too)
+    s->host_mem_budget = (size_t)(o->host_mem_gib * 1024.0 * 1024.0 * 1024.0) / (size_t)(comm ? comm->local_world : 1);
+    s->lora = o->lora;
+    s->lora_seed = o->seed;
     s->init_seed = o->seed;
     gpu_model_init(&t->gpu, c, params, s);
     gpu_model_print_plan(&t->gpu, stdout);
@@ -706,14 +772,26 @@ static void trainer_get_params(Trainer *t, uint16_t *params_bf16) {
     else cpu_model_store_bf16(&t->cpu, params_bf16);
 }
 
-// Optimizer state for the checkpoint. CPU: m1 | m2 (fp32) | fp32 params (the master weights); with
-// adamw8bit m codes | m scales | v codes | v scales (adamw8bit.h) | fp32 params.
-// GPU: the blob of gpu_model_get_optimizer_state (moments, master weights, previous grad norm).
+// LoRA adapters (n_train fp32) out of / into the model: lora_<step>.bin holds them.
+static void trainer_get_lora(Trainer *t, float *out) {
+    if (t->backend == BACKEND_GPU) gpu_model_get_lora(&t->gpu, out);
+    else memcpy(out, t->cpu.lora_params, t->n_train * sizeof(float));
+}
+
+static void trainer_set_lora(Trainer *t, const float *in) {
+    if (t->backend == BACKEND_GPU) gpu_model_set_lora(&t->gpu, in);
+    else memcpy(t->cpu.lora_params, in, t->n_train * sizeof(float));
+}
+
+// Optimizer state for the checkpoint. CPU: m1 | m2 (fp32) | fp32 trainable values (the master
+// weights, or the adapters); with adamw8bit m codes | m scales | v codes | v scales (adamw8bit.h) |
+// fp32 params. GPU: the blob of gpu_model_get_optimizer_state (moments, master weights, previous
+// grad norm).
 #define CPU_STATE_PIECES 5
 
 // The CPU path's state buffers in blob order; returns how many.
 static int cpu_state_pieces(Trainer *t, void **ptr, size_t *bytes) {
-    size_t n = t->layout.total, blocks = t->a8.total;
+    size_t n = t->n_train, blocks = t->a8.total;
     int k = 0;
     if (t->adam8) {
         ptr[k] = t->q.m_codes; bytes[k++] = blocks * ADAM8_BLOCK;
@@ -724,7 +802,7 @@ static int cpu_state_pieces(Trainer *t, void **ptr, size_t *bytes) {
         ptr[k] = t->mom1; bytes[k++] = n * sizeof(float);
         ptr[k] = t->mom2; bytes[k++] = n * sizeof(float);
     }
-    ptr[k] = t->cpu.params; bytes[k++] = n * sizeof(float);
+    ptr[k] = cpu_model_trainable_params(&t->cpu); bytes[k++] = n * sizeof(float);
     return k;
 }
 
@@ -777,7 +855,7 @@ static MemLine trainer_memory(Trainer *t) {
         l.plan = gib(r.planned);
         l.peak = gib(r.peak_used);
     } else {
-        l.used = l.plan = l.peak = gib(cpu_path_bytes(&t->c, t->B, t->S, t->adam8));
+        l.used = l.plan = l.peak = gib(cpu_path_bytes(&t->c, &t->lora, t->B, t->S, t->adam8));
         l.total = gib(physical_memory());
     }
     return l;
@@ -801,15 +879,17 @@ static void trainer_free(Trainer *t) {
 }
 
 // ----------------------------------------------------------------------------
-// Checkpoints: <dir>/model_<step>.bin (model.bin, bf16: the weights for export) and
-// <dir>/state_<step>.bin, both written to a .tmp file and renamed.
+// Checkpoints: <dir>/model_<step>.bin (model.bin, bf16: the weights for export), or with LoRA
+// <dir>/lora_<step>.bin (lora.h: the adapters, fp32; the base stays the --model file), and
+// <dir>/state_<step>.bin, each written to a .tmp file and renamed.
 //
 // state_<step>.bin, little-endian: STATE_HEADER_INTS int64
 //   [0] magic STATE_MAGIC ('M','T','S','S')  [1] version  [2] backend (0 CPU, 1 GPU)  [3] step
-//   [4] parameter count  [5] FNV-1a hash of the model.bin header of the config
+//   [4] trainable values (parameters, or adapter elements)  [5] FNV-1a hash of the model.bin header of the config
 //   [6] RNG state  [7..11] DataPosition of the train loader (epoch, shard, cursor, seq_len, n_shards)
 //   [12] payload bytes  [13] moment type (GPU)  [14] master weights (GPU)  [15] FNV-1a hash of the payload
 //   [16] optimizer: 0 adamw, 1 adamw8bit (version 2; version 1 files have 0 here and are read as adamw)
+//   [17] LoRA rank (0: none)  [18] LoRA target mask  [19] LoRA alpha (float32 bits)  [20] base quantization
 //   rest 0
 // then the payload: trainer_get_state's bytes (CPU: fp32 m1 | m2 | params, or 8-bit m codes | m scales
 // | v codes | v scales | fp32 params; GPU: gpu_model's blob, which holds the previous grad norm used
@@ -836,6 +916,9 @@ static void ckpt_path(char *out, size_t len, const char *dir, const char *kind, 
     snprintf(out, len, "%s/%s_%d.bin", dir, kind, step);
 }
 
+// The weights file that goes with state_<step>.bin: "model" (model.bin) or "lora" (adapters only).
+static const char *ckpt_weights_kind(const LoraConfig *lc) { return lc->rank > 0 ? "lora" : "model"; }
+
 static void ensure_dir(const char *dir) {
     struct stat st;
     if (stat(dir, &st) == 0) {
@@ -845,8 +928,9 @@ static void ensure_dir(const char *dir) {
     if (mkdir(dir, 0755) != 0) die("cannot create checkpoint directory %s: %s", dir, strerror(errno));
 }
 
-// Steps of the checkpoints in dir that have both files, ascending. Returns the count (*steps malloc'd).
-static int ckpt_list(const char *dir, int **steps) {
+// Steps of the checkpoints in dir that have both files (state and weights of `kind`), ascending.
+// Returns the count (*steps malloc'd).
+static int ckpt_list(const char *dir, const char *kind, int **steps) {
     char pattern[4096];
     snprintf(pattern, sizeof(pattern), "%s/state_*.bin", dir);
     glob_t g;
@@ -859,7 +943,7 @@ static int ckpt_list(const char *dir, int **steps) {
         int step;
         char tail[8], model[4096];
         if (sscanf(base, "state_%d%7s", &step, tail) != 2 || strcmp(tail, ".bin") != 0) continue;
-        ckpt_path(model, sizeof(model), dir, "model", step);
+        ckpt_path(model, sizeof(model), dir, kind, step);
         if (access(model, R_OK) == 0) (*steps)[n++] = step;
     }
     globfree(&g);
@@ -873,11 +957,11 @@ static int ckpt_list(const char *dir, int **steps) {
 }
 
 // Deletes all but the newest keep checkpoints.
-static void ckpt_prune(const char *dir, int keep) {
-    int *steps, n = ckpt_list(dir, &steps);
+static void ckpt_prune(const char *dir, const char *kind, int keep) {
+    int *steps, n = ckpt_list(dir, kind, &steps);
     for (int i = 0; i < n - keep; i++) {
         char p[4096];
-        ckpt_path(p, sizeof(p), dir, "model", steps[i]);
+        ckpt_path(p, sizeof(p), dir, kind, steps[i]);
         if (remove(p) != 0) die("cannot delete old checkpoint %s: %s", p, strerror(errno));
         ckpt_path(p, sizeof(p), dir, "state", steps[i]);
         if (remove(p) != 0) die("cannot delete old checkpoint %s: %s", p, strerror(errno));
@@ -893,11 +977,18 @@ static void ckpt_save(Trainer *t, const char *dir, int keep, int step, uint64_t 
     }
     ensure_dir(dir);
     char path[4000], tmp[4100];
-    uint16_t *bf16 = (uint16_t *)mallocCheck(t->layout.total * sizeof(uint16_t));
-    trainer_get_params(t, bf16);
-    ckpt_path(path, sizeof(path), dir, "model", step);
-    model_save_bf16(&t->c, bf16, path);
-    free(bf16);
+    ckpt_path(path, sizeof(path), dir, ckpt_weights_kind(&t->lora), step);
+    if (t->lora.rank) {
+        float *adapters = (float *)mallocCheck(t->n_train * sizeof(float));
+        trainer_get_lora(t, adapters);
+        lora_save(path, &t->c, &t->lora, adapters);
+        free(adapters);
+    } else {
+        uint16_t *bf16 = (uint16_t *)mallocCheck(t->layout.total * sizeof(uint16_t));
+        trainer_get_params(t, bf16);
+        model_save_bf16(&t->c, bf16, path);
+        free(bf16);
+    }
 
     size_t bytes = trainer_state_bytes(t);
     void *payload = mallocCheck(bytes);
@@ -908,7 +999,7 @@ static void ckpt_save(Trainer *t, const char *dir, int keep, int step, uint64_t 
     h[1] = STATE_VERSION;
     h[2] = t->backend;
     h[3] = step;
-    h[4] = (int64_t)t->layout.total;
+    h[4] = (int64_t)t->n_train;
     h[5] = config_hash(&t->c);
     h[6] = (int64_t)rng;
     h[7] = pos.epoch;
@@ -921,6 +1012,10 @@ static void ckpt_save(Trainer *t, const char *dir, int keep, int step, uint64_t 
     h[14] = t->backend == BACKEND_GPU ? t->gs.master_weights : 0;
     h[15] = (int64_t)fnv1a(payload, bytes, 0xCBF29CE484222325ULL);
     h[16] = t->adam8;
+    h[17] = t->lora.rank;
+    h[18] = t->lora.rank ? (int64_t)t->lora.targets : 0;
+    memcpy(&h[19], &t->lora.alpha, sizeof(float));
+    h[20] = t->lora.base_quant;
     ckpt_path(path, sizeof(path), dir, "state", step);
     snprintf(tmp, sizeof(tmp), "%s.tmp", path);
     FILE *f = fopenCheck(tmp, "wb");
@@ -929,12 +1024,12 @@ static void ckpt_save(Trainer *t, const char *dir, int keep, int step, uint64_t 
     fcloseCheck(f, tmp);
     rename_check(tmp, path);
     free(payload);
-    ckpt_prune(dir, keep);
-    printf("checkpoint: %s/model_%d.bin + state_%d.bin\n", dir, step, step);
+    ckpt_prune(dir, ckpt_weights_kind(&t->lora), keep);
+    printf("checkpoint: %s/%s_%d.bin + state_%d.bin\n", dir, ckpt_weights_kind(&t->lora), step, step);
 }
 
-// Reads the state file header; checks magic, version, size and that it belongs to model c.
-static void state_read_header(int64_t h[STATE_HEADER_INTS], const char *path, const ModelConfig *c) {
+// Reads the state file header; checks magic, version, size and that it belongs to model c with LoRA lc.
+static void state_read_header(int64_t h[STATE_HEADER_INTS], const char *path, const ModelConfig *c, const LoraConfig *lc) {
     FILE *f = fopenCheck(path, "rb");
     long size = file_size_bytes(f, path);
     if (size < (long)(STATE_HEADER_INTS * sizeof(int64_t)))
@@ -947,17 +1042,26 @@ static void state_read_header(int64_t h[STATE_HEADER_INTS], const char *path, co
     if (h[12] < 0 || size != (long)(STATE_HEADER_INTS * sizeof(int64_t)) + h[12])
         die("%s: size %ld bytes disagrees with its header (%lld payload bytes): %s", path, size, (long long)h[12],
             size < (long)(STATE_HEADER_INTS * sizeof(int64_t)) + h[12] ? "truncated" : "trailing bytes");
-    ParamLayout l;
-    param_layout_init(&l, c);
-    if (h[4] != (int64_t)l.total || h[5] != config_hash(c))
-        die("%s: the state belongs to another model (%lld parameters, config hash %016llx; the model has %zu, %016llx)",
-            path, (long long)h[4], (unsigned long long)h[5], l.total, (unsigned long long)config_hash(c));
+    float alpha;
+    memcpy(&alpha, &h[19], sizeof(float));
+    if (h[17] != lc->rank || (lc->rank && (h[18] != (int64_t)lc->targets || alpha != lc->alpha)) || h[20] != lc->base_quant) {
+        char want[64], got[64];
+        lora_targets_string(lc->targets, want, sizeof(want));
+        lora_targets_string((unsigned)h[18], got, sizeof(got));
+        die("%s: written with LoRA rank %lld alpha %g targets %s base %s; this run has rank %d alpha %g targets %s base %s "
+            "(resume with the same --lora-* and --base-quant flags)", path, (long long)h[17], alpha, h[17] ? got : "-",
+            base_quant_name((int)h[20]), lc->rank, lc->alpha, lc->rank ? want : "-", base_quant_name(lc->base_quant));
+    }
+    size_t n_train = trainable_count(c, lc);
+    if (h[4] != (int64_t)n_train || h[5] != config_hash(c))
+        die("%s: the state belongs to another model (%lld trainable values, config hash %016llx; the model has %zu, %016llx)",
+            path, (long long)h[4], (unsigned long long)h[5], n_train, (unsigned long long)config_hash(c));
 }
 
 // Loads the state into the trainer; returns the step, sets *rng and *pos.
 static int state_load(Trainer *t, const char *path, uint64_t *rng, DataPosition *pos) {
     int64_t h[STATE_HEADER_INTS];
-    state_read_header(h, path, &t->c);
+    state_read_header(h, path, &t->c, &t->lora);
     if (h[2] != t->backend)
         die("%s: written by the %s path; this run uses the %s path (the optimizer states differ: resume on the same backend)",
             path, h[2] == BACKEND_GPU ? "GPU" : "CPU", t->backend == BACKEND_GPU ? "GPU" : "CPU");
@@ -985,13 +1089,15 @@ static int state_load(Trainer *t, const char *path, uint64_t *rng, DataPosition 
     return (int)h[3];
 }
 
-// --resume latest|PATH -> the state file path; the model file is its model_<step>.bin sibling.
+// --resume latest|PATH -> the state file path; the weights file is its model_<step>.bin sibling
+// (lora_<step>.bin with LoRA).
 static void resume_paths(const Options *o, char *state, char *model, size_t len) {
+    const char *kind = ckpt_weights_kind(&o->lora);
     if (strcmp(o->resume, "latest") == 0) {
-        int *steps, n = ckpt_list(o->ckpt_dir, &steps);
-        if (n == 0) die("--resume latest: no checkpoint (model_<step>.bin + state_<step>.bin) in %s", o->ckpt_dir);
+        int *steps, n = ckpt_list(o->ckpt_dir, kind, &steps);
+        if (n == 0) die("--resume latest: no checkpoint (%s_<step>.bin + state_<step>.bin) in %s", kind, o->ckpt_dir);
         ckpt_path(state, len, o->ckpt_dir, "state", steps[n - 1]);
-        ckpt_path(model, len, o->ckpt_dir, "model", steps[n - 1]);
+        ckpt_path(model, len, o->ckpt_dir, kind, steps[n - 1]);
         free(steps);
         return;
     }
@@ -999,7 +1105,7 @@ static void resume_paths(const Options *o, char *state, char *model, size_t len)
     const char *slash = strrchr(o->resume, '/');
     const char *base = slash ? slash + 1 : o->resume;
     if (strncmp(base, "state_", 6) != 0) die("--resume %s: expected 'latest' or a path to a state_<step>.bin file", o->resume);
-    snprintf(model, len, "%.*smodel_%s", (int)(base - o->resume), o->resume, base + 6);
+    snprintf(model, len, "%.*s%s_%s", (int)(base - o->resume), o->resume, kind, base + 6);
 }
 
 // ----------------------------------------------------------------------------
@@ -1106,9 +1212,12 @@ static float lr_at(const Options *o, int step) {
 // Model FLOPs per token of a training step (forward + backward, no recomputation counted):
 // 6 * P, with P the matmul parameters (layers + LM head, config_matmul_params), plus attention:
 // per layer Q.K^T and P.V are 2 * 2 * S * Hq * hd in forward, x3 with backward -> 12 L S Hq hd
-// (the causal half is not subtracted, as in the PaLM MFU formula).
-static double flops_per_token(const ModelConfig *c, int S) {
-    return 6.0 * (double)config_matmul_params(c) + 12.0 * c->n_layers * (double)S * c->n_heads * c->head_dim;
+// (the causal half is not subtracted, as in the PaLM MFU formula). With LoRA the frozen base needs
+// no weight gradients (4 P instead of 6 P) and the adapters add 6 per adapter value.
+static double flops_per_token(const ModelConfig *c, const LoraConfig *lc, int S) {
+    double attention = 12.0 * c->n_layers * (double)S * c->n_heads * c->head_dim;
+    if (lc->rank) return 4.0 * (double)config_matmul_params(c) + 6.0 * (double)trainable_count(c, lc) + attention;
+    return 6.0 * (double)config_matmul_params(c) + attention;
 }
 
 // 12,345 style integer.
@@ -1132,7 +1241,7 @@ static double now_ms(void) {
 
 static void log_step(Trainer *t, int step, int steps, const StepOut *r, float lr, double ms, FILE *log) {
     double tokens = (double)t->B * t->S * t->grad_accum;
-    double tok_s = tokens / (ms / 1e3), flops = flops_per_token(&t->c, t->S) * tok_s;
+    double tok_s = tokens / (ms / 1e3), flops = flops_per_token(&t->c, &t->lora, t->S) * tok_s;
     MemLine m = trainer_memory(t);
     char tk[64], mfu[32];
     if (t->backend == BACKEND_GPU && t->peak_flops > 0) snprintf(mfu, sizeof(mfu), "MFU %.1f%%", 100.0 * flops / t->peak_flops);
@@ -1180,7 +1289,7 @@ static void print_bench(Trainer *t, const Options *o, double *ms, int n) {
     double *x = ms + warm;
     qsort(x, k, sizeof(double), cmp_double);
     double med = k % 2 ? x[k / 2] : 0.5 * (x[k / 2 - 1] + x[k / 2]);
-    double tok_s = (double)t->B * t->S * t->grad_accum / (med / 1e3), fpt = flops_per_token(&t->c, t->S);
+    double tok_s = (double)t->B * t->S * t->grad_accum / (med / 1e3), fpt = flops_per_token(&t->c, &t->lora, t->S);
     int gpu = t->backend == BACKEND_GPU;
     MemLine m = trainer_memory(t);
     printf("BENCH {\"model\": ");
@@ -1190,11 +1299,12 @@ static void print_bench(Trainer *t, const Options *o, double *ms, int n) {
     printf(", \"gpus\": %d, \"seq_parallel\": %d", t->comm ? t->comm->world : (gpu ? 1 : 0), t->seq_parallel);
     printf(", \"B\": %d, \"S\": %d, \"grad_accum\": %d, \"M\": %d, \"vocab_chunk\": %d, \"recompute\": %d, "
            "\"offload\": %d, \"host_layers\": %d, \"optimizer\": \"%s\", \"moments\": \"%s\", \"master_weights\": %d, "
-           "\"synthetic\": %d, "
+           "\"synthetic\": %d, \"lora_rank\": %d, \"base_quant\": \"%s\", "
            "\"steps_timed\": %d, \"warmup\": %d, \"median_ms\": %.3f, \"tok_s\": %.1f, \"tflops\": %.4f, \"mfu\": ",
            t->B, t->S, t->grad_accum, gpu ? t->gs.mst_chunks : 1, gpu ? t->gs.vocab_chunk : t->c.vocab_size,
            gpu ? t->gs.recompute : 0, gpu ? t->gs.offload : 0, gpu ? t->gs.host_layers : 0, o->optimizer,
-           t->adam8 ? "8bit" : o->moments, o->master_weights, o->synthetic, k, warm, med, tok_s, fpt * tok_s / 1e12);
+           t->adam8 ? "8bit" : o->moments, o->master_weights, o->synthetic, o->lora.rank,
+           base_quant_name(o->lora.base_quant), k, warm, med, tok_s, fpt * tok_s / 1e12);
     if (gpu && t->peak_flops > 0) printf("%.6f", fpt * tok_s / t->peak_flops);
     else printf("null");
     printf(", \"peak_gib\": %.4f, \"planned_gib\": %.4f, \"params\": %zu, \"flops_per_token\": %.6e, \"oom\": false}\n",
@@ -1233,9 +1343,11 @@ static int plan_only(const Options *o) {
     s.recompute = o->recompute;
     s.offload = o->offload;
     s.host_layers = o->host_layers;
+    s.attn_head_groups = o->attn_head_groups;
     s.grad_accum_steps = o->grad_accum;
     s.moment_bytes = strcmp(o->optimizer, "adamw8bit") == 0 ? 1 : strcmp(o->moments, "fp32") == 0 ? 4 : 2;
     s.master_weights = o->master_weights;
+    s.lora = o->lora;
     s.overlap_optimizer = o->overlap_optimizer && o->grad_accum == 1;
     int gpus = o->gpus > 0 ? o->gpus : 1;
     if (o->seq_parallel && gpus < 2) die("--plan-only --seq-parallel needs --gpus N with N >= 2");
@@ -1248,14 +1360,15 @@ static int plan_only(const Options *o) {
     MstKernelFigures fig;
     mst_kernel_figures_estimate(&c, s.B, s.S, &fig);
     size_t device = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0);
-    size_t host_machine = o->host_mem_gib > 0.0f ? (size_t)(o->host_mem_gib * 1024.0 * 1024.0 * 1024.0) : physical_memory();
-    size_t host = mst_default_host_budget(host_machine) / (size_t)gpus;
+    size_t host = (o->host_mem_gib > 0.0f ? (size_t)(o->host_mem_gib * 1024.0 * 1024.0 * 1024.0)
+                                          : mst_default_host_budget(physical_memory())) / (size_t)gpus;
     MemoryPlan p;
     char msg[8192];
-    printf("plan for %s (%s), B=%d S=%d, %d GPU%s, device budget %.1f GiB, host budget %.1f GiB (%s memory less 16 GiB, at least 3/4 of it%s)\n",
+    printf("plan for %s (%s), B=%d S=%d, %d GPU%s, device budget %.1f GiB, host budget %.1f GiB (%s%s)\n",
            o->preset ? o->preset : o->model, family_name(c.family), o->batch_given ? o->batch : 1, o->seq_len, gpus,
            gpus > 1 ? (o->seq_parallel ? "s, sequence parallel" : "s, data parallel") : "", gib(device), gib(host),
-           o->host_mem_gib > 0.0f ? "--host-mem" : "this machine's", gpus > 1 ? ", shared by the GPUs" : "");
+           o->host_mem_gib > 0.0f ? "--host-mem" : "this machine's memory less 16 GiB, at least 3/4 of it",
+           gpus > 1 ? ", shared by the GPUs" : "");
     int valid = mst_settings_check(&c, &s, msg, sizeof(msg)) == NULL;
     int fits = mst_plan_auto(&p, &c, &s, &fig, device, host, msg, sizeof(msg));
     // Refused for its settings: no plan to write. Refused for its size: the most frugal plan's JSON.
@@ -1354,6 +1467,9 @@ int main(int argc, char **argv) {
     Comm comm_storage;
     Comm *comm = start_ranks(&o, &comm_storage);  // NULL: one process
     int rank0 = comm == NULL || comm->rank == 0;
+    if (comm && o.lora.rank)
+        die("--lora-rank trains on one GPU only: this run has %d ranks (the adapters' gradients are not exchanged between "
+            "GPUs); start it without mpirun / torchrun", comm->world);
 
     // backend first: a --preset model is built only where it can be trained
     int backend = BACKEND_CPU;
@@ -1375,11 +1491,12 @@ int main(int argc, char **argv) {
     ParamLayout layout;
     uint16_t *params;
     char state_file[4096] = "", model_file[4096] = "";
-    if (o.resume) {
+    if (o.resume && o.lora.rank == 0) {
         resume_paths(&o, state_file, model_file, sizeof(state_file));
         if (o.model) printf("note: --resume takes the weights from %s, not --model %s\n", model_file, o.model);
         params = model_load_bf16(&c, &layout, model_file);
-    } else if (o.model) {
+    } else if (o.model) {  // with LoRA also on --resume: the checkpoint holds the adapters, --model the base
+        if (o.resume) resume_paths(&o, state_file, model_file, sizeof(state_file));
         params = model_load_bf16(&c, &layout, o.model);
     } else if (o.preset) {
         if (!mst_preset(o.preset, &c)) {
@@ -1405,12 +1522,31 @@ int main(int argc, char **argv) {
            commas((double)layout.total, n_params, sizeof(n_params)));
 
     if (comm) check_same_run(comm, &o, &c, params, layout.total, state_file);
+    if (o.lora.rank) {
+        char targets[64];
+        lora_targets_string(o.lora.targets, targets, sizeof(targets));
+        printf("LoRA: rank %d, alpha %g (scale %g), targets %s, frozen base %s, %s adapter values\n", o.lora.rank,
+               o.lora.alpha, o.lora.alpha / o.lora.rank, targets, base_quant_name(o.lora.base_quant),
+               commas((double)trainable_count(&c, &o.lora), n_params, sizeof(n_params)));
+    }
+
     Trainer t;
     trainer_init(&t, backend, &c, params, &o, comm);
     free(params);
     if (o.profile) {
         if (backend != BACKEND_GPU) die("--profile measures GPU time: it needs the GPU path");
         gpu_model_profile_enable(&t.gpu);
+    }
+    if (o.resume && o.lora.rank) {  // the adapters of the checkpoint (lora_load checks the base they belong to)
+        LoraConfig file;
+        float *adapters = (float *)mallocCheck(t.n_train * sizeof(float));
+        lora_load(model_file, &c, &file, NULL);
+        if (file.rank != o.lora.rank || file.alpha != o.lora.alpha || file.targets != o.lora.targets)
+            die("%s: adapters of rank %d alpha %g targets 0x%x; this run asks for rank %d alpha %g targets 0x%x",
+                model_file, file.rank, file.alpha, file.targets, o.lora.rank, o.lora.alpha, o.lora.targets);
+        lora_load(model_file, &c, &file, adapters);
+        trainer_set_lora(&t, adapters);
+        free(adapters);
     }
     FILE *mem_trace = NULL;
     if (o.mem_trace) {

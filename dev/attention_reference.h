@@ -58,6 +58,13 @@ static AttentionShape make_shape(int B, int S, int Hq, int Hkv, int hd, float sc
     s.scale = scale;
     s.window = window;
     s.softcap = softcap;
+    s.head_groups = 1;
+    return s;
+}
+
+// The same shape with the backward split into G head groups.
+static AttentionShape with_head_groups(AttentionShape s, int G) {
+    s.head_groups = G;
     return s;
 }
 

@@ -4,7 +4,8 @@
 #   bash dev/device_check.sh STAGE
 #
 #   build    make -j16 all                                   (log: $OUT/build.log)
-#   kernels  build/test_kernels, build/test_matmul, build/test_attention, build/test_attention_softcap: correctness, then timings
+#   kernels  build/test_kernels, build/test_matmul, build/test_attention, build/test_attention_softcap,
+#            build/test_lora_kernels: correctness, then timings
 #   model    build/test_llama: the whole model against the Hugging Face references, every memory setting
 #   hf       python3 scripts/check_hf_roundtrip.py: model.bin -> HF -> transformers matches the references
 #   train    ./train_llama (the default run, plus --log $OUT/train.jsonl) on the GPU path, then the
@@ -97,6 +98,7 @@ stage_kernels() {
     gpu_test build/test_matmul "${peak[@]}" || rc=1
     gpu_test build/test_attention "${peak[@]}" || rc=1
     gpu_test build/test_attention_softcap || rc=1
+    gpu_test build/test_lora_kernels || rc=1
     return "$rc"
 }
 

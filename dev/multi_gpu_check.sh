@@ -14,7 +14,7 @@
 #            accumulation and with optimizer-in-backward (the side stream); one GPU with B=2*NP
 #   sp       sequence parallel (Ulysses) == one GPU on the same sequences, the same three comparisons,
 #            plain and with MsT chunks + recompute + offload; S=128*NP tokens per row
-#   errors   a clean error, not a hang: ranks with different --seq-len (configuration agreement),
+#   errors   a clean error, not a hang: LoRA over several GPUs (refused), ranks with different --seq-len (configuration agreement),
 #            a rank killed mid-run (the others name it), a rank stopped (the others time out)
 #
 # Each stage writes $OUT/<stage>.log and the script ends with one PASS/FAIL line per stage; exit
@@ -200,6 +200,11 @@ stage_errors() {
         -np $((NP - 1)) ./train_llama "${COMMON[@]}" --seq-len 64 --batch "$NP" --ckpt-dir "$W/err1" >"$W/mismatch.log" 2>&1
     rc=$?
     expect_error "ranks disagree on --seq-len" "do not run the same configuration.*batch shape" "$W/mismatch.log" "$rc" || ok=1
+    # LoRA trains on one GPU: every rank refuses at once, before any GPU work
+    timeout 120 "$MPIRUN" "${MPI_FLAGS[@]}" -np "$NP" ./train_llama "${COMMON[@]}" --seq-len 128 --batch "$NP" --lora-rank 8 \
+        --preset llama3-8b --ckpt-dir "$W/err0" >"$W/lora.log" 2>&1
+    rc=$?
+    expect_error "LoRA over $NP GPUs" "lora-rank trains on one GPU only: this run has $NP ranks" "$W/lora.log" "$rc" || ok=1
     # 2. the last rank is killed mid-run: rank 0 names it and stops (watchdog, well before the timeout)
     local long=(--synthetic-data --steps 100000 --seq-len 128 --batch "$NP" --eval-every 0 --ckpt-every 0 --ckpt-dir "$W/err2" --dist-timeout 600)
     start_ranks_by_hand killed "${long[@]}"

@@ -55,6 +55,9 @@ static void check_supported(TestReport *t) {
     check_supported_case(t, "negative window", make_shape(1, 64, 8, 8, 128, sc, -1, 0), 0);
     check_supported_case(t, "zero scale", make_shape(1, 64, 8, 8, 128, 0.0f, 0, 0), 0);
     check_supported_case(t, "B = 0", make_shape(0, 64, 8, 8, 128, sc, 0, 0), 0);
+    check_supported_case(t, "head_groups 4 of Hkv 8", with_head_groups(make_shape(1, 64, 32, 8, 128, sc, 0, 0), 4), 1);
+    check_supported_case(t, "head_groups 3 of Hkv 8", with_head_groups(make_shape(1, 64, 32, 8, 128, sc, 0, 0), 3), 0);
+    check_supported_case(t, "head_groups -1", with_head_groups(make_shape(1, 64, 8, 8, 128, sc, 0, 0), -1), 0);
     char why[64];
     int got = attention_supported(NULL, why, sizeof(why));
     printf("  %-34s expect 0 got %d  %-4s %s\n", "NULL shape", got, got == 0 ? "ok" : "FAIL", why);
@@ -92,8 +95,8 @@ static void check_bad_input(TestReport *t) {
 // accumulates dQ with atomics unless asked for its O(S^2)-workspace deterministic mode).
 static void check_case(TestReport *t, const char *label, AttentionShape s, int check_determinism) {
     char shape[160];
-    snprintf(shape, sizeof(shape), "B=%d S=%d Hq=%d Hkv=%d hd=%d scale=%.4f window=%d", s.B, s.S, s.Hq, s.Hkv, s.hd,
-             (double)s.scale, s.window);
+    snprintf(shape, sizeof(shape), "B=%d S=%d Hq=%d Hkv=%d hd=%d scale=%.4f window=%d head_groups=%d", s.B, s.S, s.Hq,
+             s.Hkv, s.hd, (double)s.scale, s.window, s.head_groups);
     printf("%s: %s\n", label, shape);
     char why[160];
     if (!attention_supported(&s, why, sizeof(why))) {
@@ -182,8 +185,8 @@ static void check_case(TestReport *t, const char *label, AttentionShape s, int c
 }
 
 // ---- timing at the Llama-3-8B shape ----
-static void time_case(int S, double peak) {
-    AttentionShape s = make_shape(1, S, 32, 8, 128, 1.0f / sqrtf(128.0f), 0, 0);
+static void time_case(int S, int head_groups, double peak) {
+    AttentionShape s = with_head_groups(make_shape(1, S, 32, 8, 128, 1.0f / sqrtf(128.0f), 0, 0), head_groups);
     size_t C = (size_t)(s.Hq + 2 * s.Hkv) * s.hd, rows = (size_t)s.B * s.S;
     bf16 *qkv, *dqkv, *out, *dout;
     float *stats;
@@ -229,7 +232,7 @@ static void time_case(int S, double peak) {
     double bwd_flops = 2.5 * fwd_flops;
     double fwd_tf = fwd_flops / (fwd_ms * 1e-3) / 1e12, bwd_tf = bwd_flops / (bwd_ms * 1e-3) / 1e12;
     double all_tf = (fwd_flops + bwd_flops) / ((fwd_ms + bwd_ms) * 1e-3) / 1e12;
-    printf("%6d %9.3f %8.1f %9.3f %8.1f %9.3f %8.1f %7.1f%% %8.1f\n", S, fwd_ms, fwd_tf, bwd_ms, bwd_tf,
+    printf("%6d %6d %9.3f %8.1f %9.3f %8.1f %9.3f %8.1f %7.1f%% %8.1f\n", S, head_groups, fwd_ms, fwd_tf, bwd_ms, bwd_tf,
            fwd_ms + bwd_ms, all_tf, 100.0 * all_tf / peak, ws_bytes / 1048576.0);
     cudaCheck(cudaEventDestroy(e0));
     cudaCheck(cudaEventDestroy(e1));
@@ -265,13 +268,18 @@ int main(int argc, char **argv) {
     check_case(&t, "window 16, scale 0.2", make_shape(1, 100, 4, 2, 64, 0.2f, 16, 0), 0);
     check_case(&t, "window = S (= causal)", make_shape(1, 50, 2, 2, 64, 0.125f, 50, 0), 0);
     check_case(&t, "hd 256", make_shape(1, 70, 2, 1, 256, 0.0625f, 0, 0), 0);
+    check_case(&t, "small GQA, 2 head groups", with_head_groups(make_shape(2, 37, 4, 2, 64, 0.125f, 0, 0), 2), 0);
+    check_case(&t, "long GQA, 4 head groups", with_head_groups(make_shape(1, 1000, 16, 8, 128, 1.0f / sqrtf(128.0f), 0, 0), 4), 1);
+    check_case(&t, "window 64, MHA, 8 head groups", with_head_groups(make_shape(2, 300, 8, 8, 64, 0.125f, 64, 0), 8), 0);
     printf("%d checks, %d failed\n", t.passed + t.failed, t.failed);
     if (t.failed == 0) {
         printf("\nLlama-3-8B attention (B=1, Hq=32, Hkv=8, hd=128, causal); %% of a %.0f TFLOP/s roofline\n", peak);
-        printf("%6s %9s %8s %9s %8s %9s %8s %8s %8s\n", "S", "fwd ms", "TFLOP/s", "bwd ms", "TFLOP/s", "total ms",
-               "TFLOP/s", "of peak", "ws MiB");
-        time_case(8192, peak);
-        time_case(16384, peak);
+        printf("%6s %6s %9s %8s %9s %8s %9s %8s %8s %8s\n", "S", "groups", "fwd ms", "TFLOP/s", "bwd ms", "TFLOP/s",
+               "total ms", "TFLOP/s", "of peak", "ws MiB");
+        time_case(8192, 1, peak);
+        time_case(16384, 1, peak);
+        time_case(16384, 2, peak);
+        time_case(16384, 8, peak);
     }
     attention_free();
     return test_report_finish(&t, "test_attention");

@@ -6,6 +6,14 @@
                                            tokenizer.json)
   export_hf.py --to-hf model.bin OUT_DIR [--tokenizer-from HF_DIR]
                                            model.bin -> config.json + model.safetensors (bf16)
+  export_hf.py --to-hf model.bin OUT_DIR --lora lora.bin --merge-lora
+                                           the same with LoRA adapters (train_llama's lora_<step>.bin,
+                                           lora.h) merged: W + (alpha / r) B A, computed in float64 from
+                                           the bf16 base and the fp32 adapters, rounded to bf16
+  export_hf.py --to-hf model.bin OUT_DIR --lora lora.bin --peft-out PEFT_DIR
+                                           the base in OUT_DIR, the adapters as a PEFT LoRA adapter in
+                                           PEFT_DIR (adapter_config.json + adapter_model.safetensors,
+                                           fp32), for peft.PeftModel.from_pretrained(model, PEFT_DIR)
 
 Families: llama, mistral, qwen2, gemma2. Safetensors are parsed here (numpy only, no torch):
 tensors are streamed in chunks of CHUNK_ELEMS elements, so a model of any size exports in about
@@ -517,21 +525,70 @@ def check_expressible(c, cfg, path):
         fail(f"{path}: cannot be expressed as a Hugging Face {cfg['model_type']} checkpoint: " + "; ".join(diffs))
 
 
-def write_safetensors(path, model_path, c):
-    """model.safetensors with every tensor in bf16, streamed from model.bin."""
-    names = hf_names(c)
+def safetensors_header(entries):
+    """The length-prefixed header of a safetensors file for [(name, dtype, shape, nbytes)] in order."""
     header, at = {"__metadata__": {"format": "pt"}}, 0
-    for p in mb.param_layout(c):
-        header[names[p.name]] = {"dtype": "BF16", "shape": hf_shape(p), "data_offsets": [at, at + 2 * p.numel]}
-        at += 2 * p.numel
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + nbytes]}
+        at += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def merged_bits(bits, adapters, lc, name):
+    """bf16 bits of W + scale B A for a projection with an adapter (float64, rounded once to bf16)."""
+    _, l, t = name.split(".")
+    target = {v: k for k, v in mb.LORA_BASE_TENSOR.items()}.get(t)
+    if target is None or target not in lc.targets:
+        return bits
+    a, b = adapters[f"layers.{l}.{target}.lora_A"], adapters[f"layers.{l}.{target}.lora_B"]
+    w = mb.bf16_bits_to_f32(bits).astype(np.float64) + float(lc.alpha) / lc.rank * (b.astype(np.float64) @ a.astype(np.float64))
+    return mb.f32_to_bf16_bits(w.astype(np.float32)).reshape(bits.shape)
+
+
+def write_safetensors(path, model_path, c, merge=None):
+    """model.safetensors with every tensor in bf16, streamed from model.bin; merge = (LoraConfig,
+    adapters) adds the adapters to their projections."""
+    names = hf_names(c)
+    entries = [(names[p.name], "BF16", hf_shape(p), 2 * p.numel) for p in mb.param_layout(c)]
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for _, bits in mb.iter_model_tensors(model_path, c):
+        f.write(safetensors_header(entries))
+        for p, bits in mb.iter_model_tensors(model_path, c):
+            if merge is not None and p.name.startswith("layers."):
+                bits = merged_bits(bits, merge[1], merge[0], p.name)
             f.write(bits.tobytes())
     os.replace(tmp, path)
+
+
+def read_adapters(lora_path, c, model_path):
+    """(LoraConfig, {name: float32 array}) of a lora.bin that belongs to the base config c."""
+    lc, base, adapters = mb.read_lora(lora_path)
+    if mb.config_to_header(base) != mb.config_to_header(c):
+        fail(f"{lora_path}: the adapters belong to another base model than {model_path} (the configs differ)")
+    return lc, adapters
+
+
+def write_peft(peft_dir, c, lc, adapters, base_dir):
+    """A PEFT LoRA adapter directory: adapter_config.json and adapter_model.safetensors (fp32 A, B)."""
+    os.makedirs(peft_dir, exist_ok=True)
+    entries, blobs = [], []
+    for p in mb.lora_layout(c, lc):
+        _, l, t, ab = p.name.split(".")
+        arr = np.ascontiguousarray(adapters[p.name], dtype="<f4")
+        entries.append((f"base_model.model.model.layers.{l}.{mb.LORA_HF_MODULE[t]}.{ab}.weight", "F32", arr.shape, arr.nbytes))
+        blobs.append(arr.tobytes())
+    path = os.path.join(peft_dir, "adapter_model.safetensors")
+    mb.write_atomically(path, safetensors_header(entries) + b"".join(blobs))
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": os.path.abspath(base_dir),
+           "r": lc.rank, "lora_alpha": mb.f32_str(lc.alpha), "lora_dropout": 0.0, "bias": "none",
+           "target_modules": sorted(mb.LORA_HF_MODULE[t].split(".")[1] for t in lc.targets),
+           "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+           "modules_to_save": None, "inference_mode": True}
+    with open(os.path.join(peft_dir, "adapter_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
 
 
 def copy_tokenizer_files(src_dir, out_dir, cfg):
@@ -550,15 +607,21 @@ def copy_tokenizer_files(src_dir, out_dir, cfg):
     return present
 
 
-def modelbin_to_hf(model_path, out_dir, tokenizer_from):
+def modelbin_to_hf(model_path, out_dir, tokenizer_from, lora_path=None, merge_lora=False, peft_out=None):
     c = mb.read_model_config(model_path)
     cfg = model_to_hf_config(c)
     check_expressible(c, cfg, model_path)
     if tokenizer_from is not None and not os.path.isdir(tokenizer_from):
         fail(f"{tokenizer_from}: not a directory")
+    lc, adapters = read_adapters(lora_path, c, model_path) if lora_path else (None, None)
     os.makedirs(out_dir, exist_ok=True)
     copied = copy_tokenizer_files(tokenizer_from, out_dir, cfg) if tokenizer_from else []
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), model_path, c)
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), model_path, c, (lc, adapters) if merge_lora else None)
+    if peft_out:
+        write_peft(peft_out, c, lc, adapters, out_dir)
+        print(f"wrote {peft_out}: PEFT LoRA adapter (r {lc.rank}, alpha {lc.alpha:g}, {', '.join(lc.targets)})")
+    if merge_lora:
+        print(f"merged {lora_path} (r {lc.rank}, alpha {lc.alpha:g}, {', '.join(lc.targets)}) into the weights")
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)
         f.write("\n")
@@ -572,13 +635,22 @@ def main(argv=None):
     ap.add_argument("dst", help="model.bin path or output dir (or HF output dir with --to-hf)")
     ap.add_argument("--to-hf", action="store_true", help="convert model.bin to a HF checkpoint dir")
     ap.add_argument("--tokenizer-from", default=None, help="with --to-hf: copy tokenizer files from this HF dir")
+    ap.add_argument("--lora", default=None, help="with --to-hf: LoRA adapters (lora.bin) of this base model")
+    ap.add_argument("--merge-lora", action="store_true", help="with --lora: merge the adapters into the HF weights")
+    ap.add_argument("--peft-out", default=None, help="with --lora: write the adapters as a PEFT adapter directory")
     args = ap.parse_args(argv)
     try:
+        if (args.merge_lora or args.peft_out) and not args.lora:
+            fail("--merge-lora and --peft-out need the adapters: --lora lora.bin")
+        if args.lora and not (args.merge_lora or args.peft_out):
+            fail("--lora: say what to do with the adapters: --merge-lora or --peft-out DIR")
+        if args.merge_lora and args.peft_out:
+            fail("--peft-out writes adapters for the unmerged base: drop --merge-lora (or write the two separately)")
         if args.to_hf:
-            modelbin_to_hf(args.src, args.dst, args.tokenizer_from)
+            modelbin_to_hf(args.src, args.dst, args.tokenizer_from, args.lora, args.merge_lora, args.peft_out)
         else:
-            if args.tokenizer_from:
-                fail("--tokenizer-from only applies with --to-hf")
+            if args.tokenizer_from or args.lora:
+                fail("--tokenizer-from and --lora only apply with --to-hf")
             hf_to_modelbin(args.src, args.dst)
     except FormatError as e:
         print(f"error: {e}", file=sys.stderr)

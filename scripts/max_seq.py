@@ -10,6 +10,12 @@ Methods
   ours-rc-adam8, ours-mst-adam8, ours-offload-adam8
                  the same with --optimizer adamw8bit (8-bit AdamW moments; not in the default list)
   hf, hf-gc      scripts/hf_peer.py without / with gradient checkpointing
+  lora-Q-mst     LoRA (--lora-rank R on every projection, alpha 2R) over a frozen base stored as Q
+                 (bf16, int8 or nf4: --base-quant none/int8/nf4), as ours-mst
+  lora-Q-nomst   the same with MsT off (one chunk, one vocabulary tile), as ours-rc
+  lora-Q-offload the same as ours-offload (MsT + recomputation + layer inputs in pinned host memory)
+The default --methods are the full-parameter AdamW ones (ours-vanilla/rc/mst/offload, hf, hf-gc); the
+-adam8 and LoRA rows are asked for by name, or all nine LoRA rows by --methods lora.
 
 A trial at S runs --steps full training steps (default 2); it passes when it prints a BENCH record
 that is not OOM. The search over multiples of --granule: for train_llama methods the upper bound
@@ -33,11 +39,19 @@ from hf_peer import PRESETS, flops_per_token  # noqa: E402
 
 DEFAULT_METHODS = ["ours-vanilla", "ours-rc", "ours-mst", "ours-offload", "hf", "hf-gc"]
 ADAM8_SUFFIX = "-adam8"  # a train_llama method with --optimizer adamw8bit
-ALL_METHODS = DEFAULT_METHODS + [m + ADAM8_SUFFIX for m in ("ours-rc", "ours-mst", "ours-offload")]
+ADAM8_METHODS = [m + ADAM8_SUFFIX for m in ("ours-rc", "ours-mst", "ours-offload")]
+LORA_BASES = {"bf16": "none", "int8": "int8", "nf4": "nf4"}
+LORA_MODES = {"mst": "ours-mst", "nomst": "ours-rc", "offload": "ours-offload"}  # the full-parameter twin
+LORA_METHODS = [f"lora-{b}-{m}" for b in LORA_BASES for m in LORA_MODES]
+ALL_METHODS = DEFAULT_METHODS + ADAM8_METHODS + LORA_METHODS
 
 
-def method_flags(method, vocab):
+def method_flags(method, vocab, lora_rank=16):
     """train_llama flags of a method (None for the HF methods)."""
+    if method in LORA_METHODS:
+        _, base, mode = method.split("-")
+        return method_flags(LORA_MODES[mode], vocab) + ["--lora-rank", str(lora_rank), "--lora-alpha",
+                                                        str(2 * lora_rank), "--base-quant", LORA_BASES[base]]
     base = method[:-len(ADAM8_SUFFIX)] if method.endswith(ADAM8_SUFFIX) else method
     flags = {"ours-vanilla": ["--mst", "1", "--vocab-chunk", str(vocab), "--recompute", "0", "--offload", "0"],
              "ours-rc": ["--mst", "1", "--vocab-chunk", str(vocab), "--recompute", "1", "--offload", "0"],
@@ -46,6 +60,16 @@ def method_flags(method, vocab):
     if flags is None or base == method:
         return flags
     return flags + ["--optimizer", "adamw8bit"]
+
+
+def is_train_llama(method):
+    """Methods that train_llama runs (the planner gives their bound), as against the HF ones."""
+    return method_flags(method, 1) is not None
+
+
+def memory_flags(args):
+    """--host-mem when given: the pinned host budget of the offload methods (plan and trials alike)."""
+    return ["--host-mem", str(args.host_mem)] if args.host_mem is not None else []
 
 
 def parse_plan_bound(text):
@@ -130,24 +154,31 @@ class Cache:
 
 
 def trial_seconds(preset, S, steps, method):
-    """A rough trial time: start-up + steps at 300 TFLOP/s (x1.35 with recomputation)."""
+    """A rough trial time: start-up + steps at 300 TFLOP/s (x1.35 with recomputation; LoRA's fewer
+    FLOPs, without the base's weight gradients, are not counted: an upper bound)."""
     p = PRESETS[preset]
     step = S * flops_per_token(p, S) / 300e12 * (1.0 if method in ("ours-vanilla", "hf") else 1.35)
     return 30.0 + steps * step
 
 
+def trial_key(preset, method, S, lora_rank):
+    """Cache key of a trial; LoRA trials name their rank."""
+    return f"{preset}|{method}|{S}" + (f"|r{lora_rank}" if method in LORA_METHODS else "")
+
+
 def make_trial(args, preset, method, cache, deadline, log_dir):
     """trial(S) -> True when S trains: from the cache, else a run (raises OutOfTime past the deadline)."""
     def trial(S):
-        key = f"{preset}|{method}|{S}"
+        key = trial_key(preset, method, S, args.lora_rank)
         if key in cache.data["trials"]:
             return cache.data["trials"][key]["ok"]
         if time.time() + trial_seconds(preset, S, args.steps, method) > deadline:
             raise OutOfTime(key)
-        flags = method_flags(method, PRESETS[preset]["V"])
+        flags = method_flags(method, PRESETS[preset]["V"], args.lora_rank)
         if flags is not None:
             cmd = [args.binary, "--preset", preset, "--synthetic-data", "--bench", "--batch", "1", "--seq-len", str(S),
                    "--steps", str(args.steps), "--lr", "1e-5", "--warmup", "0", "--schedule", "constant"] + flags
+            cmd += memory_flags(args)
         else:
             cmd = [args.python, os.path.join("scripts", "hf_peer.py"), "--preset", preset, "--batch", "1",
                    "--seq-len", str(S), "--steps", str(args.steps)] + (["--gc"] if method == "hf-gc" else [])
@@ -166,11 +197,14 @@ def make_trial(args, preset, method, cache, deadline, log_dir):
 
 def plan_bound(args, preset, method, cache):
     """The planner's longest S for a train_llama method (cached), from `--plan-only` at --s-max."""
-    key = f"{preset}|{method}|{args.gpu_mem}"
+    key = f"{preset}|{method}|{args.gpu_mem}" + (f"|{args.host_mem}" if args.host_mem is not None else "")
+    if method in LORA_METHODS:
+        key += f"|r{args.lora_rank}"
     if key in cache.data["bounds"]:
         return cache.data["bounds"][key]
     cmd = [args.binary, "--plan-only", "--preset", preset, "--seq-len", str(args.s_max), "--batch", "1",
-           "--gpu-mem", str(args.gpu_mem)] + method_flags(method, PRESETS[preset]["V"])
+           "--gpu-mem", str(args.gpu_mem)] + method_flags(method, PRESETS[preset]["V"], args.lora_rank)
+    cmd += memory_flags(args)
     p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     bound = parse_plan_bound(p.stdout)
     if bound is None:
@@ -180,11 +214,11 @@ def plan_bound(args, preset, method, cache):
     return bound
 
 
-def result_rows(cache, preset, methods, best):
+def result_rows(cache, preset, methods, best, lora_rank=16):
     rows = []
     for m in methods:
         S = best.get(m)
-        rec = cache.data["trials"].get(f"{preset}|{m}|{S}", {}).get("record") if S else None
+        rec = cache.data["trials"].get(trial_key(preset, m, S, lora_rank), {}).get("record") if S else None
         rows.append({"model": preset, "method": m, "max_S": S, "done": m in best,
                      "tok_s": rec.get("tok_s") if rec else None, "peak_gib": rec.get("peak_gib") if rec else None})
     return rows
@@ -225,7 +259,7 @@ def plot(rows, preset, path):
     done = [r for r in rows if r["done"]]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     vals = [(r["max_S"] or 0) / 1024 for r in done]
-    bars = ax.bar([r["method"] for r in done], vals, color=["#4c72b0" if r["method"].startswith("ours") else "#dd8452" for r in done])
+    bars = ax.bar([r["method"] for r in done], vals, color=["#4c72b0" if is_train_llama(r["method"]) else "#dd8452" for r in done])
     for b, v in zip(bars, vals):
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}K", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("max sequence length (K tokens)")
@@ -257,7 +291,14 @@ def parse_args(argv):
                "same command to continue from --cache.")
     ap.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS))
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                    help=f"comma list of {', '.join(ALL_METHODS)} (default {','.join(DEFAULT_METHODS)})")
+                    help=f"comma list of {', '.join(ALL_METHODS)}, or 'lora' for all lora-* "
+                         f"(default the full-parameter ones: {','.join(DEFAULT_METHODS)})")
+    ap.add_argument("--lora-rank", type=int, default=16, help="adapter rank of the lora-* methods (default 16)")
+    ap.add_argument("--host-mem", type=float, default=None,
+                    help="GiB of pinned host memory the offload methods may use (default: train_llama's, this "
+                         "machine's memory less 16 GiB, at least 3/4 of it)")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="print the planner's longest S of each train_llama method (no GPU runs) and exit")
     ap.add_argument("--granule", type=int, default=2048, help="S is a multiple of this (default 2048)")
     ap.add_argument("--s-max", type=int, default=131072, help="largest S tried (default 131072)")
     ap.add_argument("--hf-start", type=int, default=4096, help="first S of the HF doubling (default 4096)")
@@ -271,12 +312,15 @@ def parse_args(argv):
     ap.add_argument("--out", default="bench_results", help="directory of the CSV, PNG, cache and logs")
     ap.add_argument("--cache", default=None, help="trial cache (default OUT/max_seq_<preset>.json)")
     args = ap.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.methods = [x for m in args.methods.split(",") if m.strip()
+                    for x in (LORA_METHODS if m.strip() == "lora" else [m.strip()])]
     bad = [m for m in args.methods if m not in ALL_METHODS]
     if bad:
         ap.error(f"unknown methods {bad}; choose from {', '.join(ALL_METHODS)}")
-    if args.granule < 1 or args.s_max < args.granule or args.steps < 2:
-        ap.error("need --granule >= 1, --s-max >= --granule and --steps >= 2")
+    if args.granule < 1 or args.s_max < args.granule or args.steps < 2 or args.lora_rank < 1:
+        ap.error("need --granule >= 1, --s-max >= --granule, --steps >= 2 and --lora-rank >= 1")
+    if args.plan_only and (args.gpu_mem is None or not all(is_train_llama(m) for m in args.methods)):
+        ap.error("--plan-only needs --gpu-mem and train_llama methods only (ours-*, lora-*)")
     if args.cache is None:
         args.cache = os.path.join(args.out, f"max_seq_{args.preset}.json")
     return args
@@ -285,18 +329,23 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.gpu_mem is None and any(m.startswith("ours") for m in args.methods):
+    if args.gpu_mem is None and any(is_train_llama(m) for m in args.methods):
         args.gpu_mem = gpu_free_gib()
         if args.gpu_mem is None:
             raise SystemExit("error: no GPU found by nvidia-smi: pass --gpu-mem GiB for the planner bound")
     cache = Cache(args.cache)
+    if args.plan_only:
+        for m in args.methods:
+            print(f"{args.preset} {m}: planner bound S={plan_bound(args, args.preset, m, cache)} (--gpu-mem {args.gpu_mem:g}"
+                  + (f", --host-mem {args.host_mem:g}" if args.host_mem is not None else "") + ")")
+        return 0
     deadline = time.time() + args.time_budget
     best, stopped = {}, None
     for m in args.methods:
         print(f"{args.preset} {m}:", flush=True)
         trial = make_trial(args, args.preset, m, cache, deadline, os.path.join(args.out, "logs"))
         try:
-            if m.startswith("ours"):
+            if is_train_llama(m):
                 bound = plan_bound(args, args.preset, m, cache)
                 print(f"  planner bound S={bound} (--gpu-mem {args.gpu_mem:.1f})", flush=True)
                 S, _ = search_max(trial, args.granule, hi=bound, s_max=args.s_max)
@@ -308,7 +357,7 @@ def main(argv=None):
             stopped = str(e)
             print(f"  time budget reached before trial {e}: rerun the same command to continue", flush=True)
             break
-    rows = add_gain(result_rows(cache, args.preset, args.methods, best))
+    rows = add_gain(result_rows(cache, args.preset, args.methods, best, args.lora_rank))
     print()
     print(format_table(rows, ["method", "max S", "tok/s at max S", "peak GiB", "vs vanilla"], header_lines(argv), fmt_row))
     csv_path = os.path.join(args.out, f"max_seq_{args.preset}.csv")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's memory pictures, from the planner alone (no GPU): Llama-3-8B on an 80 GiB GPU and a
-# 125 GiB host (the H100 device machine), batch 1, for vanilla / recompute / MsT / MsT + offload:
+# 125 GiB host (the H100 device machine: --host-mem 109, its default pinned budget), batch 1, for
+# vanilla / recompute / MsT / MsT + offload:
 #   memory_breakdown_S16K.png   planned bytes by category, every method at S = 16K
 #   memory_breakdown_max_S.png  the same, each method at the longest S the planner lets it run
 #   memory_timeline_S16K.png    bytes holding live data over one step, standard vs recompute vs MsT
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/.."
 out=${1:-docs/memory}
 mkdir -p "$out"
 vocab=128256
-common=(--plan-only --preset llama3-8b --gpu-mem 80 --host-mem 125)
+common=(--plan-only --preset llama3-8b --gpu-mem 80 --host-mem 109)
 methods=(vanilla recompute mst offload)
 # At S = 16K every method fits without chunking, so `--mst auto` would pick M=1 and one vocabulary
 # tile and offload nothing: MsT and offload are set explicitly there (M=8, tiles of V/8, every layer

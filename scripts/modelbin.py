@@ -354,6 +354,23 @@ TENSOR_MAX_DIMS = 4
 _BUNDLE_DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<i4")}
 
 
+def write_atomically(path, data):
+    """Writes bytes to path through a temporary file and a rename."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def read_whole(path):
+    """The bytes of a (small) file; FormatError when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise FormatError(f"cannot read '{path}': {e.strerror}") from None
+
+
 def write_bundle(path, tensors):
     """Writes {name: array} (float arrays as float32, integer arrays as int32), in dict order."""
     parts = [struct.pack("<III", TENSOR_FILE_MAGIC, TENSOR_FILE_VERSION, len(tensors))]
@@ -370,19 +387,12 @@ def write_bundle(path, tensors):
             raise FormatError(f"{path}: tensor '{name}': bad name length or more than {TENSOR_MAX_DIMS} dims")
         parts.append(struct.pack("<I", len(raw)) + raw + struct.pack("<II", code, arr.ndim))
         parts.append(struct.pack(f"<{arr.ndim}I", *arr.shape) + data.tobytes())
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(b"".join(parts))
-    os.replace(tmp, path)
+    write_atomically(path, b"".join(parts))
 
 
 def read_bundle(path):
     """Reads a bundle into {name: array}; raises FormatError on a malformed or truncated file."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise FormatError(f"cannot read '{path}': {e.strerror}") from None
+    data = read_whole(path)
     pos = 0
 
     def take(n, what):
@@ -419,3 +429,100 @@ def read_bundle(path):
     if pos != len(data):
         raise FormatError(f"{path}: {len(data) - pos} trailing bytes after the last tensor")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters (lora.h): layout and lora.bin
+
+LORA_MAGIC = 0x4C53544D  # bytes 'M','T','S','L'
+LORA_VERSION = 1
+LORA_HEADER_INTS = 64
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+LORA_BASE_TENSOR = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
+LORA_HF_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                  "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+BASE_QUANT_NAMES = ("none", "int8", "nf4")
+
+
+@dataclass
+class LoraConfig:
+    """Mirror of LoraConfig in lora.h; targets: a subset of LORA_TARGETS (any order)."""
+    rank: int
+    alpha: float
+    targets: tuple
+    base_quant: int = 0
+
+    @property
+    def mask(self):
+        return sum(1 << LORA_TARGETS.index(t) for t in self.targets)
+
+    @property
+    def scale(self):
+        return f32(f32(self.alpha) / self.rank)
+
+
+def lora_layout(c, lc):
+    """Every adapter tensor in file order (lora_layout_visit() in lora.h): ParamInfo with names
+    'layers.<l>.<target>.lora_A' (r, in) and '...lora_B' (out, r)."""
+    bad = set(lc.targets) - set(LORA_TARGETS)
+    if bad or not lc.targets:
+        raise FormatError(f"LoRA targets {sorted(bad) or '(none)'} are not a non-empty subset of {LORA_TARGETS}")
+    out, at = [], 0
+    for l in range(c.n_layers):
+        for group in LORA_GROUPS:
+            members = [t for t in group if t in lc.targets]
+            for is_b in (False, True):
+                for t in members:
+                    rows, cols = layer_tensor_shape(c, LORA_BASE_TENSOR[t])
+                    shape = (rows, lc.rank) if is_b else (lc.rank, cols)
+                    out.append(ParamInfo(f"layers.{l}.{t}.lora_{'B' if is_b else 'A'}", at, *shape))
+                    at += shape[0] * shape[1]
+    return out
+
+
+def write_lora(path, c, lc, tensors):
+    """Writes lora.bin for base config c from {name: float array} (stored as float32)."""
+    layout = lora_layout(c, lc)
+    h = np.zeros(LORA_HEADER_INTS, dtype="<i4")
+    h[0] = np.uint32(LORA_MAGIC).astype("<i4")
+    h[1] = LORA_VERSION
+    h[2] = lc.rank
+    h[3] = np.array([lc.alpha], dtype="<f4").view("<i4")[0]
+    h[4] = lc.mask
+    h[5] = lc.base_quant
+    h[6] = c.n_layers
+    h[7] = sum(p.numel for p in layout)
+    parts = [h.tobytes(), config_to_header(c)]
+    for p in layout:
+        t = np.asarray(tensors[p.name], dtype="<f4")
+        if t.shape != (p.rows, p.cols):
+            raise FormatError(f"{path}: adapter '{p.name}' has shape {t.shape}, the layout needs {(p.rows, p.cols)}")
+        parts.append(t.tobytes())
+    write_atomically(path, b"".join(parts))
+
+
+def read_lora(path):
+    """Reads lora.bin: (LoraConfig, base ModelConfig from its copy of the header, {name: float32 (rows, cols)})."""
+    data = read_whole(path)
+    head = (LORA_HEADER_INTS + MODEL_HEADER_INTS) * 4
+    if len(data) < head:
+        raise FormatError(f"{path}: truncated: {len(data)} bytes, smaller than the {head}-byte lora.bin header")
+    h = np.frombuffer(data[:LORA_HEADER_INTS * 4], dtype="<i4")
+    if int(h[0].astype("<u4")) != LORA_MAGIC:
+        raise FormatError(f"{path}: bad magic 0x{int(h[0].astype('<u4')):08x}: not a lora.bin file")
+    if int(h[1]) != LORA_VERSION:
+        raise FormatError(f"{path}: unsupported lora.bin version {int(h[1])} (this script reads {LORA_VERSION})")
+    mask, quant = int(h[4]), int(h[5])
+    if int(h[2]) < 1 or mask <= 0 or mask >= (1 << len(LORA_TARGETS)) or not 0 <= quant < len(BASE_QUANT_NAMES):
+        raise FormatError(f"{path}: bad LoRA settings (rank {int(h[2])}, target mask {mask}, base quantization {quant})")
+    lc = LoraConfig(rank=int(h[2]), alpha=float(h[3:4].view("<f4")[0]),
+                    targets=tuple(t for i, t in enumerate(LORA_TARGETS) if mask >> i & 1), base_quant=quant)
+    c = config_from_header(data[LORA_HEADER_INTS * 4:head], f"{path} (base model header)")
+    layout = lora_layout(c, lc)
+    total = sum(p.numel for p in layout)
+    if int(h[7]) != total or len(data) != head + 4 * total:
+        raise FormatError(f"{path}: size {len(data)} bytes disagrees with rank {lc.rank} on targets {','.join(lc.targets)}: "
+                          f"{head + 4 * total} bytes expected")
+    flat = np.frombuffer(data[head:], dtype="<f4")
+    return lc, c, {p.name: flat[p.offset:p.offset + p.numel].reshape(p.rows, p.cols) for p in layout}

@@ -25,6 +25,7 @@ run() {  # run NAME COMMAND...
 }
 
 run cpu_model ./build/test_cpu_model tests/ref
+run quant ./build/test_quant tests/ref
 run model_loader ./build/test_model_loader
 run tokenizer ./build/test_tokenizer
 run dataloader ./build/test_dataloader
@@ -48,6 +49,7 @@ if nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then
     run gpu_matmul ./build/test_matmul
     run gpu_attention ./build/test_attention
     run gpu_attention_softcap ./build/test_attention_softcap
+    run gpu_lora_kernels ./build/test_lora_kernels
     run gpu_model ./build/test_llama
     run gpu_comm ./build/test_comm
 else

@@ -313,3 +313,82 @@ def test_bench_line_of_hf_peer_is_json():
     rec = hf_peer.bench_record(args, oom=True)
     assert args.attn == "eager" and hf_peer.parse_args([]).attn == "sdpa"
     assert bench_step.parse_bench("BENCH " + json.dumps(rec)) == rec and rec["method"] == "hf-gc"
+
+
+# ---- max_seq: LoRA rows
+
+def test_lora_method_flags():
+    V = 128256
+    for mode, twin in max_seq.LORA_MODES.items():
+        for base, quant in max_seq.LORA_BASES.items():
+            flags = max_seq.method_flags(f"lora-{base}-{mode}", V, 8)
+            assert flags == max_seq.method_flags(twin, V) + ["--lora-rank", "8", "--lora-alpha", "16", "--base-quant", quant]
+    assert max_seq.method_flags("lora-nf4-nomst", V)[:4] == ["--mst", "1", "--vocab-chunk", str(V)]
+    assert "1" == max_seq.method_flags("lora-int8-offload", V)[max_seq.method_flags("lora-int8-offload", V).index("--offload") + 1]
+    assert "--base-quant" not in max_seq.method_flags("ours-mst", V) and len(max_seq.LORA_METHODS) == 9
+
+
+def test_methods_default_and_lora_group():
+    assert max_seq.parse_args(["--gpu-mem", "79"]).methods == max_seq.DEFAULT_METHODS
+    assert max_seq.parse_args(["--methods", "ours-mst,lora"]).methods == ["ours-mst"] + max_seq.LORA_METHODS
+    for bad in (["--methods", "lora-fp8-mst"], ["--lora-rank", "0"], ["--plan-only", "--methods", "lora"],
+                ["--plan-only", "--gpu-mem", "79", "--methods", "hf"]):
+        with pytest.raises(SystemExit):
+            max_seq.parse_args(bad)
+
+
+def test_trial_keys_name_the_lora_rank():
+    assert max_seq.trial_key("llama3-8b", "ours-mst", 4096, 16) == "llama3-8b|ours-mst|4096"
+    assert max_seq.trial_key("llama3-8b", "lora-nf4-mst", 4096, 16) != max_seq.trial_key("llama3-8b", "lora-nf4-mst", 4096, 32)
+
+
+FAKE_TRAIN_LLAMA = r'''#!/usr/bin/env python3
+"""Fake train_llama: logs its arguments; --plan-only answers a bound that depends on the flags."""
+import json, sys
+a = sys.argv[1:]
+with open(sys.argv[0] + ".calls", "a") as f:
+    f.write(json.dumps(a) + "\n")
+if "--plan-only" in a:
+    S = 200000 + (40000 if "nf4" in a else 0) + (320000 if a[a.index("--offload") + 1] == "1" else 0)
+    print("does not fit ...\n  with these settings the longest sequence that fits is about S=%d (B=1)" % S)
+else:
+    S = int(a[a.index("--seq-len") + 1])
+    print('BENCH {"oom": %s, "tok_s": 1000.0, "peak_gib": 70.0}' % ("false" if S <= 230000 else "true"))
+'''
+
+
+def fake_binary(tmp_path):
+    path = tmp_path / "train_llama"
+    path.write_text(FAKE_TRAIN_LLAMA)
+    path.chmod(0o755)
+    return str(path)
+
+
+def calls(binary):
+    with open(binary + ".calls") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_plan_only_prints_the_lora_bounds(tmp_path, capsys):
+    binary = fake_binary(tmp_path)
+    rc = max_seq.main(["--plan-only", "--methods", "lora-nf4-mst,lora-nf4-offload,lora-bf16-mst", "--gpu-mem", "80",
+                       "--host-mem", "109", "--lora-rank", "32", "--binary", binary, "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "lora-nf4-mst: planner bound S=240000" in out and "lora-nf4-offload: planner bound S=560000" in out
+    assert "lora-bf16-mst: planner bound S=200000" in out
+    for a in calls(binary):
+        assert a[:2] == ["--plan-only", "--preset"] and float(a[a.index("--host-mem") + 1]) == 109
+        assert a[a.index("--lora-rank") + 1] == "32" and a[a.index("--lora-alpha") + 1] == "64"
+
+
+def test_lora_search_runs_the_method_and_backs_off(tmp_path):
+    binary = fake_binary(tmp_path)
+    rc = max_seq.main(["--methods", "lora-nf4-mst", "--gpu-mem", "80", "--granule", "10000", "--s-max", "400000",
+                       "--binary", binary, "--out", str(tmp_path), "--time-budget", "1e9"])
+    runs = [a for a in calls(binary) if "--plan-only" not in a]
+    assert rc == 0 and runs and all(a[a.index("--base-quant") + 1] == "nf4" and "--bench" in a for a in runs)
+    # the planner's 240000 is tried first, fails (OOM above 230000): bisection ends at 230000
+    assert runs[0][runs[0].index("--seq-len") + 1] == "240000"
+    with open(os.path.join(str(tmp_path), "max_seq_llama3-8b.csv")) as f:
+        row = next(csv.DictReader(f))
+    assert row["method"] == "lora-nf4-mst" and row["max_S"] == "230000"

@@ -11,6 +11,11 @@
 //  3. Hugging Face references: for each case in tests/ref (written by scripts from HF transformers
 //     in float64), logits, loss, every gradient, and three AdamW steps (losses before steps
 //     1..3 and the parameters after step 2).
+//  4. LoRA (lora.h): finite differences of every adapter tensor on the all-features config; a new
+//     adapter leaves the logits of the base bit for bit; the base stays frozen (no gradients, AdamW
+//     leaves it untouched); lora.bin round trip and its error paths; and the PEFT references
+//     (scripts/make_lora_reference.py, float64): logits, loss, every adapter gradient, three AdamW
+//     steps over the adapters.
 // Usage: test_cpu_model [ref_dir]   (default tests/ref). About 0.2 s on 2 idle cores; on cores
 // busy with other jobs, set OMP_WAIT_POLICY=passive (spinning OpenMP threads otherwise wait for
 // preempted ones at each of the thousands of small parallel loops: seconds instead of 0.2 s).
@@ -100,6 +105,30 @@ static void random_params(CpuModel *m) {
     for (size_t i = 0; i < m->layout.total; i++) m->params[i] = 0.5f * rng_sym();
 }
 
+static LoraConfig lora_config(int rank, float alpha, unsigned targets) {
+    LoraConfig lc = {rank, alpha, targets, BASE_QUANT_NONE};
+    return lc;
+}
+
+static void random_adapters(CpuModel *m) {
+    for (size_t i = 0; i < m->lora_layout.total; i++) m->lora_params[i] = 0.5f * rng_sym();
+}
+
+// The config of the hand-counted sizes: V=10 d=4 L=1 Hq=2 Hkv=1 hd=2 F=6, untied, no bias, no post-norms.
+static ModelConfig hand_counted_config(void) {
+    ModelConfig small = all_features_config();
+    small.vocab_size = 10;
+    small.d_model = 4;
+    small.n_layers = 1;
+    small.n_heads = 2;
+    small.n_kv_heads = 1;
+    small.head_dim = 2;
+    small.d_ff = 6;
+    small.qkv_bias = 0;
+    small.post_norms = 0;
+    return small;
+}
+
 static void random_batch(int32_t *tokens, int32_t *targets, int n, int V) {
     for (int i = 0; i < n; i++) {
         tokens[i] = (int32_t)(rng_u32() % (uint32_t)V);
@@ -124,28 +153,30 @@ static double fd_loss(FdCtx *f) {
 
 // For one tensor: u = random +-1 direction; compares the derivative of the loss along u from the
 // 4-point stencil (8 (L(h) - L(-h)) - (L(2h) - L(-2h))) / 12h, L(t) = loss(p + t u), with g.u,
-// the error taken relative to ||g||_2. The analytic gradient is in f->m->grads.
+// the error taken relative to ||g||_2. p and the analytic gradient are the model's trainable values
+// (every parameter, or the LoRA adapters).
 static void fd_check_tensor(const char *name, size_t offset, size_t rows, size_t cols, void *ctx) {
     FdCtx *f = (FdCtx *)ctx;
     CpuModel *m = f->m;
+    float *values = cpu_model_trainable_params(m), *grads = cpu_model_trainable_grads(m);
     size_t n = rows * cols;
     const double h = 3e-3;
     float *saved = (float *)mallocCheck(n * sizeof(float));
     float *u = (float *)mallocCheck(n * sizeof(float));
-    memcpy(saved, m->params + offset, n * sizeof(float));
+    memcpy(saved, values + offset, n * sizeof(float));
     double gu = 0.0, gg = 0.0;
     for (size_t i = 0; i < n; i++) {
         u[i] = (rng_u32() & 1) ? 1.0f : -1.0f;
-        gu += (double)m->grads[offset + i] * u[i];
-        gg += (double)m->grads[offset + i] * m->grads[offset + i];
+        gu += (double)grads[offset + i] * u[i];
+        gg += (double)grads[offset + i] * grads[offset + i];
     }
     double at[4];  // loss at p + k h u for k = -2, -1, 1, 2
     const int k[4] = {-2, -1, 1, 2};
     for (int s = 0; s < 4; s++) {
-        for (size_t i = 0; i < n; i++) m->params[offset + i] = saved[i] + (float)(k[s] * h) * u[i];
+        for (size_t i = 0; i < n; i++) values[offset + i] = saved[i] + (float)(k[s] * h) * u[i];
         at[s] = fd_loss(f);
     }
-    memcpy(m->params + offset, saved, n * sizeof(float));
+    memcpy(values + offset, saved, n * sizeof(float));
     double fd = (8.0 * (at[2] - at[1]) - (at[3] - at[0])) / (12.0 * h), err = fabs(fd - gu);
     char label[96];
     snprintf(label, sizeof(label), "fd %s", name);
@@ -154,19 +185,25 @@ static void fd_check_tensor(const char *name, size_t offset, size_t rows, size_t
     free(u);
 }
 
-static void test_finite_differences(TestReport *r) {
+// Every trainable tensor of the all-features config: each parameter, or with lora (not NULL) each
+// adapter tensor (random adapters: a new one has B = 0).
+static void test_finite_differences(TestReport *r, const LoraConfig *lora) {
     ModelConfig c = all_features_config();
     int B = 2, S = 7;
     CpuModel m;
     cpu_model_init(&m, &c, B, S);
+    if (lora) cpu_model_init_lora(&m, lora, 11);
     random_params(&m);
+    if (lora) random_adapters(&m);
     int32_t tokens[14], targets[14];
     random_batch(tokens, targets, B * S, c.vocab_size);
     cpu_model_forward(&m, tokens, targets, B, S);
     cpu_model_backward(&m);
-    test_table_header("finite differences, all-features config (directional, per tensor)");
+    test_table_header(lora ? "LoRA finite differences, all-features config, rank 3, every target (directional)"
+                           : "finite differences, all-features config (directional, per tensor)");
     FdCtx f = {&m, tokens, targets, B, S, r};
-    param_layout_visit(&m.layout, &c, fd_check_tensor, &f);
+    if (lora) lora_layout_visit(&m.lora_layout, fd_check_tensor, &f);
+    else param_layout_visit(&m.layout, &c, fd_check_tensor, &f);
     cpu_model_free(&m);
 }
 
@@ -229,16 +266,7 @@ static void test_invariants(TestReport *r) {
     // params 212 (embed 40, layer 128, final_norm 4, lm_head 40), x2 with grads; activations 384
     // (see cpu_act_sizes: 93 attention side, 27 norms/residual, 54 MLP, 48 head/rope,
     //  162 backward scratch); tokens and targets 2 x 3 int32. (424 + 384) * 4 + 24 = 3256 bytes.
-    ModelConfig small = all_features_config();
-    small.vocab_size = 10;
-    small.d_model = 4;
-    small.n_layers = 1;
-    small.n_heads = 2;
-    small.n_kv_heads = 1;
-    small.head_dim = 2;
-    small.d_ff = 6;
-    small.qkv_bias = 0;
-    small.post_norms = 0;
+    ModelConfig small = hand_counted_config();
     size_t bytes = cpu_model_bytes(&small, 1, 3);
     char line[96];
     snprintf(line, sizeof(line), "cpu_model_bytes of a hand-counted config: %zu (want 3256)", bytes);
@@ -446,8 +474,8 @@ static void run_adamw(TestReport *r, CpuModel *m, const TensorFile *tf, const ch
     if (!hp || !losses) return;
     const float *h5 = (const float *)hp->data;
     AdamWHparams h = {h5[0], h5[1], h5[2], h5[3], h5[4]};
-    float *mom1 = (float *)callocCheck(m->layout.total, sizeof(float));
-    float *mom2 = (float *)callocCheck(m->layout.total, sizeof(float));
+    float *mom1 = (float *)callocCheck(cpu_model_trainable(m), sizeof(float));
+    float *mom2 = (float *)callocCheck(cpu_model_trainable(m), sizeof(float));
     for (int step = 1; step <= 3; step++) {
         cpu_model_zero_grad(m);
         float loss = cpu_model_forward(m, tokens, targets, B, S);
@@ -458,27 +486,32 @@ static void run_adamw(TestReport *r, CpuModel *m, const TensorFile *tf, const ch
         cpu_model_backward(m);
         cpu_adamw_step(m, mom1, mom2, &h, step, 1.0f);
     }
-    AdamWCompareCtx x = {tf, path, m->params, &h, r};
-    param_layout_visit(&m->layout, &m->c, compare_adamw_tensor, &x);
+    AdamWCompareCtx x = {tf, path, cpu_model_trainable_params(m), &h, r};
+    if (m->lora.rank) lora_layout_visit(&m->lora_layout, compare_adamw_tensor, &x);
+    else param_layout_visit(&m->layout, &m->c, compare_adamw_tensor, &x);
     free(mom1);
     free(mom2);
 }
 
-static void run_reference_case(TestReport *r, const char *dir, const char *name) {
-    char model_path[1024], ref_path[1024];
+// A Hugging Face reference case: the base <name>.model.bin and its outputs <name>.ref.bin, or with
+// lora the PEFT case: adapters <name>.lora.bin on that base, outputs <name>.lora_ref.bin.
+static void run_reference_case(TestReport *r, const char *dir, const char *name, int lora) {
+    char model_path[1024], lora_path[1024], ref_path[1024], title[1200];
     snprintf(model_path, sizeof(model_path), "%s/%s.model.bin", dir, name);
-    snprintf(ref_path, sizeof(ref_path), "%s/%s.ref.bin", dir, name);
-    char title[1200];
-    snprintf(title, sizeof(title), "reference case %s (%s)", name, ref_path);
+    snprintf(lora_path, sizeof(lora_path), "%s/%s.lora.bin", dir, name);
+    snprintf(ref_path, sizeof(ref_path), "%s/%s.%s.bin", dir, name, lora ? "lora_ref" : "ref");
+    snprintf(title, sizeof(title), "%sreference case %s (%s)", lora ? "LoRA " : "", name, ref_path);
     test_table_header(title);
-    if (access(model_path, R_OK) != 0 || access(ref_path, R_OK) != 0) {
-        printf("missing %s or %s  FAIL\n", model_path, ref_path);
+    if (access(model_path, R_OK) != 0 || access(ref_path, R_OK) != 0 || (lora && access(lora_path, R_OK) != 0)) {
+        printf("missing %s or %s%s%s  FAIL\n", model_path, ref_path, lora ? " or " : "", lora ? lora_path : "");
         test_record(r, 0);
         return;
     }
     ModelConfig c;
     ParamLayout layout;
     uint16_t *bf16 = model_load_bf16(&c, &layout, model_path);
+    LoraConfig lc;
+    if (lora) lora_load(lora_path, &c, &lc, NULL);
     TensorFile tf;
     tensor_file_load(&tf, ref_path);
     const NamedTensor *tok = ref_tensor(r, &tf, "tokens", TENSOR_I32, 0, ref_path);
@@ -496,13 +529,18 @@ static void run_reference_case(TestReport *r, const char *dir, const char *name)
         const NamedTensor *loss = ref_tensor(r, &tf, "loss", TENSOR_F32, 1, ref_path);
         CpuModel m;
         cpu_model_init(&m, &c, B, S);
+        if (lora) {
+            cpu_model_init_lora(&m, &lc, 0);
+            lora_load(lora_path, &c, &lc, m.lora_params);
+        }
         cpu_model_load_bf16(&m, bf16);
         float got_loss = cpu_model_forward(&m, tokens, targets, B, S);
         if (logits) test_compare_f32(r, "logits", m.logits, (const float *)logits->data, nv, TOL_FORWARD);
         if (loss) test_compare_scalar(r, "loss", got_loss, ((const float *)loss->data)[0], TOL_LOSS);
         cpu_model_backward(&m);
-        RefCompareCtx x = {&tf, ref_path, "grad.", m.grads, TOL_GRAD, r};
-        param_layout_visit(&m.layout, &c, compare_param_tensor, &x);
+        RefCompareCtx x = {&tf, ref_path, "grad.", cpu_model_trainable_grads(&m), TOL_GRAD, r};
+        if (lora) lora_layout_visit(&m.lora_layout, compare_param_tensor, &x);
+        else param_layout_visit(&m.layout, &c, compare_param_tensor, &x);
         run_adamw(r, &m, &tf, ref_path, tokens, targets, B, S);
         cpu_model_free(&m);
     }
@@ -510,13 +548,165 @@ static void run_reference_case(TestReport *r, const char *dir, const char *name)
     free(bf16);
 }
 
+// ----------------------------------------------------------------------------
+// 4. LoRA.
+
+static void test_lora_invariants(TestReport *r) {
+    ModelConfig c = all_features_config();
+    int B = 2, S = 6, N = B * S, V = c.vocab_size;
+    CpuModel base, m;
+    cpu_model_init(&base, &c, B, S);
+    cpu_model_init(&m, &c, B, S);
+    LoraConfig lc = lora_config(2, 4.0f, (1u << LORA_K) | (1u << LORA_O) | (1u << LORA_UP));
+    cpu_model_init_lora(&m, &lc, 5);
+    random_params(&base);
+    memcpy(m.params, base.params, m.layout.total * sizeof(float));
+    int32_t tokens[12], targets[12];
+    random_batch(tokens, targets, N, V);
+    test_table_header("LoRA invariants, all-features config, rank 2 on k, o, up");
+
+    const LoraLayout *L = &m.lora_layout;
+    double a_excess = 0.0, b_max = 0.0, a_max = 0.0;
+    for (int l = 0; l < c.n_layers; l++) {
+        for (int t = 0; t < LORA_TARGET_COUNT; t++) {
+            if (!lora_has(L, t)) continue;
+            const float *a = m.lora_params + lora_offset(L, l, t, 0), *b = m.lora_params + lora_offset(L, l, t, 1);
+            double bound = 1.0 / sqrt((double)L->in[t]);
+            for (size_t i = 0; i < (size_t)L->rank * L->in[t]; i++) {
+                a_excess = fmax(a_excess, fabs(a[i]) - bound);
+                a_max = fmax(a_max, fabs(a[i]) / bound);
+            }
+            for (size_t i = 0; i < L->out[t] * (size_t)L->rank; i++) b_max = fmax(b_max, fabs(b[i]));
+        }
+    }
+    test_check(r, a_excess <= 0.0 && a_max > 0.5, "new adapter: every A within +-1/sqrt(in), not all small");
+    test_table_row(r, "new adapter: max |B|", b_max, b_max, 0.0);
+
+    cpu_model_forward(&base, tokens, targets, B, S);
+    cpu_model_forward(&m, tokens, targets, B, S);
+    test_compare_f32(r, "new adapter: logits vs the base alone", m.logits, base.logits, (size_t)N * V, 0.0);
+    cpu_model_backward(&m);
+    test_check(r, m.grads == NULL, "LoRA: the base has no gradient buffer");
+    double da = 0.0, db = 0.0;
+    for (int l = 0; l < c.n_layers; l++) {
+        for (int t = 0; t < LORA_TARGET_COUNT; t++) {
+            if (!lora_has(L, t)) continue;
+            const float *ga = m.lora_grads + lora_offset(L, l, t, 0), *gb = m.lora_grads + lora_offset(L, l, t, 1);
+            for (size_t i = 0; i < (size_t)L->rank * L->in[t]; i++) da = fmax(da, fabs(ga[i]));
+            for (size_t i = 0; i < L->out[t] * (size_t)L->rank; i++) db = fmax(db, fabs(gb[i]));
+        }
+    }
+    test_table_row(r, "new adapter (B = 0): max |dA|", da, da, 0.0);
+    test_check(r, db > 0.0, "new adapter: dB is not zero");
+
+    float *mom1 = (float *)callocCheck(L->total, sizeof(float)), *mom2 = (float *)callocCheck(L->total, sizeof(float));
+    float *before = (float *)mallocCheck(L->total * sizeof(float));
+    memcpy(before, m.lora_params, L->total * sizeof(float));
+    AdamWHparams h = {1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f};
+    cpu_adamw_step(&m, mom1, mom2, &h, 1, 1.0f);
+    test_check(r, memcmp(m.params, base.params, m.layout.total * sizeof(float)) == 0,
+               "LoRA AdamW step: the base parameters are bit-identical");
+    test_check(r, memcmp(m.lora_params, before, L->total * sizeof(float)) != 0, "LoRA AdamW step: the adapters moved");
+
+    char path[] = "/tmp/test_lora_XXXXXX";
+    int fd = mkstemp(path);
+    if (fd < 0) die("mkstemp failed");
+    close(fd);
+    lc.base_quant = BASE_QUANT_NF4;
+    lora_save(path, &c, &lc, m.lora_params);
+    LoraConfig back;
+    float *loaded = (float *)mallocCheck(L->total * sizeof(float));
+    lora_load(path, &c, &back, loaded);
+    remove(path);
+    test_check(r, back.rank == lc.rank && back.alpha == lc.alpha && back.targets == lc.targets &&
+                      back.base_quant == BASE_QUANT_NF4 && memcmp(loaded, m.lora_params, L->total * sizeof(float)) == 0,
+               "lora.bin save -> load: same settings and adapters, bit for bit");
+
+    // lora_layout by hand for V=10 d=4 L=1 Hq=2 Hkv=1 hd=2 F=6, rank 2 on q and down:
+    // A_q (2, 4) + B_q (4, 2) + A_down (2, 6) + B_down (4, 2) = 8 + 8 + 12 + 8 = 36 per layer; with B=1 S=3
+    // the CPU path adds 2 x 36 (adapters, grads) + 2 x 3 x 2 (scratch) floats and frees the 212 base grads:
+    // (72 + 12 - 212) x 4 = -512 bytes.
+    ModelConfig small = hand_counted_config();
+    LoraConfig slc = lora_config(2, 1.0f, (1u << LORA_Q) | (1u << LORA_DOWN));
+    LoraLayout sl;
+    lora_layout_init(&sl, &small, &slc);
+    char line[128];
+    snprintf(line, sizeof(line), "LoRA layout of a hand-counted config: %zu elements, cpu_lora_bytes %lld (want 36, -512)",
+             sl.total, cpu_lora_bytes(&small, &slc, 1, 3));
+    test_check(r, sl.total == 36 && cpu_lora_bytes(&small, &slc, 1, 3) == -512, line);
+    free(mom1);
+    free(mom2);
+    free(before);
+    free(loaded);
+    cpu_model_free(&base);
+    cpu_model_free(&m);
+}
+
+// Bad LoRA inputs die (or are refused) with a message.
+typedef enum { LORA_BAD_BASE, LORA_BAD_TRUNCATED, LORA_BAD_RANK } LoraBadCall;
+typedef struct { LoraBadCall which; const char *path; } LoraBadArg;
+
+static void run_lora_bad_call(void *arg) {
+    const LoraBadArg *a = (const LoraBadArg *)arg;
+    ModelConfig c = all_features_config();
+    LoraConfig lc = lora_config(0, 1.0f, 1u);
+    if (a->which == LORA_BAD_RANK) {
+        CpuModel m;
+        cpu_model_init(&m, &c, 1, 2);
+        cpu_model_init_lora(&m, &lc, 1);
+    }
+    if (a->which == LORA_BAD_BASE) c.vocab_size = 14;
+    lora_load(a->path, &c, &lc, NULL);
+}
+
+static void test_lora_bad_calls(TestReport *r) {
+    printf("\n== LoRA bad inputs\n");
+    ModelConfig c = all_features_config();
+    LoraConfig lc = lora_config(2, 1.0f, 1u << LORA_V);
+    LoraLayout L;
+    lora_layout_init(&L, &c, &lc);
+    float *params = (float *)callocCheck(L.total, sizeof(float));
+    char good[] = "/tmp/test_lora_good_XXXXXX", cut[] = "/tmp/test_lora_cut_XXXXXX";
+    int fd1 = mkstemp(good), fd2 = mkstemp(cut);
+    if (fd1 < 0 || fd2 < 0) die("mkstemp failed");
+    close(fd1);
+    close(fd2);
+    lora_save(good, &c, &lc, params);
+    lora_save(cut, &c, &lc, params);
+    if (truncate(cut, lora_file_bytes(&L) - 4) != 0) die("truncate failed");
+    LoraBadArg base = {LORA_BAD_BASE, good}, trunc = {LORA_BAD_TRUNCATED, cut}, rank = {LORA_BAD_RANK, good};
+    test_expect_exit(r, "lora.bin of another base model", run_lora_bad_call, &base, 1, "belong to another base model");
+    test_expect_exit(r, "truncated lora.bin", run_lora_bad_call, &trunc, 1, "truncated");
+    test_expect_exit(r, "cpu_model_init_lora with rank 0", run_lora_bad_call, &rank, 1, "LoRA needs rank >= 1");
+    remove(good);
+    remove(cut);
+    free(params);
+    char msg[256];
+    unsigned mask;
+    const char *err = lora_parse_targets("q,x", &mask, msg, sizeof(msg));
+    test_check(r, err && strstr(err, "'x' is not one of"), "--lora-targets q,x: 'x' is not one of q, k, v, ...");
+    err = lora_parse_targets("gate,q,down", &mask, msg, sizeof(msg));
+    test_check(r, !err && mask == ((1u << LORA_Q) | (1u << LORA_GATE) | (1u << LORA_DOWN)), "--lora-targets gate,q,down");
+    LoraConfig quant_only = lora_config(0, 1.0f, 0);
+    quant_only.base_quant = BASE_QUANT_NF4;
+    err = lora_config_check(&quant_only, msg, sizeof(msg));
+    test_check(r, err && strstr(err, "needs LoRA"), "a quantized base without LoRA is refused");
+}
+
+static const char *LORA_CASES[] = {"llama3_gqa", "qwen2", "gemma2"};
+
 int main(int argc, char **argv) {
     const char *dir = argc > 1 ? argv[1] : "tests/ref";
     TestReport r = {0, 0};
     test_bad_calls(&r);
-    test_finite_differences(&r);
+    test_lora_bad_calls(&r);
+    test_finite_differences(&r, NULL);
     test_invariants(&r);
     test_adamw_unit(&r);
-    for (int i = 0; i < NUM_CASES; i++) run_reference_case(&r, dir, CASES[i]);
+    for (int i = 0; i < NUM_CASES; i++) run_reference_case(&r, dir, CASES[i], 0);
+    LoraConfig fd_lora = lora_config(3, 5.0f, LORA_ALL_TARGETS);
+    test_finite_differences(&r, &fd_lora);
+    test_lora_invariants(&r);
+    for (int i = 0; i < (int)(sizeof(LORA_CASES) / sizeof(LORA_CASES[0])); i++) run_reference_case(&r, dir, LORA_CASES[i], 1);
     return test_report_finish(&r, "test_cpu_model");
 }

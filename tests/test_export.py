@@ -457,3 +457,92 @@ def test_reference_bundle_matches_its_model(case):
     for p in mb.param_layout(c):
         assert ref[f"grad.{p.name}"].shape == (p.rows, p.cols)
         assert ref[f"adamw.param.{p.name}"].shape == (p.rows, p.cols)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters (lora.bin): --merge-lora and --peft-out
+
+LORA_CASES = ["llama3_gqa", "qwen2", "gemma2"]
+
+
+def ref_path(name):
+    return os.path.join(ROOT, "tests", "ref", name)
+
+
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_merge_lora(case, tmp_path):
+    """Adapted projections hold bf16(W + (alpha / r) B A) (float64 sum, one rounding); every other
+    tensor is byte-identical to the plain export."""
+    model, lora = ref_path(f"{case}.model.bin"), ref_path(f"{case}.lora.bin")
+    export_ok("--to-hf", model, tmp_path / "plain")
+    export_ok("--to-hf", model, tmp_path / "merged", "--lora", lora, "--merge-lora")
+    plain = read_safetensors(tmp_path / "plain" / "model.safetensors")
+    merged = read_safetensors(tmp_path / "merged" / "model.safetensors")
+    lc, c, adapters = mb.read_lora(lora)
+    assert list(plain) == list(merged)
+    modules = {f"{mb.LORA_HF_MODULE[t]}.weight": t for t in lc.targets}
+    changed = 0
+    for name, (dtype, shape, raw) in plain.items():
+        parts = name.split(".")
+        target = modules.get(".".join(parts[3:])) if name.startswith("model.layers.") else None
+        if target is None:
+            assert merged[name] == plain[name], name
+            continue
+        l = parts[2]
+        w = mb.bf16_bits_to_f32(np.frombuffer(raw, dtype="<u2")).reshape(shape).astype(np.float64)
+        a, b = adapters[f"layers.{l}.{target}.lora_A"], adapters[f"layers.{l}.{target}.lora_B"]
+        want = mb.f32_to_bf16_bits((w + lc.alpha / lc.rank * (b.astype(np.float64) @ a.astype(np.float64))).astype(np.float32))
+        got = np.frombuffer(merged[name][2], dtype="<u2").reshape(shape)
+        assert np.array_equal(got, want), name
+        changed += int(not np.array_equal(got, np.frombuffer(raw, dtype="<u2").reshape(shape)))
+    assert changed == c.n_layers * len(lc.targets)
+
+
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_peft_out(case, tmp_path):
+    """The PEFT directory: adapter_config.json (r, alpha, target modules) and every A, B in fp32
+    under PEFT's names, equal to lora.bin's values; the HF dir holds the unmerged base."""
+    model, lora = ref_path(f"{case}.model.bin"), ref_path(f"{case}.lora.bin")
+    export_ok("--to-hf", model, tmp_path / "plain")
+    export_ok("--to-hf", model, tmp_path / "base", "--lora", lora, "--peft-out", tmp_path / "peft")
+    assert read_bytes(tmp_path / "plain" / "model.safetensors") == read_bytes(tmp_path / "base" / "model.safetensors")
+    lc, c, adapters = mb.read_lora(lora)
+    with open(tmp_path / "peft" / "adapter_config.json") as f:
+        cfg = json.load(f)
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == lc.rank and cfg["lora_alpha"] == lc.alpha
+    assert sorted(cfg["target_modules"]) == sorted(mb.LORA_HF_MODULE[t].split(".")[1] for t in lc.targets)
+    assert cfg["base_model_name_or_path"] == os.path.abspath(tmp_path / "base")
+    tensors = read_safetensors(tmp_path / "peft" / "adapter_model.safetensors")
+    assert len(tensors) == len(adapters)
+    for name, value in adapters.items():
+        _, l, t, ab = name.split(".")
+        dtype, shape, raw = tensors[f"base_model.model.model.layers.{l}.{mb.LORA_HF_MODULE[t]}.{ab}.weight"]
+        assert dtype == "F32" and list(shape) == list(value.shape)
+        assert np.array_equal(np.frombuffer(raw, dtype="<f4").reshape(shape), value)
+
+
+def test_lora_bin_round_trip_and_errors(tmp_path):
+    lc, c, adapters = mb.read_lora(ref_path("qwen2.lora.bin"))
+    path = str(tmp_path / "copy.lora.bin")
+    mb.write_lora(path, c, lc, adapters)
+    assert read_bytes(path) == read_bytes(ref_path("qwen2.lora.bin"))
+    data = read_bytes(path)
+    with open(path, "wb") as f:
+        f.write(data[:-4])
+    with pytest.raises(mb.FormatError, match="disagrees"):
+        mb.read_lora(path)
+    with open(path, "wb") as f:
+        f.write(b"XXXX" + data[4:])
+    with pytest.raises(mb.FormatError, match="bad magic"):
+        mb.read_lora(path)
+
+
+def test_lora_export_errors(tmp_path):
+    model, lora = ref_path("qwen2.model.bin"), ref_path("qwen2.lora.bin")
+    expect_error("belong to another base model", "--to-hf", ref_path("gemma2.model.bin"), tmp_path / "x", "--lora", lora,
+                 "--merge-lora")
+    expect_error("need the adapters: --lora", "--to-hf", model, tmp_path / "x", "--merge-lora")
+    expect_error("say what to do with the adapters", "--to-hf", model, tmp_path / "x", "--lora", lora)
+    expect_error("drop --merge-lora", "--to-hf", model, tmp_path / "x", "--lora", lora, "--merge-lora", "--peft-out",
+                 tmp_path / "p")
+    expect_error("only apply with --to-hf", "hf_dir", tmp_path / "x.bin", "--lora", lora, "--merge-lora")

@@ -2,7 +2,8 @@
 # The multi-GPU command line without GPUs: --plan-only for 1, 2, 4 and 8 GPUs (data and sequence
 # parallel, the per-GPU share printed), the overlapped optimizer's second layer-gradient buffer in
 # the plan, clean refusals (sequence parallel or --gpus without a launcher, launcher variables on a
-# machine without GPUs, --overlap-optimizer where it cannot run), and the gradient dump of
+# machine without GPUs, --overlap-optimizer where it cannot run, LoRA over several GPUs, head groups
+# that do not divide the kv heads of one GPU's attention), and the gradient dump of
 # --dump-grads read by dev/compare_runs.py (same run: pass; another seed: fail; a truncated file: error).
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -54,6 +55,24 @@ expect_fail "--plan-only: 32 heads over 3 GPUs" "split evenly" "$BIN" "${PLAN[@]
 expect_fail "--plan-only: 8-bit moments over 2 GPUs" "8-bit moments are not sharded" "$BIN" "${PLAN[@]}" --seq-len 8192 --batch 2 --gpus 2 \
     --optimizer adamw8bit
 expect_fail "--plan-only --seq-parallel on one GPU" "needs --gpus N with N >= 2" "$BIN" "${PLAN[@]}" --seq-len 8192 --seq-parallel
+expect_fail "--plan-only: LoRA over 2 GPUs" "LoRA trains on one GPU only" "$BIN" "${PLAN[@]}" --seq-len 8192 --batch 2 --gpus 2 \
+    --lora-rank 16
+expect_fail "--plan-only: LoRA sequence parallel over 2 GPUs" "LoRA trains on one GPU only" "$BIN" "${PLAN[@]}" --seq-len 16384 --gpus 2 \
+    --seq-parallel --lora-rank 16
+expect_ok "--plan-only: LoRA on one GPU" "LoRA rank 16" "$BIN" "${PLAN[@]}" --seq-len 8192 --lora-rank 16
+expect_fail "--overlap-optimizer with --lora-rank" "LoRA's adapter updates are tiny" "$BIN" "${PLAN[@]}" --seq-len 8192 --lora-rank 16 \
+    --overlap-optimizer
+expect_fail "--dump-grads with --lora-rank" "does not go with --lora-rank" "$BIN" "${PLAN[@]}" --seq-len 8192 --lora-rank 16 \
+    --grad-accum 2 --dump-grads "$TMP/x.bin"
+# head groups over sequence parallel: Llama-3-8B's 8 kv heads are 4 per GPU over 2 GPUs, 1 over 8
+expect_ok "--plan-only: 4 head groups, 2 GPUs sequence parallel" "attention backward in 4 head groups" \
+    "$BIN" "${PLAN[@]}" --seq-len 65536 --gpus 2 --seq-parallel --attn-head-groups 4
+expect_fail "--plan-only: 8 head groups, 2 GPUs sequence parallel" "kv heads per GPU" \
+    "$BIN" "${PLAN[@]}" --seq-len 65536 --gpus 2 --seq-parallel --attn-head-groups 8
+expect_fail "--plan-only: 2 head groups, 8 GPUs sequence parallel" "kv heads per GPU" \
+    "$BIN" "${PLAN[@]}" --seq-len 65536 --gpus 8 --seq-parallel --attn-head-groups 2
+expect_ok "--plan-only: 8 head groups, 2 GPUs data parallel" "attention backward in 8 head groups" \
+    "$BIN" "${PLAN[@]}" --seq-len 8192 --batch 2 --gpus 2 --attn-head-groups 8
 
 expect_fail "--seq-parallel without a launcher" "start N processes" "$BIN" --synthetic-data --seq-parallel --steps 1
 expect_fail "--gpus 2 without a launcher" "started alone" "$BIN" --synthetic-data --gpus 2 --steps 1

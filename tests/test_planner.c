@@ -2,9 +2,13 @@
 // hand, the layout invariants (alignment, no overlap outside the shared region), monotonicity,
 // the auto choice (fits, prefers the fast settings, refuses with a useful message), settings
 // validation, the memory timeline of one step (hand figures for the tiny config, invariants over
-// many settings, MsT against the standard transformer for Llama-3-8B), the Llama-3-8B plans at
-// S = 96K and 128K on an 80 GiB GPU, and the plans of several GPUs (sharded optimizer state,
-// sequence-parallel buffers by hand, the longest Llama-3-8B sequence on 2 and 8 GPUs against one).
+// many settings, LoRA on an NF4 base and 8-bit moments included, MsT against the standard
+// transformer for Llama-3-8B), the Llama-3-8B plans at S = 96K and 128K on an 80 GiB GPU, and the
+// plans of several GPUs (sharded optimizer state, sequence-parallel buffers by hand, head groups
+// against the kv heads of one GPU, LoRA refused, the longest Llama-3-8B sequence on 2 and 8 GPUs
+// against one). LoRA: the entries of a tiny LoRA plan on an NF4 base by hand (no base gradients,
+// optimizer state of the adapters only, the quantized records), and what LoRA and a 4-bit base save
+// on Llama-3-8B.
 // Build: gcc -O2 -Wall -Wextra -I. tests/test_planner.c -o build/test_planner -lm
 #include "mst.h"
 #include "tests/test_util.h"
@@ -33,6 +37,7 @@ static MstSettings tiny_settings(void) {
 
 static MstKernelFigures tiny_figures(void) {
     MstKernelFigures f;
+    memset(&f, 0, sizeof(f));
     f.attn_workspace = 1000; f.matmul_workspace = 4096; f.reduce_scratch = 300; f.grad_norm_partials = 64;
     return f;
 }
@@ -263,6 +268,9 @@ static void test_auto(void) {
     bad = s; bad.moment_bytes = 3;
     CHECK(!mst_plan_auto(&p, &c, &bad, &f, (size_t)1 << 30, 0, msg, sizeof(msg)) && strstr(msg, "moment"),
           "moment bytes 3 must be refused; got: %s", msg);
+    bad = s; bad.moment_bytes = 1; bad.lora.rank = 4; bad.lora.alpha = 8.0f; bad.lora.targets = LORA_ALL_TARGETS;
+    CHECK(!mst_plan_auto(&p, &c, &bad, &f, (size_t)1 << 30, 0, msg, sizeof(msg)) && strstr(msg, "not LoRA"),
+          "8-bit moments with LoRA must be refused; got: %s", msg);
     printf("auto choice checked\n");
 }
 
@@ -455,21 +463,30 @@ static void test_timeline_invariants(void) {
             for (int m = 1; m <= 4; m += 3) {
                 for (int host = 0; host <= (rc ? 3 : 0); host++) {
                     for (int accum = 1; accum <= 2; accum++) {
-                        MstSettings s = tiny_settings();
-                        if (ci == 2) { s.S = 4096; s.vocab_chunk = 16384; }
-                        s.recompute = rc; s.mst_chunks = m; s.offload = host > 0; s.host_layers = host;
-                        s.grad_accum_steps = accum;
-                        MstKernelFigures f;
-                        mst_kernel_figures_estimate(&cfgs[ci], s.B, s.S, &f);
-                        MemoryPlan p;
-                        mst_plan_build(&p, &cfgs[ci], &s, &f);
-                        char what[128];
-                        snprintf(what, sizeof(what), "config %d recompute %d M %d host layers %d accum %d", ci, rc, m, host, accum);
-                        int n = check_timeline(&p, what);
-                        int L = cfgs[ci].n_layers;
-                        int untied_oib = accum == 1 && !cfgs[ci].tied_embeddings;
-                        CHECK(n == 4 + untied_oib + (4 + rc) * L, "%s: %d phases", what, n);
-                        plans++;
+                        for (int v = 0; v < 3; v++) {  // 1: LoRA r4 on every target of an NF4 base; 2: 8-bit moments
+                            int lora = v == 1;
+                            MstSettings s = tiny_settings();
+                            if (ci == 2) { s.S = 4096; s.vocab_chunk = 16384; }
+                            s.recompute = rc; s.mst_chunks = m; s.offload = host > 0; s.host_layers = host;
+                            s.grad_accum_steps = accum;
+                            if (lora) {
+                                s.lora.rank = 4; s.lora.alpha = 8.0f; s.lora.targets = LORA_ALL_TARGETS;
+                                s.lora.base_quant = BASE_QUANT_NF4;
+                            }
+                            if (v == 2) s.moment_bytes = 1;
+                            MstKernelFigures f;
+                            mst_kernel_figures_estimate(&cfgs[ci], s.B, s.S, &f);
+                            MemoryPlan p;
+                            mst_plan_build(&p, &cfgs[ci], &s, &f);
+                            char what[128];
+                            snprintf(what, sizeof(what), "config %d recompute %d M %d host layers %d accum %d variant %d",
+                                     ci, rc, m, host, accum, v);
+                            int n = check_timeline(&p, what);
+                            int L = cfgs[ci].n_layers;
+                            int untied_oib = accum == 1 && !cfgs[ci].tied_embeddings && !lora;
+                            CHECK(n == 4 + untied_oib + (4 + rc) * L, "%s: %d phases", what, n);
+                            plans++;
+                        }
                     }
                 }
             }
@@ -574,6 +591,14 @@ static void test_host_budget(void) {
     CHECK(mst_default_host_budget(0) == 0, "no memory: %zu", mst_default_host_budget(0));
 }
 
+// mst_settings_check on s: accepted (want NULL), or refused with a message containing want.
+static void expect_check(const ModelConfig *c, const MstSettings *s, const char *want, const char *what) {
+    char msg[512];
+    const char *err = mst_settings_check(c, s, msg, sizeof(msg));
+    if (want == NULL) CHECK(err == NULL, "%s: accepted, got: %s", what, err ? err : "");
+    else CHECK(err && strstr(err, want), "%s: refused with '%s', got: %s", what, want, err ? err : "accepted");
+}
+
 // Several GPUs: the ZeRO shard sizes, the second layer-gradient buffer, and the sequence-parallel
 // buffers of the tiny config (Hq 4, Hkv 2 over 2 GPUs: 2 query heads and 1 kv head each; S = 10
 // tokens per GPU, 20 in all) by hand.
@@ -626,13 +651,73 @@ static void test_several_gpus(void) {
     char msg[512];
     MstSettings bad = tiny_settings();
     bad.seq_parallel = 1;
-    CHECK(mst_settings_check(&c, &bad, msg, sizeof(msg)) && strstr(msg, "2 or more GPUs"), "sequence parallel on one GPU refused: %s", msg);
+    expect_check(&c, &bad, "2 or more GPUs", "sequence parallel on one GPU");
     bad.ranks = 3;
-    CHECK(mst_settings_check(&c, &bad, msg, sizeof(msg)) && strstr(msg, "split evenly"), "4 heads over 3 GPUs refused: %s", msg);
+    expect_check(&c, &bad, "split evenly", "4 heads over 3 GPUs");
     MstSettings q8 = tiny_settings();
     q8.ranks = 2;
     q8.moment_bytes = 1;
-    CHECK(mst_settings_check(&c, &q8, msg, sizeof(msg)) && strstr(msg, "8-bit moments are not sharded"), "8-bit moments over 2 GPUs refused: %s", msg);
+    expect_check(&c, &q8, "8-bit moments are not sharded", "8-bit moments over 2 GPUs");
+    MstSettings lr = tiny_settings();
+    lr.lora.rank = 2;
+    lr.lora.alpha = 4.0f;
+    lr.lora.targets = LORA_ALL_TARGETS;
+    expect_check(&c, &lr, NULL, "LoRA on one GPU");
+    lr.ranks = 2;
+    expect_check(&c, &lr, "LoRA trains on one GPU only", "LoRA over 2 GPUs");
+    lr.seq_parallel = 1;
+    expect_check(&c, &lr, "LoRA trains on one GPU only", "LoRA sequence parallel over 2 GPUs");
+    lr.ranks = 0;
+    lr.seq_parallel = 0;
+    lr.overlap_optimizer = 1;
+    expect_check(&c, &lr, "not LoRA adapters", "LoRA with the overlapped optimizer");
+
+    // head groups against the kv heads of one GPU's attention: tiny (2 kv heads) takes 2 groups on one
+    // GPU or data parallel, not sequence parallel over 2 (1 kv head each) or 4 GPUs (a replicated kv head)
+    MstSettings hg = tiny_settings();
+    hg.attn_head_groups = 2;
+    expect_check(&c, &hg, NULL, "2 head groups on one GPU");
+    hg.ranks = 2;
+    expect_check(&c, &hg, NULL, "2 head groups, 2 GPUs data parallel");
+    hg.seq_parallel = 1;
+    expect_check(&c, &hg, "kv heads per GPU", "2 head groups, 2 GPUs sequence parallel");
+    CHECK(mst_attn_kv_heads(&c, &hg) == 1, "tiny over 2 GPUs: %d kv heads per GPU", mst_attn_kv_heads(&c, &hg));
+    hg.ranks = 4;
+    expect_check(&c, &hg, "kv heads per GPU", "2 head groups, 4 GPUs sequence parallel");
+    hg.attn_head_groups = 1;
+    expect_check(&c, &hg, NULL, "1 head group, 4 GPUs sequence parallel");
+
+    // Llama-3-8B (32 query, 8 kv heads): auto picks among the groups that divide a GPU's kv heads
+    ModelConfig l3;
+    mst_preset("llama3-8b", &l3);
+    const int want_groups[4][2] = {{1, 8}, {2, 4}, {4, 2}, {8, 1}};  // GPUs, the most groups of the frugal choice
+    for (int k = 0; k < 4; k++) {
+        MstSettings a;
+        memset(&a, 0, sizeof(a));
+        a.B = 1; a.S = 8192; a.recompute = 1; a.grad_accum_steps = 1; a.moment_bytes = 2;
+        a.ranks = want_groups[k][0]; a.seq_parallel = a.ranks > 1;
+        MstKernelFigures f;
+        mst_kernel_figures_estimate(&l3, a.B, a.S, &f);
+        MstSettings fr = plan_frugal(&l3, &a, &f);
+        CHECK(fr.attn_head_groups == want_groups[k][1], "llama3-8b over %d GPUs: frugal head groups %d, expected %d",
+              a.ranks, fr.attn_head_groups, want_groups[k][1]);
+        for (int G = 1; G <= 8; G *= 2)
+            CHECK(mst_head_groups_offered(&l3, &a, &f, G) == (G <= want_groups[k][1]), "llama3-8b over %d GPUs: %d groups %s",
+                  a.ranks, G, G <= want_groups[k][1] ? "not offered" : "offered");
+        // a budget that only the most groups fit: the auto plan takes them (checked against the kv heads)
+        MemoryPlan hp, one;
+        a.attn_head_groups = 1;
+        fr = plan_frugal(&l3, &a, &f);
+        fr.attn_head_groups = want_groups[k][1];
+        mst_plan_build(&hp, &l3, &fr, &f);
+        a.attn_head_groups = 0;
+        int fits = mst_plan_auto(&one, &l3, &a, &f, hp.device_total + hp.device_external, 0, msg, sizeof(msg));
+        CHECK(fits && one.settings.attn_head_groups >= 1 && mst_attn_kv_heads(&l3, &a) % one.settings.attn_head_groups == 0,
+              "llama3-8b over %d GPUs at the grouped plan's budget: fits %d with %d head groups", a.ranks, fits,
+              fits ? one.settings.attn_head_groups : 0);
+        CHECK(!fits || one.settings.attn_head_groups == want_groups[k][1], "llama3-8b over %d GPUs: auto took %d head groups, expected %d",
+              a.ranks, one.settings.attn_head_groups, want_groups[k][1]);
+    }
 
     // one GPU, overlapped optimizer: a second layer-gradient buffer, nothing else changes
     MstSettings ov = tiny_settings();
@@ -677,9 +762,135 @@ static void test_llama3_scaling(void) {
     CHECK(s8 > s2, "8 GPUs must plan a longer sequence than 2 (%d vs %d)", s8, s2);
 }
 
+// Tiny config (2 layers), LoRA rank 2 on q, k, v, gate, down, NF4 base, optimizer in backward.
+// Adapters per layer: q|k|v A 3 x (2 x 32) + B (32 + 16 + 16) x 2 = 320; gate A 2 x 32 + B 64 x 2 = 192;
+// down A 2 x 64 + B 32 x 2 = 192: 704, 1408 in all. NF4 record of a layer (16-byte aligned parts):
+// attn_norm 64 B; wq 1024: codes 512 + absmax 16 x 4; wk, wv 512: 256 + 32 each; wo as wq; mlp_norm
+// 64 B; gate, up, down 2048: 1024 + 128 each = 5312 B, 5376 rounded to 256.
+static const Expected TINY_LORA[] = {
+    {"params", 13056, MEM_WEIGHTS, SHARE_NONE},             // embed 3200 + final_norm 32 + lm_head 3200, x 2 = 12864
+    {"qbase", 10752, MEM_WEIGHTS, SHARE_NONE},              // 2 x 5376
+    {"qbase_layer", 18688, MEM_WEIGHTS, SHARE_NONE},        // 9280 x 2 = 18560
+    {"lora_params", 2816, MEM_WEIGHTS, SHARE_NONE},         // 1408 x 2
+    {"lora_bblk_qkv", 768, MEM_WEIGHTS, SHARE_NONE},        // 64 x R 6 x 2
+    {"lora_bblk_gate_up", 512, MEM_WEIGHTS, SHARE_NONE},    // 128 x R 2 x 2
+    {"adam_m", 5632, MEM_OPTIMIZER, SHARE_NONE},            // 1408 x 4
+    {"adam_v", 5632, MEM_OPTIMIZER, SHARE_NONE},
+    {"lora_layer_grads", 2816, MEM_GRADIENTS, SHARE_NONE},  // 704 x 4
+    {"lora_u", 256, MEM_INTERMEDIATES, SHARE_LAYER},        // N 20 x R 6 x 2 = 240
+    {"lora_du", 256, MEM_INTERMEDIATES, SHARE_LAYER},
+    {"lora_dbblk", 1536, MEM_INTERMEDIATES, SHARE_LAYER},   // q|k|v: 64 x 6 x 4 = 1536 (gate|up 1024, down 256)
+};
+
+static void test_lora_plans(void) {
+    ModelConfig c = tiny_config(2);
+    MstSettings s = tiny_settings();
+    s.lora.rank = 2;
+    s.lora.alpha = 4.0f;
+    s.lora.targets = (1u << LORA_Q) | (1u << LORA_K) | (1u << LORA_V) | (1u << LORA_GATE) | (1u << LORA_DOWN);
+    s.lora.base_quant = BASE_QUANT_NF4;
+    MstKernelFigures f = tiny_figures();
+    MemoryPlan p, full;
+    mst_plan_build(&p, &c, &s, &f);
+    check_layout(&p, "tiny LoRA NF4");
+    for (size_t i = 0; i < sizeof(TINY_LORA) / sizeof(TINY_LORA[0]); i++) {
+        const PlanEntry *e = mst_plan_find(&p, TINY_LORA[i].name);
+        if (e == NULL) { CHECK(0, "LoRA plan: entry %s missing", TINY_LORA[i].name); continue; }
+        CHECK(e->bytes == TINY_LORA[i].bytes && e->category == TINY_LORA[i].category && e->share == TINY_LORA[i].share,
+              "LoRA plan: %s has %zu bytes (category %d, region %d), expected %zu", TINY_LORA[i].name, e->bytes,
+              e->category, e->share, TINY_LORA[i].bytes);
+    }
+    const char *absent[] = {"grads", "layer_grads", "embed_head_grads", "final_norm_grads", "master", "lora_grads"};
+    for (int i = 0; i < 6; i++) CHECK(mst_plan_find(&p, absent[i]) == NULL, "LoRA plan: unexpected entry %s", absent[i]);
+    s.grad_accum_steps = 2;
+    s.master_weights = 1;
+    mst_plan_build(&p, &c, &s, &f);
+    CHECK(mst_plan_find(&p, "lora_grads") && mst_plan_find(&p, "lora_grads")->bytes == 5632 &&
+          mst_plan_find(&p, "master") && mst_plan_find(&p, "master")->bytes == 5632 && !mst_plan_find(&p, "grads"),
+          "LoRA plan with accumulation: lora_grads and master of the 1408 adapters (5632 bytes each)");
+
+    // Llama-3-8B at S = 65536 (80 GiB): LoRA r 16 on every projection saves the base's gradients and
+    // moments; an NF4 base stores the projections in 4.5 bits (4-bit codes + an fp32 absmax per 64).
+    mst_preset("llama3-8b", &c);
+    MstSettings t = tiny_settings();
+    t.B = 1; t.S = 65536; t.mst_chunks = 8; t.vocab_chunk = 16384; t.moment_bytes = 2;
+    mst_kernel_figures_estimate(&c, t.B, t.S, &f);
+    mst_plan_build(&full, &c, &t, &f);
+    t.lora.rank = 16;
+    t.lora.alpha = 32.0f;
+    t.lora.targets = LORA_ALL_TARGETS;
+    mst_plan_build(&p, &c, &t, &f);
+    double lora_saved = MST_GIB(full.device_total) - MST_GIB(p.device_total);
+    t.lora.base_quant = BASE_QUANT_NF4;
+    MemoryPlan q;
+    mst_plan_build(&q, &c, &t, &f);
+    double quant_saved = MST_GIB(p.device_total) - MST_GIB(q.device_total);
+    ParamLayout lay;
+    param_layout_init(&lay, &c);
+    size_t proj = lay.layer_size - 2 * (size_t)c.d_model;  // a layer's projections (two norms besides)
+    double want_quant = MST_GIB((size_t)c.n_layers * (proj * 2 - proj / 2 - proj / 64 * 4)) - MST_GIB(lay.layer_size * 2);
+    printf("llama3-8b S=65536: full %.2f GiB, LoRA r16 %.2f GiB (saves %.2f), + NF4 base %.2f GiB (saves %.2f, by hand %.2f)\n",
+           MST_GIB(full.device_total), MST_GIB(p.device_total), lora_saved, MST_GIB(q.device_total), quant_saved, want_quant);
+    // LoRA drops the fp32 layer gradient, the embedding/head gradients and the bf16 moments of ~8B
+    // parameters: at least 4 x 8.0e9 bytes = 29.8 GiB.
+    CHECK(lora_saved > 29.8, "LoRA saves %.2f GiB, expected > 29.8", lora_saved);
+    CHECK(fabs(quant_saved - want_quant) < 0.01, "NF4 saves %.2f GiB, by hand %.2f", quant_saved, want_quant);
+}
+
+// The longest S that a refusal reports for settings s (planned at S = 2^20), or 0 if none.
+static int reported_longest(const ModelConfig *c, MstSettings s, size_t device, size_t host) {
+    MstKernelFigures f;
+    MemoryPlan p;
+    char msg[8192];
+    s.S = 1 << 20;
+    mst_kernel_figures_estimate(c, s.B, s.S, &f);
+    if (mst_plan_auto(&p, c, &s, &f, device, host, msg, sizeof(msg))) return 0;
+    const char *at = strstr(msg, "fits is about S=");
+    return at ? atoi(at + strlen("fits is about S=")) : 0;
+}
+
+static int fits_at(const ModelConfig *c, MstSettings s, int S, size_t device, size_t host) {
+    MstKernelFigures f;
+    MemoryPlan p;
+    char msg[8192];
+    s.S = S;
+    mst_kernel_figures_estimate(c, s.B, s.S, &f);
+    return mst_plan_auto(&p, c, &s, &f, device, host, msg, sizeof(msg));
+}
+
+// Llama-3-8B, LoRA r16 on every projection over an NF4 base, 80 GiB device, the 125 GiB device
+// machine's default host budget (109 GiB): the longest sequence a refusal reports fits and 2% more
+// does not; all on the GPU it is >= 200K (issue 8's target), with offload >= 400K. With offload the
+// host budget binds first (32 layer inputs of 8 KiB a token), so the answer keeps some layer inputs
+// on the device: the search must not stop at the all-offloaded plan.
+static void test_lora_longest(void) {
+    ModelConfig c;
+    mst_preset("llama3-8b", &c);
+    MstSettings s = tiny_settings();
+    s.B = 1;
+    s.moment_bytes = 2;
+    s.mst_chunks = 0;
+    s.vocab_chunk = 0;
+    s.lora.rank = 16;
+    s.lora.alpha = 32.0f;
+    s.lora.targets = LORA_ALL_TARGETS;
+    s.lora.base_quant = BASE_QUANT_NF4;
+    size_t G = (size_t)1 << 30, device = 80 * G, host = mst_default_host_budget(125 * G);
+    for (int offload = 0; offload < 2; offload++) {
+        s.offload = offload;
+        int S = reported_longest(&c, s, device, host);
+        printf("llama3-8b LoRA r16 NF4, 80 GiB%s: longest S = %d\n", offload ? " + 109 GiB pinned host" : "", S);
+        CHECK(S >= (offload ? 400000 : 200000), "longest S %d below the target", S);
+        CHECK(fits_at(&c, s, S, device, host), "the reported longest S=%d does not fit", S);
+        CHECK(!fits_at(&c, s, S + S / 50, device, host), "S=%d (2%% above the reported longest) fits", S + S / 50);
+    }
+}
+
 int main(void) {
     test_host_budget();
     test_hand_figures();
+    test_lora_plans();
+    test_lora_longest();
     test_layouts();
     test_monotonic();
     test_auto();

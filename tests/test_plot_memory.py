@@ -18,7 +18,7 @@ METHODS = {"vanilla": ["--mst", "1", "--vocab-chunk", str(VOCAB), "--recompute",
            "recompute": ["--mst", "1", "--vocab-chunk", str(VOCAB), "--recompute", "1", "--offload", "0"],
            "MsT": ["--mst", "4", "--vocab-chunk", str(VOCAB // 4), "--recompute", "1", "--offload", "0"],
            "MsT + offload": ["--mst", "4", "--vocab-chunk", str(VOCAB // 4), "--recompute", "1", "--offload", "1",
-                             "--host-layers", "32", "--host-mem", "125"]}
+                             "--host-layers", "32", "--host-mem", "109"]}
 
 
 def plan_json(tmp_path, name, flags, seq=4096, gpu_mem="80"):
@@ -131,7 +131,7 @@ def test_method_name(settings, name):
 @pytest.mark.parametrize("flags,words", [
     (["--plan-only", "--gpu-mem", "80", "--host-layers", "4"], "needs --offload 1"),
     (["--plan-only", "--gpu-mem", "80", "--offload", "1", "--host-layers", "33"], "host layers 33"),
-    (["--gpu-mem", "80", "--host-mem", "125"], "goes with --plan-only"),
+    (["--plan-only", "--gpu-mem", "80", "--host-mem", "0.5"], "--host-mem: 0.5 is out of range"),
 ])
 def test_placement_flags_are_checked(flags, words):
     r = subprocess.run([TRAINER, "--preset", "llama3-8b", "--seq-len", "4096"] + flags, capture_output=True, text=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # train_llama end to end on the CPU path (--cpu): checkpoints, bit-exact resume (adamw and adamw8bit), bad inputs,
-# SIGINT, and the memory planner's --plan-only. Uses the default random-init model at a tiny
+# SIGINT, the memory planner's --plan-only, and LoRA on a quantized base with its export. Uses the default random-init model at a tiny
 # shape (S=32, B=2) on the shipped data. Ends with "N passed, M failed"; exits non-zero on failure.
 # Run from anywhere: `bash tests/test_resume.sh` (needs ./train_llama, built by `make`).
 set -u
@@ -256,6 +256,31 @@ else
     tail -3 "$TMP/p3.txt" "$TMP/p4.txt"
 fi
 expect_fail "--plan-only unknown preset" "unknown --preset" "$BIN" --plan-only --preset nope --gpu-mem 80
+"$BIN" --plan-only --preset llama3-8b --seq-len 65536 --gpu-mem 80 --lora-rank 16 --base-quant nf4 > "$TMP/p3.txt" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && grep -q '^  LoRA rank 16 on q,k,v,o,gate,up,down: frozen base (nf4)' "$TMP/p3.txt" \
+    && grep -q '^  qbase x32 ' "$TMP/p3.txt" && ! grep -q '^  layer_grads \|^  embed_head_grads ' "$TMP/p3.txt"; then
+    ok "--plan-only llama3-8b S=65536 LoRA r16 + NF4 base: no base gradients, 32 quantized layers: $(grep '^fits: ' "$TMP/p3.txt")"
+else
+    bad "--plan-only with LoRA and an NF4 base (exit $rc)"
+    tail -5 "$TMP/p3.txt"
+fi
+# --host-mem sets the pinned budget the offload plan may use: S=409600 offloaded fits in 109 GiB
+# (the 125 GiB device machine's default), not in 40
+"$BIN" --plan-only --preset llama3-8b --seq-len 409600 --gpu-mem 80 --offload 1 --lora-rank 16 --base-quant nf4 \
+    --host-mem 109 > "$TMP/p4.txt" 2>&1
+rc=$?
+"$BIN" --plan-only --preset llama3-8b --seq-len 409600 --gpu-mem 80 --offload 1 --lora-rank 16 --base-quant nf4 \
+    --host-mem 40 > "$TMP/p5.txt" 2>&1
+rc5=$?
+if [ $rc -eq 0 ] && grep -q 'host budget 109.0 GiB (--host-mem)' "$TMP/p4.txt" && [ $rc5 -eq 1 ] \
+    && grep -q 'budget 80.00 GiB device, 40.00 GiB host' "$TMP/p5.txt"; then
+    ok "--plan-only --host-mem: LoRA NF4 S=409600 offloaded fits 109 GiB of host ($(grep '^fits: ' "$TMP/p4.txt")), not 40"
+else
+    bad "--plan-only --host-mem (exit $rc / $rc5)"
+    tail -3 "$TMP/p4.txt" "$TMP/p5.txt"
+fi
+expect_fail "--host-mem needs a number" "host-mem" "$BIN" --plan-only --preset llama3-8b --gpu-mem 80 --host-mem lots
 
 # (6) a trained checkpoint exports to a Hugging Face directory and back, byte for byte
 if python3 scripts/export_hf.py --to-hf "$A/model_8.bin" "$TMP/hf" --tokenizer-from data/default > "$TMP/hf.txt" 2>&1 \
@@ -266,6 +291,48 @@ else
     bad "trained checkpoint export round trip; output:"
     tail -5 "$TMP/hf.txt"
 fi
+
+# (7) LoRA on the CPU path, on the 8-step run's model as the base, with an NF4-quantized base: a run
+# split by --stop-after and --resume latest equals the uninterrupted one bit for bit (adapters and
+# optimizer state); checkpoints hold adapters (lora_<step>.bin), no model.bin; the base is untouched
+LB="$A/model_8.bin"
+cp "$LB" "$TMP/base_copy.bin"
+TL=("${TINY[@]}" --sample-tokens 0 --model "$LB" --lora-rank 4 --lora-alpha 8 --lora-targets q,v,o,down --base-quant nf4)
+"$BIN" "${TL[@]}" --steps 6 --ckpt-every 3 --ckpt-dir "$TMP/la" > "$TMP/la.txt" 2>&1 \
+    && "$BIN" "${TL[@]}" --steps 6 --stop-after 3 --ckpt-dir "$TMP/lb" > "$TMP/lb1.txt" 2>&1 \
+    && "$BIN" "${TL[@]}" --steps 6 --resume latest --ckpt-dir "$TMP/lb" > "$TMP/lb2.txt" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && cmp -s "$TMP/la/lora_6.bin" "$TMP/lb/lora_6.bin" && cmp -s "$TMP/la/state_6.bin" "$TMP/lb/state_6.bin" \
+    && [ "$(step_lines "$TMP/la.txt" | sed -n 4,6p)" = "$(step_lines "$TMP/lb2.txt")" ] \
+    && [ "$(ls "$TMP/la" | tr '\n' ' ')" = "lora_3.bin lora_6.bin state_3.bin state_6.bin " ] \
+    && cmp -s "$LB" "$TMP/base_copy.bin" && grep -q 'LoRA: rank 4, alpha 8 (scale 2), targets q,v,o,down, frozen base nf4' "$TMP/la.txt"; then
+    ok "LoRA + NF4 base: 3 steps + resume latest == 6 steps, bit for bit; checkpoints lora_/state_ only; base untouched"
+else
+    bad "LoRA resume (exit $rc)"
+    ls "$TMP/la" "$TMP/lb"
+    diff <(step_lines "$TMP/la.txt" | sed -n 4,6p) <(step_lines "$TMP/lb2.txt")
+fi
+if python3 scripts/export_hf.py --to-hf "$LB" "$TMP/hf_merged" --lora "$TMP/la/lora_6.bin" --merge-lora > "$TMP/merge.txt" 2>&1 \
+    && python3 scripts/export_hf.py --to-hf "$LB" "$TMP/hf_base" --lora "$TMP/la/lora_6.bin" --peft-out "$TMP/peft" \
+        > "$TMP/peft.txt" 2>&1 && [ -f "$TMP/peft/adapter_model.safetensors" ] && [ -f "$TMP/peft/adapter_config.json" ] \
+    && ! cmp -s "$TMP/hf_merged/model.safetensors" "$TMP/hf_base/model.safetensors"; then
+    ok "trained adapters export: --merge-lora into HF weights, --peft-out a PEFT adapter directory"
+else
+    bad "LoRA export; output:"
+    tail -3 "$TMP/merge.txt" "$TMP/peft.txt"
+fi
+expect_fail "--base-quant without LoRA" "needs LoRA" "$BIN" "${TINY[@]}" --base-quant nf4
+expect_fail "--lora-rank without a base" "give the base with --model" "$BIN" "${TINY[@]}" --lora-rank 4
+expect_fail "--lora-alpha without --lora-rank" "they need --lora-rank R" "$BIN" "${TINY[@]}" --model "$LB" --lora-alpha 8
+expect_fail "LoRA with --optimizer adamw8bit" "LoRA adapters keep AdamW moments" "$BIN" "${TL[@]}" --optimizer adamw8bit --steps 2
+expect_fail "--plan-only LoRA with --optimizer adamw8bit" "LoRA adapters keep AdamW moments" \
+    "$BIN" --plan-only --preset llama3-8b --gpu-mem 78 --lora-rank 16 --optimizer adamw8bit
+expect_fail "--lora-targets with a typo" "'qq' is not one of" "$BIN" "${TINY[@]}" --model "$LB" --lora-rank 4 --lora-targets q,qq
+expect_fail "resume with another LoRA rank" "this run asks for rank 8" "$BIN" "${TL[@]}" --lora-rank 8 --steps 6 --resume latest --ckpt-dir "$TMP/lb"
+expect_fail "resume a LoRA state with another base quantization" "base nf4; this run has rank 4 alpha 8 targets q,v,o,down base int8" \
+    "$BIN" "${TL[@]}" --base-quant int8 --steps 6 --resume latest --ckpt-dir "$TMP/lb"
+expect_fail "adapters of another base" "belong to another base model" "$BIN" "${TL[@]}" --model "$TMP/v100.bin" \
+    --synthetic-data --steps 6 --resume latest --ckpt-dir "$TMP/lb"
 
 echo "$passed passed, $failed failed"
 [ $failed -eq 0 ]
