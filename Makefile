@@ -44,15 +44,18 @@ FRONTEND_HEADER := $(CUDNN_FRONTEND_INCLUDE)/cudnn_frontend.h
 GENCODE := -gencode=arch=compute_$(ARCH),code=sm_$(ARCH)
 INCLUDES := -I. -I$(CUDNN_INCLUDE) -I$(NCCL_INCLUDE)
 NVCC_FLAGS := -O3 -std=c++17 $(GENCODE) --expt-relaxed-constexpr -Xcompiler -Wall -Xcompiler -fopenmp $(INCLUDES)
-CUDA_LIBS := -L$(CUDNN_LIB) -L$(NCCL_LIB) -Xlinker -rpath=$(CUDNN_LIB) -lcublasLt -lcublas -lcudnn -lnvrtc -lgomp
+CUDA_LIBS := -L$(CUDNN_LIB) -L$(NCCL_LIB) -Xlinker -rpath=$(CUDNN_LIB) -Xlinker -rpath=$(NCCL_LIB) -lcublasLt -lcublas -lcudnn -lnccl \
+	-lnvrtc -lgomp -lpthread
 C_FLAGS := -O2 -Wall -Wextra -fopenmp -I.
 
 HEADERS := $(wildcard *.h)
-GPU_OBJS := build/mst_kernels.o build/matmul.o build/attention_cudnn.o build/attention_softcap.o build/lora_gpu.o build/gpu_model.o
+GPU_OBJS := build/mst_kernels.o build/matmul.o build/attention_cudnn.o build/attention_softcap.o build/lora_gpu.o build/gpu_model.o \
+	build/gpu_dist.o build/comm.o
 CPU_TESTS := build/test_cpu_model build/test_model_loader build/test_tokenizer build/test_dataloader build/test_planner \
-             build/test_quant build/test_attention_softcap_emu build/test_adamw8bit
+	build/test_quant build/test_attention_softcap_emu build/test_adamw8bit \
+	build/test_dist build/test_zero build/test_ulysses build/test_gpu_counts
 GPU_TESTS := build/test_llama build/test_kernels build/test_matmul build/test_attention build/test_attention_softcap \
-             build/test_lora_kernels
+	build/test_lora_kernels build/test_comm
 
 .PHONY: all test deps clean
 all: train_llama $(GPU_TESTS) $(CPU_TESTS)
@@ -98,6 +101,9 @@ build/test_attention_softcap: dev/test_attention_softcap.cu dev/attention_refere
 
 build/test_attention_softcap_emu: dev/test_attention_softcap_emu.cu dev/attention_reference.h $(HEADERS) | build
 	$(NVCC) $(NVCC_FLAGS) $< $(CUDA_LIBS) -o $@
+
+build/test_comm: dev/test_comm.cu build/comm.o $(HEADERS) | build
+	$(NVCC) $(NVCC_FLAGS) $< build/comm.o $(CUDA_LIBS) -o $@
 
 build/test_%: tests/test_%.c $(HEADERS) tests/test_util.h | build
 	$(CC) $(C_FLAGS) $< -o $@ -lm

@@ -19,6 +19,8 @@
 // Optimizer-in-backward (grad_accum_steps == 1): each layer's AdamW runs right after its backward
 // on the one-layer fp32 gradient buffer; an untied LM head is updated right after the LM-head pass
 // (it is touched once), the embedding (with the tied head's gradient) and the final norm last.
+// Several GPUs: the hooks below call gpu_dist.cu for the gradient sums and sharded updates (on a
+// side stream, block by block) and comm.cu for the sequence-parallel attention (attention_core_*).
 // LoRA (lora_gpu.h): the base is frozen (no weight gradients: the gradient pointers are NULL and the
 // GEMM / norm launchers skip them); each fused base GEMM gets its group's two adapter GEMMs, and the
 // optimizer updates the adapters. A quantized base is dequantized layer by layer into one bf16
@@ -26,6 +28,7 @@
 #include <math.h>
 #include <unistd.h>
 #include "attention.h"
+#include "gpu_dist.h"
 #include "gpu_model.h"
 #include "matmul.h"
 #include "mst_kernels.h"
@@ -52,10 +55,17 @@ static bf16 *P(const GpuModel *m, size_t offset) {
     return m->params + offset;
 }
 
+// The one-layer gradient buffer of layer l: with the side stream (several GPUs, or
+// overlap_optimizer) layers alternate between two, so that the side stream sums (several GPUs) and
+// applies one while backward fills the other.
+static float *layer_grad_block(const GpuModel *m, int l) {
+    return m->layer_grads + (size_t)(l % m->layer_grad_buffers) * m->layout.layer_size;
+}
+
 // Gradient of tensor t of layer l: the full-model buffer, the one-layer buffer, or NULL (LoRA: frozen).
 static float *G(const GpuModel *m, int l, int t) {
     if (m->grads) return m->grads + param_offset(&m->layout, l, t);
-    return m->layer_grads ? m->layer_grads + m->layout.layer.offset[t] : NULL;
+    return m->layer_grads ? layer_grad_block(m, l) + m->layout.layer.offset[t] : NULL;
 }
 static float *grad_embed(const GpuModel *m) { return m->grads ? m->grads + m->layout.embed : m->embed_head_grads; }
 static float *grad_head(const GpuModel *m) { return m->grads ? m->grads + m->layout.lm_head : m->embed_head_grads; }
@@ -92,6 +102,29 @@ static AttentionShape attention_shape(const ModelConfig *c, int layer, int B, in
     return sh;
 }
 
+// Sequence parallel over sp ranks: attention sees every token (sp * S) of this rank's heads.
+static AttentionShape attention_shape_sp(const ModelConfig *c, int layer, int B, int S, int sp, const UlyssesHeads *u) {
+    AttentionShape sh = attention_shape(c, layer, B, S * sp);
+    if (sp > 1) {
+        sh.Hq = u->hq_loc;
+        sh.Hkv = u->hkv_loc;
+    }
+    return sh;
+}
+
+// Ranks of the sequence-parallel split the settings ask for (1: none), with their heads in *u.
+static int settings_sp(const ModelConfig *c, const GpuSettings *s, UlyssesHeads *u) {
+    memset(u, 0, sizeof(*u));
+    if (s->seq_parallel && s->comm == NULL) die("sequence parallel needs several GPUs (GpuSettings.comm)");
+    if (!s->seq_parallel || s->comm->world == 1) return 1;
+    char why[256];
+    if (ulysses_heads_init(u, s->comm->world, c->n_heads, c->n_kv_heads, c->head_dim, why, sizeof(why))) die("%s", why);
+    return s->comm->world;
+}
+
+// RoPE position of this rank's first token of a row (sequence parallel: rank * S).
+static int rope_offset(const GpuModel *m, int Sn) { return m->sp > 1 ? m->comm->rank * Sn : 0; }
+
 // 1 when cuDNN would take the shape but for its soft-cap (Gemma-2): such layers run the soft-cap
 // kernels of attention_softcap.cu instead; every other shape goes to cuDNN.
 static int attention_via_softcap(const AttentionShape *sh) {
@@ -112,6 +145,56 @@ static void layer_attention_backward(bf16 *dqkv, const bf16 *dout, const bf16 *o
                                      const bf16 *qkv, const AttentionShape *sh, void *workspace, cudaStream_t st) {
     if (attention_via_softcap(sh)) attention_softcap_backward(dqkv, dout, out, stats, qkv, sh, workspace, st);
     else attention_backward(dqkv, dout, out, stats, qkv, sh, workspace, st);
+}
+
+// Attention of layer l on a->qkv (Bn rows of Sn tokens, RoPE applied) -> a->att, a->att_stats.
+// Sequence parallel: q|k|v goes to the head layout (every token, this rank's heads), attention runs
+// there, and its output comes back to this rank's tokens (Ulysses, comm.h).
+static void attention_core_forward(GpuModel *m, int l, const LayerActs *a, int Bn, int Sn) {
+    AttentionShape sh = attention_shape_sp(&m->config, l, Bn, Sn, m->sp, &m->heads);
+    cudaStream_t st = m->stream;
+    step_profile_mark(m->profile, PROF_SDPA_FWD, st);
+    if (m->sp == 1) {
+        layer_attention_forward(a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
+    } else {
+        ulysses_to_heads(m->comm, a->qkv_heads, m->a2a_send, a->qkv, Bn, Sn, &m->heads, 1, st);
+        layer_attention_forward(a->att_heads, a->att_stats, a->qkv_heads, &sh, m->attn_workspace, st);
+        ulysses_from_heads(m->comm, a->att, m->a2a_recv, a->att_heads, Bn, Sn, &m->heads, 0, st);
+    }
+    step_profile_mark(m->profile, PROF_ATTN_OUT, st);
+}
+
+// datt (this rank's tokens) -> m->dqkv, the way back through the same layouts.
+static void attention_core_backward(GpuModel *m, int l, const LayerActs *a, const bf16 *datt) {
+    int B = m->settings.B, S = m->settings.S;
+    AttentionShape sh = attention_shape_sp(&m->config, l, B, S, m->sp, &m->heads);
+    sh.head_groups = m->settings.attn_head_groups;
+    cudaStream_t st = m->stream;
+    step_profile_mark(m->profile, PROF_SDPA_BWD, st);
+    if (m->sp == 1) {
+        layer_attention_backward(m->dqkv, datt, a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
+    } else {
+        ulysses_to_heads(m->comm, m->datt_heads, m->a2a_send, datt, B, S, &m->heads, 0, st);
+        layer_attention_backward(m->dqkv_heads, m->datt_heads, a->att_heads, a->att_stats, a->qkv_heads, &sh, m->attn_workspace, st);
+        ulysses_from_heads(m->comm, m->dqkv, m->a2a_recv, m->dqkv_heads, B, S, &m->heads, 1, st);
+    }
+    step_profile_mark(m->profile, PROF_ATTN_IN_BWD, st);
+}
+
+// Waits for `stream`; with several GPUs under the watchdog (a collective may be in it).
+static void model_sync(GpuModel *m, cudaStream_t stream, const char *what) {
+    if (m->comm) comm_wait(m->comm, stream, what);
+    else cudaCheck(cudaStreamSynchronize(stream));
+}
+
+// host[n] = scalars[0 .. n) (loss sum, squared grad norm), over all ranks with several GPUs.
+static void read_scalars(GpuModel *m, float *host, int n) {
+    if (m->comm) {
+        dist_read_scalars(m, host, n);
+        return;
+    }
+    cudaCheck(cudaMemcpyAsync(host, m->scalars, (size_t)n * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
+    cudaCheck(cudaStreamSynchronize(m->stream));
 }
 
 // Pointer to slice `slice` of a plan entry (entries with one slice serve every slice), or NULL
@@ -141,11 +224,8 @@ static void attention_block_forward(GpuModel *m, int l, const LayerActs *a, cons
     linear_forward(a->qkv, DT_BF16, a->ln1, W(m, l, LT_WQ), c->qkv_bias ? W(m, l, LT_BQ) : NULL, N, d, qkv_features(c), 0, st);
     lora_prepare_group(&m->lora, l, LG_QKV, st);
     lora_forward(&m->lora, l, LG_QKV, a->qkv, a->ln1, N, st);
-    rope_apply(a->qkv, m->rope, N, Sn, 0, c->n_heads, c->n_kv_heads, c->head_dim, 0, st);
-    AttentionShape sh = attention_shape(c, l, Bn, Sn);
-    step_profile_mark(m->profile, PROF_SDPA_FWD, st);
-    layer_attention_forward(a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
-    step_profile_mark(m->profile, PROF_ATTN_OUT, st);
+    rope_apply(a->qkv, m->rope, N, Sn, rope_offset(m, Sn), c->n_heads, c->n_kv_heads, c->head_dim, 0, st);
+    attention_core_forward(m, l, a, Bn, Sn);
     cudaCheck(cudaMemcpyAsync(a->h1, in, (size_t)N * d * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
     if (c->post_norms) {
         linear_forward(a->ao, DT_BF16, a->att, W(m, l, LT_WO), NULL, N, q, d, 0, st);
@@ -369,12 +449,8 @@ static void attention_block_backward(GpuModel *m, int l, const LayerActs *a, con
     lora_backward_weights(&m->lora, l, LG_O, dao, a->att, N, st);
     linear_backward_input(datt, dao, W(m, l, LT_WO), N, q, d, 0, st);
     lora_backward_input(&m->lora, l, LG_O, datt, N, st);
-    AttentionShape sh = attention_shape(c, l, m->settings.B, m->settings.S);
-    sh.head_groups = m->settings.attn_head_groups;
-    step_profile_mark(m->profile, PROF_SDPA_BWD, st);
-    layer_attention_backward(m->dqkv, datt, a->att, a->att_stats, a->qkv, &sh, m->attn_workspace, st);
-    step_profile_mark(m->profile, PROF_ATTN_IN_BWD, st);
-    rope_apply(m->dqkv, m->rope, N, m->settings.S, 0, c->n_heads, c->n_kv_heads, c->head_dim, 1, st);
+    attention_core_backward(m, l, a, datt);
+    rope_apply(m->dqkv, m->rope, N, m->settings.S, rope_offset(m, m->settings.S), c->n_heads, c->n_kv_heads, c->head_dim, 1, st);
     const bf16 *ln1 = a->ln1;
     if (m->settings.recompute) {  // ln1 shared h1's buffer in the forward: recompute it where q, k, v were
         rmsnorm_forward(a->qkv, a->ln1_rstd, in, W(m, l, LT_ATTN_NORM), N, d, c->norm_eps, norm_w_offset(m), st);
@@ -404,37 +480,70 @@ static int layer_tensor_id(int l, int t) { return 1 + l * LT_COUNT + t; }
 static int final_norm_id(const ModelConfig *c) { return 1 + c->n_layers * LT_COUNT; }
 static int lm_head_id(const ModelConfig *c) { return 2 + c->n_layers * LT_COUNT; }
 
-// AdamW on one tensor (offset, rows x cols elements of the flat layout) with gradient `grad`.
-// Weight decay only on matrices (rows > 1): not on norms and biases. With LoRA the tensor is an
-// adapter (offset in the adapter layout), always decayed: all are matrices, even at rank 1.
-// Optimizer-in-backward adds the gradient's squares to the norm partials in the same pass.
-static void adamw_tensor(GpuModel *m, size_t offset, size_t rows, size_t cols, const float *grad, int tensor_id,
-                         const OptimizerStep *opt, float clip_scale) {
+// AdamW on elements [lo, hi) of tensor t (gpu_dist.h). Weight decay only on matrices (rows > 1):
+// not on norms and biases. With LoRA (one GPU) the tensor is an adapter (offset in the adapter
+// layout), always decayed: all are matrices, even at rank 1. sumsq_partials non-NULL: the
+// gradient's squares are added to them in the same pass.
+void gm_adamw_slice(GpuModel *m, const GmTensor *t, size_t lo, size_t hi, const float *grad, size_t state_at,
+                    const OptimizerStep *opt, float clip_scale, float *sumsq_partials, cudaStream_t stream) {
     AdamWParams p;
     p.lr = opt->lr;
     p.beta1 = opt->beta1;
     p.beta2 = opt->beta2;
     p.eps = opt->eps;
-    p.weight_decay = (rows > 1 || m->lora.cfg.rank) ? opt->weight_decay : 0.0f;
+    p.weight_decay = (t->rows > 1 || m->lora.cfg.rank) ? opt->weight_decay : 0.0f;
     p.grad_scale = clip_scale;
     p.step = opt->step;
-    p.seed = tensor_seed(opt->seed, tensor_id, opt->step);
-    float *norm_partials = m->settings.grad_accum_steps == 1 ? m->grad_norm_partials : NULL;
-    if (m->settings.moments_8bit) {
-        size_t b = adam8_block_of(&m->adam8_layout, &m->layout, offset);
-        adamw8bit_update(m->params + offset, m->master ? m->master + offset : NULL, grad, DT_FP32,
+    p.seed = tensor_seed(opt->seed, t->id, opt->step);
+    p.index_base = lo;
+    if (m->settings.moments_8bit) {  // one GPU, no LoRA (mst_settings_check): always a whole tensor
+        size_t b = adam8_block_of(&m->adam8_layout, &m->layout, t->offset);
+        adamw8bit_update(m->params + t->offset, m->master ? m->master + t->offset : NULL, grad, DT_FP32,
                          (uint8_t *)m->adam_m + b * ADAM8_BLOCK, m->adam_m_absmax + b, (uint8_t *)m->adam_v + b * ADAM8_BLOCK,
-                         m->adam_v_absmax + b, rows * cols, &p, norm_partials, m->stream);
+                         m->adam_v_absmax + b, hi - lo, &p, sumsq_partials, stream);
         return;
     }
     size_t mb = dtype_bytes(m->settings.moment_type);
-    bf16 *param = m->lora.cfg.rank ? m->lora.params + offset : m->params + offset;
-    adamw_update(param, m->master ? m->master + offset : NULL, grad, DT_FP32, (char *)m->adam_m + offset * mb,
-                 (char *)m->adam_v + offset * mb, m->settings.moment_type, rows * cols, &p, norm_partials, m->stream);
+    bf16 *param = (m->lora.cfg.rank ? m->lora.params : m->params) + t->offset + lo;
+    adamw_update(param, m->master ? m->master + state_at : NULL, grad, DT_FP32, (char *)m->adam_m + state_at * mb,
+                 (char *)m->adam_v + state_at * mb, m->settings.moment_type, hi - lo, &p, sumsq_partials, stream);
+}
+
+// AdamW on one whole tensor (offset, rows x cols elements of the flat layout, or of the adapter
+// layout with LoRA) with gradient `grad` on `stream`. Optimizer-in-backward adds the gradient's
+// squares to the norm partials in the same pass.
+static void adamw_tensor(GpuModel *m, size_t offset, size_t rows, size_t cols, const float *grad, int tensor_id,
+                         const OptimizerStep *opt, float clip_scale, cudaStream_t stream) {
+    GmTensor t = {offset, rows, cols, tensor_id};
+    gm_adamw_slice(m, &t, 0, rows * cols, grad, offset, opt, clip_scale, m->settings.grad_accum_steps == 1 ? m->grad_norm_partials : NULL,
+                   stream);
+}
+
+int gm_block_tensors(const GpuModel *m, int b, GmTensor *out) {
+    const ModelConfig *c = &m->config;
+    const ParamLayout *p = &m->layout;
+    size_t V = (size_t)c->vocab_size, d = (size_t)c->d_model;
+    if (b == 0 || b == zero_block_lm_head(c)) {
+        GmTensor t = {b == 0 ? p->embed : p->lm_head, V, d, b == 0 ? 0 : lm_head_id(c)};
+        out[0] = t;
+        return 1;
+    }
+    if (b == zero_block_final_norm(c)) {
+        GmTensor t = {p->final_norm, 1, d, final_norm_id(c)};
+        out[0] = t;
+        return 1;
+    }
+    int l = b - zero_block_layer(0), n = 0;
+    for (int k = 0; k < LT_COUNT; k++) {
+        if (p->layer.offset[k] == SIZE_MAX) continue;
+        GmTensor t = {param_offset(p, l, k), p->layer.rows[k], p->layer.cols[k], layer_tensor_id(l, k)};
+        out[n++] = t;
+    }
+    return n;
 }
 
 // LoRA: AdamW on layer l's adapters (the moments and master weights are the adapters').
-static void adamw_lora_layer(GpuModel *m, int l, const OptimizerStep *opt, float clip_scale) {
+static void adamw_lora_layer(GpuModel *m, int l, const OptimizerStep *opt, float clip_scale, cudaStream_t stream) {
     const LoraLayout *L = &m->lora.layout;
     const float *grads = lora_layer_grads(&m->lora, l);
     for (int t = 0; t < LORA_TARGET_COUNT; t++) {
@@ -443,20 +552,41 @@ static void adamw_lora_layer(GpuModel *m, int l, const OptimizerStep *opt, float
             size_t rows = is_b ? L->out[t] : (size_t)L->rank, cols = is_b ? (size_t)L->rank : L->in[t];
             int id = (1 << 24) + (l * LORA_TARGET_COUNT + t) * 2 + is_b;
             adamw_tensor(m, lora_offset(L, l, t, is_b), rows, cols, grads + (is_b ? L->b_off[t] : L->a_off[t]), id, opt,
-                         clip_scale);
+                         clip_scale, stream);
         }
     }
 }
 
-static void adamw_layer(GpuModel *m, int l, const OptimizerStep *opt, float clip_scale) {
+static void adamw_layer(GpuModel *m, int l, const OptimizerStep *opt, float clip_scale, cudaStream_t stream) {
     if (m->lora.cfg.rank) {
-        adamw_lora_layer(m, l, opt, clip_scale);
+        adamw_lora_layer(m, l, opt, clip_scale, stream);
         return;
     }
     const ParamLayout *p = &m->layout;
     for (int t = 0; t < LT_COUNT; t++) {
         if (p->layer.offset[t] == SIZE_MAX) continue;
-        adamw_tensor(m, param_offset(p, l, t), p->layer.rows[t], p->layer.cols[t], G(m, l, t), layer_tensor_id(l, t), opt, clip_scale);
+        adamw_tensor(m, param_offset(p, l, t), p->layer.rows[t], p->layer.cols[t], G(m, l, t), layer_tensor_id(l, t), opt, clip_scale,
+                     stream);
+    }
+}
+
+void gm_side_after_compute(GpuModel *m) {
+    cudaCheck(cudaEventRecord(m->ev_compute, m->stream));
+    cudaCheck(cudaStreamWaitEvent(m->grad_stream, m->ev_compute, 0));
+}
+
+// Optimizer-in-backward of layer l, its backward queued: AdamW on the compute stream; with the side
+// stream there (the backward of layer l - 1 goes on meanwhile; same kernels in the same order, so
+// the same numbers); several GPUs: the sum over the ranks first (gpu_dist.cu).
+static void update_layer(GpuModel *m, int l, const OptimizerStep *opt, float clip_scale) {
+    if (m->comm) {
+        dist_update_block(m, zero_block_layer(l), layer_grad_block(m, l), m->ev_grads_free[l % 2], opt, clip_scale);
+    } else if (m->grad_stream) {
+        gm_side_after_compute(m);
+        adamw_layer(m, l, opt, clip_scale, m->grad_stream);
+        cudaCheck(cudaEventRecord(m->ev_grads_free[l % 2], m->grad_stream));
+    } else {
+        adamw_layer(m, l, opt, clip_scale, m->stream);
     }
 }
 
@@ -465,13 +595,23 @@ static float clip_scale_for(float norm, float clip) {
 }
 
 // Gradient accumulation: after the last micro step, the global norm over the full gradient buffer,
-// AdamW on every tensor with the clip scale, and the gradients zeroed. Returns the norm.
+// AdamW on every tensor with the clip scale, and the gradients zeroed. Returns the norm. Several
+// GPUs: the gradient summed over the ranks first, each rank updating its parts (gpu_dist.cu).
 static float optimizer_step_full(GpuModel *m, const OptimizerStep *opt) {
     const ModelConfig *c = &m->config;
     const ParamLayout *p = &m->layout;
     cudaStream_t st = m->stream;
     step_profile_mark(m->profile, PROF_OPTIMIZER, st);
+    if (m->comm) {
+        float norm = dist_reduce_grads(m);
+        dist_update_parts(m, opt, clip_scale_for(norm, opt->clip));
+        return norm;
+    }
     float *grads = m->lora.cfg.rank ? m->lora.grads : m->grads;
+    if (m->capture) {
+        cudaCheck(cudaMemcpyAsync(m->capture_grads, grads, m->n_train * sizeof(float), cudaMemcpyDeviceToHost, st));
+        m->capture = 0;
+    }
     cudaCheck(cudaMemsetAsync(m->grad_norm_partials, 0, (size_t)m->plan.figures.grad_norm_partials * sizeof(float), st));
     grad_norm_accumulate(m->grad_norm_partials, grads, DT_FP32, m->n_train, st);
     grad_norm_finish(m->scalars + 1, m->grad_norm_partials, st);
@@ -481,11 +621,11 @@ static float optimizer_step_full(GpuModel *m, const OptimizerStep *opt) {
     float norm = sqrtf(sumsq);
     float scale = clip_scale_for(norm, opt->clip);
     int frozen = m->lora.cfg.rank > 0;  // LoRA: only the layers' adapters train
-    if (!frozen) adamw_tensor(m, p->embed, (size_t)c->vocab_size, (size_t)c->d_model, m->grads + p->embed, 0, opt, scale);
-    for (int l = 0; l < c->n_layers; l++) adamw_layer(m, l, opt, scale);
-    if (!frozen) adamw_tensor(m, p->final_norm, 1, (size_t)c->d_model, m->grads + p->final_norm, final_norm_id(c), opt, scale);
+    if (!frozen) adamw_tensor(m, p->embed, (size_t)c->vocab_size, (size_t)c->d_model, m->grads + p->embed, 0, opt, scale, st);
+    for (int l = 0; l < c->n_layers; l++) adamw_layer(m, l, opt, scale, st);
+    if (!frozen) adamw_tensor(m, p->final_norm, 1, (size_t)c->d_model, m->grads + p->final_norm, final_norm_id(c), opt, scale, st);
     if (!frozen && !c->tied_embeddings)
-        adamw_tensor(m, p->lm_head, (size_t)c->vocab_size, (size_t)c->d_model, m->grads + p->lm_head, lm_head_id(c), opt, scale);
+        adamw_tensor(m, p->lm_head, (size_t)c->vocab_size, (size_t)c->d_model, m->grads + p->lm_head, lm_head_id(c), opt, scale, st);
     cudaCheck(cudaMemsetAsync(grads, 0, m->n_train * sizeof(float), st));
     return norm;
 }
@@ -538,11 +678,11 @@ static void recompute_attention_block(GpuModel *m, int l, const LayerActs *a, co
     if (m->profile) m->profile->muted--;
 }
 
-// Optimizer-in-backward, before a layer's backward: the layer's norm and bias gradients are sums
+// Optimizer-in-backward, before layer l's backward: the layer's norm and bias gradients are sums
 // added into their buffers, so they start at zero; the matrices' gradients are overwritten by their
 // first GEMM of the step. LoRA: the base has no gradients, and every adapter GEMM accumulates
 // (MsT chunks, the block-diagonal gather), so the layer's adapter block (a few MB) starts at zero.
-static void zero_layer_grads(GpuModel *m) {
+static void zero_layer_grads(GpuModel *m, int l) {
     if (m->lora.cfg.rank) {
         cudaCheck(cudaMemsetAsync(m->lora.grads, 0, m->lora.layout.layer_size * sizeof(float), m->stream));
         return;
@@ -550,12 +690,13 @@ static void zero_layer_grads(GpuModel *m) {
     const ParamLayout *p = &m->layout;
     for (int t = 0; t < LT_COUNT; t++) {
         if (p->layer.offset[t] == SIZE_MAX || p->layer.rows[t] != 1) continue;
-        cudaCheck(cudaMemsetAsync(m->layer_grads + p->layer.offset[t], 0, p->layer.cols[t] * sizeof(float), m->stream));
+        cudaCheck(cudaMemsetAsync(G(m, l, t), 0, p->layer.cols[t] * sizeof(float), m->stream));
     }
 }
 
 // The backward pass through every layer (reverse order) and the embedding, with the offload
-// prefetch pipeline and, with optimizer-in-backward, each layer's AdamW right after its backward.
+// prefetch pipeline and, with optimizer-in-backward, each layer's AdamW right after its backward
+// (several GPUs: handed to the side stream, which sums the layer's gradient over the ranks first).
 static void backward_layers(GpuModel *m, const OptimizerStep *opt, float clip_scale, int opt_in_backward) {
     const ModelConfig *c = &m->config;
     int L = c->n_layers;
@@ -565,7 +706,10 @@ static void backward_layers(GpuModel *m, const OptimizerStep *opt, float clip_sc
         if (l > 0 && is_host_layer(m, l - 1)) fetch_from_host(m, l - 1);  // prefetch while layer l runs
         if (is_host_layer(m, l)) cudaCheck(cudaStreamWaitEvent(st, m->ev_fetched[l % 2], 0));
         if (quantized_base(m)) qbase_load_layer(&m->lora, &m->layout, l, st);
-        if (opt_in_backward) zero_layer_grads(m);
+        if (opt_in_backward) {
+            if (m->grad_stream) cudaCheck(cudaStreamWaitEvent(st, m->ev_grads_free[l % 2], 0));  // layer l + 2's update has read it
+            zero_layer_grads(m, l);
+        }
         const LayerActs *a = &m->acts[l];
         const bf16 *in = layer_input(m, l);
         if (m->settings.recompute) recompute_attention_block(m, l, a, in);
@@ -574,7 +718,7 @@ static void backward_layers(GpuModel *m, const OptimizerStep *opt, float clip_sc
         if (is_host_layer(m, l)) cudaCheck(cudaEventRecord(m->ev_free[l % 2], st));
         if (opt_in_backward) {
             step_profile_mark(m->profile, PROF_OPTIMIZER, st);
-            adamw_layer(m, l, opt, clip_scale);
+            update_layer(m, l, opt, clip_scale);
         }
     }
     if (lora) return;  // the embedding is frozen
@@ -597,6 +741,7 @@ void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_
     int opt_in_backward = accum == 1;
     cudaStream_t st = m->stream;
     int n_valid = upload_batch(m, tokens, targets, N);
+    if (m->comm) n_valid = dist_sum_count(m, n_valid);  // the loss is the mean over every rank's valid targets
     float grad_scale = n_valid > 0 ? 1.0f / ((float)n_valid * (float)accum) : 0.0f;
     // Optimizer-in-backward clips with the previous step's norm (this step's is known only at the end).
     float clip_scale = (opt_in_backward && m->has_prev_norm) ? clip_scale_for(m->prev_grad_norm, opt->clip) : 1.0f;
@@ -610,19 +755,33 @@ void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_
     lm_head_pass(m, N, grad_scale, 1);
     if (opt_in_backward && !frozen && !c->tied_embeddings) {  // the untied head is complete: update it, reuse its buffer
         step_profile_mark(m->profile, PROF_OPTIMIZER, st);
-        adamw_tensor(m, m->layout.lm_head, (size_t)c->vocab_size, (size_t)c->d_model, m->embed_head_grads, lm_head_id(c), opt, clip_scale);
+        if (m->comm) {  // its buffer is in the layers' shared working set: the sum must have read it first
+            dist_update_block(m, zero_block_lm_head(c), m->embed_head_grads, m->ev_head_free, opt, clip_scale);
+            cudaCheck(cudaStreamWaitEvent(st, m->ev_head_free, 0));
+        } else {
+            adamw_tensor(m, m->layout.lm_head, (size_t)c->vocab_size, (size_t)c->d_model, m->embed_head_grads, lm_head_id(c), opt,
+                         clip_scale, st);
+        }
     }
     backward_layers(m, opt, clip_scale, opt_in_backward);
-    if (opt_in_backward && !frozen) {
+    if (opt_in_backward && m->comm) {
         step_profile_mark(m->profile, PROF_OPTIMIZER, st);
-        adamw_tensor(m, m->layout.embed, (size_t)c->vocab_size, (size_t)c->d_model, m->embed_head_grads, 0, opt, clip_scale);
-        adamw_tensor(m, m->layout.final_norm, 1, (size_t)c->d_model, m->final_norm_grads, final_norm_id(c), opt, clip_scale);
+        dist_finish_update(m, opt, clip_scale);
+    } else if (opt_in_backward) {
+        step_profile_mark(m->profile, PROF_OPTIMIZER, st);
+        if (m->grad_stream) {  // the layers' updates add to the norm partials first
+            cudaCheck(cudaEventRecord(m->ev_grad_done, m->grad_stream));
+            cudaCheck(cudaStreamWaitEvent(st, m->ev_grad_done, 0));
+        }
+        if (!frozen) {
+            adamw_tensor(m, m->layout.embed, (size_t)c->vocab_size, (size_t)c->d_model, m->embed_head_grads, 0, opt, clip_scale, st);
+            adamw_tensor(m, m->layout.final_norm, 1, (size_t)c->d_model, m->final_norm_grads, final_norm_id(c), opt, clip_scale, st);
+        }
+        grad_norm_finish(m->scalars + 1, m->grad_norm_partials, st);
     }
-    if (opt_in_backward) grad_norm_finish(m->scalars + 1, m->grad_norm_partials, st);
     step_profile_end_step(m->profile, st);
     float sums[2];
-    cudaCheck(cudaMemcpyAsync(sums, m->scalars, 2 * sizeof(float), cudaMemcpyDeviceToHost, st));
-    cudaCheck(cudaStreamSynchronize(st));
+    read_scalars(m, sums, opt_in_backward ? 2 : 1);
     out->n_valid = n_valid;
     out->loss = n_valid > 0 ? sums[0] / (float)n_valid : 0.0f;
     out->grad_norm = 0.0f;
@@ -637,42 +796,57 @@ void gpu_model_train_micro_step(GpuModel *m, const int32_t *tokens, const int32_
     }
 }
 
+void gpu_model_capture_grads(GpuModel *m, float *grads_host) {
+    if (m->settings.grad_accum_steps < 2)
+        die("capturing the gradient needs grad_accum_steps > 1 (optimizer-in-backward never holds the whole gradient)");
+    if (grads_host == NULL && (m->comm == NULL || m->comm->rank == 0)) die("capturing the gradient needs a host buffer");
+    m->capture = 1;
+    m->capture_grads = grads_host;
+}
+
 // Evaluation and sampling are left out of --profile's step figures.
 float gpu_model_eval_loss(GpuModel *m, const int32_t *tokens, const int32_t *targets) {
     int N = m->plan.n_tokens;
     StepProfile *profile = m->profile;
     m->profile = NULL;
     int n_valid = upload_batch(m, tokens, targets, N);
+    if (m->comm) n_valid = dist_sum_count(m, n_valid);
     forward_layers(m, m->settings.B, m->settings.S, 0);
     lm_head_pass(m, N, 0.0f, 0);
     m->profile = profile;
     float sum;
-    cudaCheck(cudaMemcpyAsync(&sum, m->scalars, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
-    cudaCheck(cudaStreamSynchronize(m->stream));
+    read_scalars(m, &sum, 1);
     return n_valid > 0 ? sum / (float)n_valid : 0.0f;
 }
 
 // One sequence padded to S with token 0 (causal attention: the padding never reaches position
-// n_tokens - 1), then the final norm and LM head on that one row, tile by tile.
+// n_tokens - 1), then the final norm and LM head on that one row, tile by tile. Sequence parallel:
+// every rank runs its S of the sp * S positions; the rank holding position n_tokens - 1 computes
+// the logits and sends each tile to the others.
 void gpu_model_next_token_logits(GpuModel *m, const int32_t *tokens, int n_tokens, float *logits_host) {
     const ModelConfig *c = &m->config;
     int S = m->settings.S, d = c->d_model, V = c->vocab_size, vc = m->plan.settings.vocab_chunk;
-    if (n_tokens < 1 || n_tokens > S) die("next-token logits: %d tokens, expected 1..%d (the planned sequence length)", n_tokens, S);
+    int first = rope_offset(m, S), last = n_tokens - 1, owner = last / S;
+    if (n_tokens < 1 || n_tokens > S * m->sp)
+        die("next-token logits: %d tokens, expected 1..%d (the planned sequence length)", n_tokens, S * m->sp);
     memset(m->h_tokens, 0, (size_t)S * sizeof(int32_t));
-    memcpy(m->h_tokens, tokens, (size_t)n_tokens * sizeof(int32_t));
+    if (n_tokens > first) memcpy(m->h_tokens, tokens + first, (size_t)(n_tokens - first < S ? n_tokens - first : S) * sizeof(int32_t));
     upload_batch(m, m->h_tokens, NULL, S);
     StepProfile *profile = m->profile;
     m->profile = NULL;
     forward_layers(m, 1, S, 0);
     m->profile = profile;
     cudaStream_t st = m->stream;
-    rmsnorm_forward(m->xf, m->xf_rstd, m->x_final + (size_t)(n_tokens - 1) * d, P(m, m->layout.final_norm), 1, d,
-                    c->norm_eps, norm_w_offset(m), st);
+    int mine = m->sp == 1 || m->comm->rank == owner;
+    if (mine)
+        rmsnorm_forward(m->xf, m->xf_rstd, m->x_final + (size_t)(last - owner * S) * d, P(m, m->layout.final_norm), 1, d,
+                        c->norm_eps, norm_w_offset(m), st);
     for (int v0 = 0; v0 < V; v0 += vc) {
         int vt = V - v0 < vc ? V - v0 : vc;
-        logits_tile(m, 1, v0, vt);
+        if (mine) logits_tile(m, 1, v0, vt);
+        if (m->sp > 1) comm_broadcast_f32(m->comm, m->logits, (size_t)vt, owner, st);
         cudaCheck(cudaMemcpyAsync(logits_host + v0, m->logits, (size_t)vt * sizeof(float), cudaMemcpyDeviceToHost, st));
-        cudaCheck(cudaStreamSynchronize(st));  // the next tile overwrites m->logits
+        model_sync(m, st, "next-token logits");  // the next tile overwrites m->logits
     }
     if (c->final_softcap > 0.0f) {
         for (int v = 0; v < V; v++) logits_host[v] = c->final_softcap * tanhf(logits_host[v] / c->final_softcap);
@@ -698,7 +872,9 @@ static void check_supported(const ModelConfig *c, const GpuSettings *s) {
         for (int l = 0; l < c->n_layers; l++) if (config_layer_is_sliding(c, l) == sliding) { layer = l; break; }
         if (layer < 0) continue;
         char why[256];
-        AttentionShape sh = attention_shape(c, layer, s->B, s->S);
+        UlyssesHeads u;
+        int sp = settings_sp(c, s, &u);
+        AttentionShape sh = attention_shape_sp(c, layer, s->B, s->S, sp, &u);
         int ok = attention_via_softcap(&sh) ? attention_softcap_supported(&sh, why, sizeof(why))
                                             : attention_supported(&sh, why, sizeof(why));
         if (!ok)
@@ -707,12 +883,14 @@ static void check_supported(const ModelConfig *c, const GpuSettings *s) {
 }
 
 // Attention workspace with the backward in G head groups: largest over the layer kinds and the
-// (1, S) sampling shape.
+// (1, S) sampling shape; sequence parallel: this rank's heads over every token of a row.
 static size_t attention_workspace_figure(const ModelConfig *c, const GpuSettings *s, int G) {
     size_t most = 0;
+    UlyssesHeads u;
+    int sp = settings_sp(c, s, &u);
     for (int l = 0; l < c->n_layers && l < 2; l++) {
         for (int b = 0; b < 2; b++) {
-            AttentionShape sh = attention_shape(c, l, b == 0 ? s->B : 1, s->S);
+            AttentionShape sh = attention_shape_sp(c, l, b == 0 ? s->B : 1, s->S, sp, &u);
             sh.head_groups = G;  // the sampling shape runs only the forward, which is the same for every G
             size_t w = attention_via_softcap(&sh) ? attention_softcap_workspace_bytes(&sh)
                                                   : attention_workspace_bytes(&sh);
@@ -722,15 +900,22 @@ static size_t attention_workspace_figure(const ModelConfig *c, const GpuSettings
     return most;
 }
 
+// The kv heads of one GPU's attention: all, or this rank's with sequence parallel.
+static int attn_kv_heads(const ModelConfig *c, const GpuSettings *s) {
+    UlyssesHeads u;
+    return settings_sp(c, s, &u) > 1 ? u.hkv_loc : c->n_kv_heads;
+}
+
 // The kernel modules' own figures for this shape: attention workspace (cuDNN's, or the soft-cap
 // kernels' B Hq S floats), reduction scratch over N rows, grad-norm partials. head_groups: 1 also
-// builds cuDNN's backward in 2, 4 and 8 head groups (those that divide Hkv) for their workspace.
+// builds cuDNN's backward in 2, 4 and 8 head groups (those that divide the kv heads of one GPU's
+// attention) for their workspace.
 static MstKernelFigures kernel_figures(const ModelConfig *c, const GpuSettings *s, int head_groups) {
     MstKernelFigures f;
     memset(&f, 0, sizeof(f));
     f.attn_workspace = attention_workspace_figure(c, s, 1);
     for (int k = 0; k < 3 && head_groups && c->attn_softcap == 0.0f; k++)
-        if (c->n_kv_heads % (2 << k) == 0) f.attn_workspace_grouped[k] = attention_workspace_figure(c, s, 2 << k);
+        if (attn_kv_heads(c, s) % (2 << k) == 0) f.attn_workspace_grouped[k] = attention_workspace_figure(c, s, 2 << k);
     int N = s->B * s->S;
     size_t norm_floats = (size_t)ceil_div(N, rmsnorm_rows_per_block()) * c->d_model;
     size_t bias_floats = c->qkv_bias ? bias_grad_scratch_floats(N, qkv_features(c)) : 0;
@@ -765,6 +950,7 @@ static void bind_buffers(GpuModel *m) {
     m->master = (float *)plan_ptr(m, "master", 0);
     m->grads = (float *)plan_ptr(m, "grads", 0);
     m->layer_grads = (float *)plan_ptr(m, "layer_grads", 0);
+    m->layer_grad_buffers = m->layer_grads ? mst_plan_find(&m->plan, "layer_grads")->count : 1;
     m->embed_head_grads = (float *)plan_ptr(m, "embed_head_grads", 0);
     m->final_norm_grads = (float *)plan_ptr(m, "final_norm_grads", 0);
     m->grad_norm_partials = (float *)plan_req(m, "grad_norm_partials", 0);
@@ -796,6 +982,11 @@ static void bind_buffers(GpuModel *m) {
     m->losses = (float *)plan_req(m, "losses", 0);
     m->attn_workspace = plan_req(m, "attn_workspace", 0);
     m->reduce_scratch = (float *)plan_req(m, "reduce_scratch", 0);
+    m->grad_shard = (float *)plan_ptr(m, "grad_shard", 0);
+    m->a2a_send = (bf16 *)plan_ptr(m, "a2a_send", 0);
+    m->a2a_recv = (bf16 *)plan_ptr(m, "a2a_recv", 0);
+    m->datt_heads = (bf16 *)plan_ptr(m, "datt_heads", 0);
+    m->dqkv_heads = (bf16 *)plan_ptr(m, "dqkv_heads", 0);
     m->acts = (LayerActs *)callocCheck((size_t)c->n_layers, sizeof(LayerActs));
     for (int l = 0; l < c->n_layers; l++) {
         LayerActs *a = &m->acts[l];
@@ -813,6 +1004,8 @@ static void bind_buffers(GpuModel *m) {
         a->glu = (bf16 *)plan_req(m, "glu", l);
         a->dn = (bf16 *)plan_ptr(m, "dn", l);
         a->dn_rstd = (float *)plan_ptr(m, "dn_rstd", l);
+        a->qkv_heads = (bf16 *)plan_ptr(m, "qkv_heads", l);
+        a->att_heads = (bf16 *)plan_ptr(m, "att_heads", l);
     }
 }
 
@@ -900,6 +1093,22 @@ static void random_init_params(GpuModel *m, uint64_t seed, cudaStream_t stream) 
     param_layout_visit(&m->layout, &m->config, random_init_tensor, &ctx);
 }
 
+// The side stream of the layers' updates (several GPUs: also of the gradient sums) and its events.
+static void side_stream_init(GpuModel *m) {
+    cudaCheck(cudaStreamCreateWithFlags(&m->grad_stream, cudaStreamNonBlocking));
+    cudaEvent_t *events[] = {&m->ev_compute, &m->ev_grads_free[0], &m->ev_grads_free[1], &m->ev_head_free, &m->ev_grad_done};
+    for (size_t i = 0; i < sizeof(events) / sizeof(events[0]); i++)
+        cudaCheck(cudaEventCreateWithFlags(events[i], cudaEventDisableTiming));
+}
+
+static void side_stream_free(GpuModel *m) {
+    cudaCheck(cudaStreamSynchronize(m->grad_stream));
+    cudaEvent_t events[] = {m->ev_compute, m->ev_grads_free[0], m->ev_grads_free[1], m->ev_head_free, m->ev_grad_done};
+    for (size_t i = 0; i < sizeof(events) / sizeof(events[0]); i++) cudaCheck(cudaEventDestroy(events[i]));
+    cudaCheck(cudaStreamDestroy(m->grad_stream));
+    m->grad_stream = NULL;
+}
+
 void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf16, GpuSettings *s) {
     memset(m, 0, sizeof(*m));
     m->config = *c;
@@ -907,6 +1116,8 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     adam8_layout_init(&m->adam8_layout, &m->layout, c);
     if (s->moment_type != DT_FP32 && s->moment_type != DT_BF16) die("moment type %d is not fp32 or bf16", (int)s->moment_type);
     if (s->moments_8bit && s->lora.rank) die("8-bit moments are for full-parameter training, not LoRA adapters");
+    m->comm = s->comm;
+    m->sp = settings_sp(c, s, &m->heads);
     size_t free_b, total_b;
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
     ensure_handles();
@@ -925,6 +1136,9 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     ms.grad_accum_steps = s->grad_accum_steps;
     ms.moment_bytes = s->moments_8bit ? 1 : (int)dtype_bytes(s->moment_type);
     ms.master_weights = s->master_weights;
+    ms.ranks = m->comm ? m->comm->world : 1;
+    ms.seq_parallel = m->sp > 1;
+    ms.overlap_optimizer = s->overlap_optimizer && s->grad_accum_steps == 1;
     ms.attn_head_groups = s->attn_head_groups;
     ms.lora = s->lora;
     m->lora.cfg = s->lora;
@@ -932,7 +1146,7 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     quant_layer_layout_init(&m->lora.qlayout, &m->layout, s->lora.base_quant);
     m->n_train = s->lora.rank ? m->lora.layout.total : m->layout.total;
     if (s->gpu_mem_budget == 0) s->gpu_mem_budget = free_b > GPU_MEM_MARGIN ? free_b - GPU_MEM_MARGIN : 0;
-    if (s->host_mem_budget == 0) s->host_mem_budget = mst_default_host_budget(physical_memory_bytes());
+    if (s->host_mem_budget == 0) s->host_mem_budget = mst_default_host_budget(physical_memory_bytes()) / (m->comm ? m->comm->local_world : 1);
     char msg[4096];
     // the attention backward in head groups is built only when one call does not fit (or is asked for)
     int fits = s->attn_head_groups <= 1 &&
@@ -955,9 +1169,11 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     m->arena_drop = free_before - free_after;
     if (m->plan.host_total > 0) cudaCheck(cudaHostAlloc((void **)&m->host_block, m->plan.host_total, cudaHostAllocDefault));
     bind_buffers(m);
+    if (m->comm) dist_model_init(m);
 
     cudaCheck(cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking));
     cudaCheck(cudaStreamCreateWithFlags(&m->copy_stream, cudaStreamNonBlocking));
+    if (m->comm || ms.overlap_optimizer) side_stream_init(m);
     for (int b = 0; b < 2; b++) {
         cudaCheck(cudaEventCreateWithFlags(&m->ev_written[b], cudaEventDisableTiming));
         cudaCheck(cudaEventCreateWithFlags(&m->ev_saved[b], cudaEventDisableTiming));
@@ -970,15 +1186,17 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     if (!params_bf16) random_init_params(m, s->init_seed, st);
     else if (quantized_base(m)) upload_quantized_base(m, params_bf16);
     else cudaCheck(cudaMemcpyAsync(m->params, params_bf16, p->total * sizeof(uint16_t), cudaMemcpyHostToDevice, st));
-    float *rope = (float *)mallocCheck((size_t)s->S * c->head_dim * sizeof(float));
-    rope_table_fill(rope, s->S, c->head_dim, c->rope_theta, c->rope_scaling, c->rope_factor, c->rope_low_freq_factor,
+    size_t positions = (size_t)s->S * m->sp;  // sequence parallel: every position of the whole row
+    float *rope = (float *)mallocCheck(positions * c->head_dim * sizeof(float));
+    rope_table_fill(rope, (int)positions, c->head_dim, c->rope_theta, c->rope_scaling, c->rope_factor, c->rope_low_freq_factor,
                     c->rope_high_freq_factor, c->rope_orig_max_pos);
-    cudaCheck(cudaMemcpyAsync(m->rope, rope, (size_t)s->S * c->head_dim * sizeof(float), cudaMemcpyHostToDevice, st));
-    // the moments start at zero (the master weights, the last piece, come from the weights below)
-    void *state[OPT_STATE_PIECES];
-    size_t state_bytes[OPT_STATE_PIECES];
-    int n_moments = opt_state_pieces(m, state, state_bytes) - (m->master != NULL);
-    for (int i = 0; i < n_moments; i++) cudaCheck(cudaMemsetAsync(state[i], 0, state_bytes[i], st));
+    cudaCheck(cudaMemcpyAsync(m->rope, rope, positions * c->head_dim * sizeof(float), cudaMemcpyHostToDevice, st));
+    // the moments start at zero (several GPUs: this rank's parts; the master weights come from the weights below)
+    static const char *const moments[] = {"adam_m", "adam_v", "adam_m_absmax", "adam_v_absmax"};
+    for (size_t i = 0; i < sizeof(moments) / sizeof(moments[0]); i++) {
+        const PlanEntry *e = mst_plan_find(&m->plan, moments[i]);
+        if (e) cudaCheck(cudaMemsetAsync(plan_req(m, moments[i], 0), 0, e->bytes, st));
+    }
     if (m->grads) cudaCheck(cudaMemsetAsync(m->grads, 0, p->total * sizeof(float), st));
     if (s->lora.rank) {
         float *adapters = (float *)mallocCheck(m->n_train * sizeof(float));
@@ -986,6 +1204,8 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
         gpu_model_set_lora(m, adapters);  // also the master copy
         free(adapters);
         if (!m->lora.grads_per_layer) cudaCheck(cudaMemsetAsync(m->lora.grads, 0, m->n_train * sizeof(float), st));
+    } else if (m->master && m->comm) {
+        dist_init_master(m);
     } else if (m->master) {
         cast_bf16_to_fp32(m->master, m->params, p->total, st);
     }
@@ -1057,30 +1277,43 @@ size_t gpu_model_optimizer_state_bytes(const GpuModel *m) {
     return total;
 }
 
+// Several GPUs: every rank calls it; rank 0 gathers the whole state (the others may pass NULL).
 void gpu_model_get_optimizer_state(GpuModel *m, void *host) {
     void *ptr[OPT_STATE_PIECES];
     size_t bytes[OPT_STATE_PIECES], at = 0;
     int n = opt_state_pieces(m, ptr, bytes);
     char *h = (char *)host;
-    cudaCheck(cudaStreamSynchronize(m->stream));
-    for (int i = 0; i < n; i++) {
-        cudaCheck(cudaMemcpy(h + at, ptr[i], bytes[i], cudaMemcpyDeviceToHost));
-        at += bytes[i];
+    if (m->comm) {
+        dist_get_optimizer_state(m, h);
+        if (h == NULL) return;
+        for (int i = 0; i < n; i++) at += bytes[i];
+    } else {
+        cudaCheck(cudaStreamSynchronize(m->stream));
+        for (int i = 0; i < n; i++) {
+            cudaCheck(cudaMemcpy(h + at, ptr[i], bytes[i], cudaMemcpyDeviceToHost));
+            at += bytes[i];
+        }
     }
     int32_t trailer[4] = {0, m->has_prev_norm, 0, 0};
     memcpy(&trailer[0], &m->prev_grad_norm, sizeof(float));
     memcpy(h + at, trailer, sizeof(trailer));
 }
 
+// Several GPUs: every rank passes the whole state and keeps its parts.
 void gpu_model_set_optimizer_state(GpuModel *m, const void *host) {
     void *ptr[OPT_STATE_PIECES];
     size_t bytes[OPT_STATE_PIECES], at = 0;
     int n = opt_state_pieces(m, ptr, bytes);
     const char *h = (const char *)host;
     cudaCheck(cudaStreamSynchronize(m->stream));
-    for (int i = 0; i < n; i++) {
-        cudaCheck(cudaMemcpy(ptr[i], h + at, bytes[i], cudaMemcpyHostToDevice));
-        at += bytes[i];
+    if (m->comm) {
+        dist_set_optimizer_state(m, h);
+        for (int i = 0; i < n; i++) at += bytes[i];
+    } else {
+        for (int i = 0; i < n; i++) {
+            cudaCheck(cudaMemcpy(ptr[i], h + at, bytes[i], cudaMemcpyHostToDevice));
+            at += bytes[i];
+        }
     }
     int32_t trailer[4];
     memcpy(trailer, h + at, sizeof(trailer));
@@ -1111,6 +1344,8 @@ void gpu_model_debug_grads(GpuModel *m, float *grads_host) {
 void gpu_model_free(GpuModel *m) {
     cudaCheck(cudaStreamSynchronize(m->stream));
     cudaCheck(cudaStreamSynchronize(m->copy_stream));
+    if (m->comm) dist_model_free(m);
+    if (m->grad_stream) side_stream_free(m);
     for (int b = 0; b < 2; b++) {
         cudaCheck(cudaEventDestroy(m->ev_written[b]));
         cudaCheck(cudaEventDestroy(m->ev_saved[b]));

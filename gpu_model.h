@@ -5,17 +5,29 @@
 // layout is the memory plan of mst.h. Our kernels use no float atomics; cuDNN's attention backward
 // may accumulate dQ with atomics (attention_cudnn.cpp), so GPU runs are not yet known to repeat
 // bit for bit: test_llama checks it and reports.
+//
+// Several GPUs (settings.comm, one process per GPU; gpu_dist.cu): every rank runs the model on its
+// own tokens (its rows of the batch, or with seq_parallel its S tokens of every row, attention
+// switching to all tokens of its heads through Ulysses all-to-alls) and the gradients are summed
+// over the ranks: each rank keeps the sum of its ZeRO part of every block (zero.h), updates that
+// part with AdamW (its moments and master weights hold only that part) and sends the new bf16
+// weights to every rank. With optimizer-in-backward a layer's exchange and update run on a side
+// stream while the backward of the layer below goes on. Loss, valid-token counts and the gradient
+// norm are over all ranks, so every rank sees the numbers one GPU would with the whole batch.
 #ifndef GPU_MODEL_H
 #define GPU_MODEL_H
 
+#include "comm.h"
 #include "cuda_utils.h"
 #include "lora_gpu.h"
 #include "model_config.h"
 #include "mst.h"
 #include "step_profile.h"
+#include "ulysses.h"
+#include "zero.h"
 
 typedef struct {
-    int B, S;
+    int B, S;               // this rank's rows and tokens per row (its part of the batch on several GPUs)
     int mst_chunks;         // M token chunks of the MLP and LM head; 1 = standard transformer, 0 = auto
     int vocab_chunk;        // LM-head columns per tile; V = one tile (one pass), 0 = auto
     int recompute;          // 1: keep only layer inputs, recompute each layer in backward
@@ -27,10 +39,15 @@ typedef struct {
     int master_weights;     // 1: fp32 master weights (bf16 weights are round-to-nearest copies)
     size_t gpu_mem_budget;  // bytes for arena + cuBLASLt workspace; 0: free memory minus a 1 GiB margin
     size_t host_mem_budget; // pinned bytes for offloaded layer inputs; 0: mst_default_host_budget(physical memory)
+                            // (shared by the ranks of a host)
     LoraConfig lora;        // rank 0: every weight trains; else adapters on a frozen (optionally quantized) base
     uint64_t lora_seed;     // initialization of new adapters (lora_init_params)
     uint64_t init_seed;     // gpu_model_init with no parameters: the seed of the random init
     int attn_head_groups;   // attention backward in 1, 2, 4 or 8 head-group calls (less cuDNN workspace); 0 = auto
+    Comm *comm;             // NULL: one GPU; else the ranks this model trains with (comm.h)
+    int seq_parallel;       // with comm: 1 = Ulysses sequence parallel (B, S: every row, this rank's S tokens)
+    int overlap_optimizer;  // one GPU, optimizer-in-backward: 1 = a layer's AdamW on the side stream, overlapping
+                            // the backward of the layer below (one more layer-gradient buffer; same results)
 } GpuSettings;
 
 typedef struct {
@@ -62,6 +79,7 @@ typedef struct {
     bf16 *ln1; float *ln1_rstd; bf16 *qkv; bf16 *att; float *att_stats; bf16 *h1;
     bf16 *ao; float *ao_rstd;
     bf16 *ln2; float *ln2_rstd; bf16 *gate_up; bf16 *glu; bf16 *dn; float *dn_rstd;
+    bf16 *qkv_heads, *att_heads;  // sequence parallel: q|k|v and attention output of this rank's heads, every token
 } LayerActs;
 
 typedef struct {
@@ -97,6 +115,19 @@ typedef struct {
     int has_prev_norm;
     size_t peak_used;
     StepProfile *profile;  // NULL unless gpu_model_profile_enable
+    int capture;           // 1: the next update copies its gradient to capture_grads (gpu_model_capture_grads)
+    float *capture_grads;  // host, n_train floats (may be NULL on ranks other than 0)
+    // several GPUs (NULL / 0 on one): the ranks, this rank's ZeRO parts, the side stream of the
+    // gradient exchange and update, its events, and the sequence-parallel heads and buffers
+    Comm *comm;
+    int sp;                      // sequence-parallel ranks (1: none)
+    ZeroLayout zero;
+    UlyssesHeads heads;
+    cudaStream_t grad_stream;    // the side stream (also on one GPU with overlap_optimizer); NULL: none
+    int layer_grad_buffers;      // 2 with the side stream (layers alternate), else 1
+    cudaEvent_t ev_compute, ev_grads_free[2], ev_head_free, ev_grad_done;
+    float *grad_shard;           // the summed gradient of this rank's part of one block
+    bf16 *a2a_send, *a2a_recv, *datt_heads, *dqkv_heads;
     // LoRA: the adapters and their gradients, the quantized base (lora_gpu.h). With LoRA the AdamW
     // moments and master weights above are the adapters' (n_train values) and the base has no gradients.
     GpuLora lora;
@@ -141,6 +172,10 @@ void gpu_model_memory_report(GpuModel *m, MemoryReport *r);
 // The gradients accumulated so far (n_train floats: every parameter, or with LoRA the adapters);
 // needs grad_accum_steps > 1.
 void gpu_model_debug_grads(GpuModel *m, float *grads_host);
+// The next optimizer update first copies the gradient it applies (n_train floats, summed over
+// the ranks, before clipping) to grads_host (rank 0's on several GPUs; the others may pass NULL).
+// Needs grad_accum_steps > 1 (optimizer-in-backward never holds the whole gradient).
+void gpu_model_capture_grads(GpuModel *m, float *grads_host);
 void gpu_model_free(GpuModel *m);
 // The cuBLASLt / cuDNN handles are created by the first gpu_model_init and shared by later models;
 // this releases them (call once at exit, after the last gpu_model_free).

@@ -35,12 +35,21 @@
 //                  norm/bias gradient reductions (the cuBLASLt workspace is allocated by
 //                  matmul_init: device_external)
 //   host           pinned host slots of offloaded layer inputs (the first host_layers layers)
+// Several GPUs (ranks > 1, zero.h and ulysses.h): the moments and master weights are this GPU's
+// ZeRO shard (the longest of any rank), a gradient-shard buffer receives the summed gradient of
+// this GPU's part of a block, and optimizer-in-backward keeps two layer-gradient buffers (one is
+// reduced on the side stream while backward fills the other). With sequence parallelism S is this
+// GPU's tokens per row; attention works on all ranks * S tokens of this GPU's heads: the RoPE
+// table and attention statistics cover the whole sequence, and the head-layout q|k|v, attention
+// output, their gradients and the all-to-all send / receive buffers join the layer working set.
 #ifndef MST_H
 #define MST_H
 
 #include "adamw8bit.h"
 #include "lora.h"
 #include "model_config.h"
+#include "ulysses.h"
+#include "zero.h"
 
 #define MST_ALIGN 256
 #define MST_MAX_ENTRIES 64
@@ -67,10 +76,22 @@ typedef struct {
     int moment_bytes;      // bytes per AdamW moment element: 2 (bf16), 4 (fp32), or 1: 8-bit block-wise
                            // (adamw8bit.h: 1 byte + an fp32 scale per ADAM8_BLOCK elements)
     int master_weights;    // 1: fp32 master copy of the weights
+    int ranks;             // GPUs sharing the gradient sums and the optimizer state; 0 or 1: one GPU
+    int seq_parallel;      // 1 (ranks > 1): Ulysses sequence parallel; S is this GPU's tokens of a row
+    int overlap_optimizer; // 1: optimizer-in-backward on one GPU runs a layer's AdamW on a side stream
+                           // while the backward of the layer below goes on (two layer-gradient buffers)
     int attn_head_groups;  // G: the attention backward runs in G calls over Hq/G query heads each, which
                            // divides cuDNN's fp32 workspace by about G; 1, 2, 4 or 8 dividing Hkv; 0 = auto
     LoraConfig lora;       // rank 0: every weight trains; else adapters on a frozen (optionally quantized) base
 } MstSettings;
+
+
+static inline int mst_ranks(const MstSettings *s) { return s->ranks > 1 ? s->ranks : 1; }
+// Layer-gradient buffers of optimizer-in-backward: two when a side stream reads one (several GPUs,
+// or overlap_optimizer) while backward fills the other, else one.
+static inline int mst_layer_grad_buffers(const MstSettings *s) { return mst_ranks(s) > 1 || s->overlap_optimizer ? 2 : 1; }
+// Tokens of a whole row: S, or ranks * S under sequence parallelism.
+static inline int mst_full_seq(const MstSettings *s) { return s->seq_parallel ? mst_ranks(s) * s->S : s->S; }
 
 // Figures that only the kernels' modules know. On the GPU the model fills them from cuDNN and
 // the launchers; without a GPU mst_kernel_figures_estimate() gives documented estimates.
@@ -86,6 +107,22 @@ typedef struct {
 static inline size_t mst_attn_workspace(const MstKernelFigures *f, int G) {
     return G <= 1 ? f->attn_workspace : G == 2 ? f->attn_workspace_grouped[0] : G == 4 ? f->attn_workspace_grouped[1]
                                                 : G == 8 ? f->attn_workspace_grouped[2] : 0;
+}
+
+// The kv heads that one GPU's attention runs on: all of them, or with sequence parallel this GPU's
+// (ulysses.h; a replicated kv head counts once). Head groups must divide them.
+static inline int mst_attn_kv_heads(const ModelConfig *c, const MstSettings *s) {
+    UlyssesHeads u;
+    char msg[256];
+    if (!s->seq_parallel || ulysses_heads_init(&u, s->ranks, c->n_heads, c->n_kv_heads, c->head_dim, msg, sizeof(msg)))
+        return c->n_kv_heads;
+    return u.hkv_loc;
+}
+
+// 1 when the attention backward may run in G head groups: one call always; G > 1 when the figures
+// offer it and G divides the kv heads of one GPU's attention.
+static inline int mst_head_groups_offered(const ModelConfig *c, const MstSettings *s, const MstKernelFigures *f, int G) {
+    return G <= 1 || (mst_attn_workspace(f, G) > 0 && mst_attn_kv_heads(c, s) % G == 0);
 }
 
 typedef struct {
@@ -171,7 +208,23 @@ static inline const char *mst_settings_check(const ModelConfig *c, const MstSett
         return buf;
     }
     if (s->moment_bytes != 1 && s->moment_bytes != 2 && s->moment_bytes != 4) { snprintf(buf, len, "moment bytes %d must be 1 (8-bit), 2 (bf16) or 4 (fp32)", s->moment_bytes); return buf; }
+    if (s->moment_bytes == 1 && mst_ranks(s) > 1) { snprintf(buf, len, "8-bit moments are not sharded over several GPUs (ZeRO): use --moments bf16 or fp32 with %d GPUs", s->ranks); return buf; }
     if (s->moment_bytes == 1 && s->lora.rank) { snprintf(buf, len, "8-bit moments are for full-parameter training, not LoRA adapters"); return buf; }
+    if (s->lora.rank && mst_ranks(s) > 1) {
+        snprintf(buf, len, "LoRA trains on one GPU only: %d GPUs were asked for (the adapters' gradients are not exchanged "
+                 "between GPUs); run without mpirun / torchrun, or train every weight", s->ranks);
+        return buf;
+    }
+    if (s->lora.rank && s->overlap_optimizer) { snprintf(buf, len, "the overlapped optimizer is for full-parameter training, not LoRA adapters"); return buf; }
+    if (s->ranks < 0 || (s->seq_parallel && s->ranks < 2)) { snprintf(buf, len, "ranks %d (sequence parallel %d): sequence parallelism needs 2 or more GPUs", s->ranks, s->seq_parallel); return buf; }
+    if ((long)mst_full_seq(s) * s->B > (1L << 31)) { snprintf(buf, len, "B*S = %ld tokens over all GPUs is too many", (long)mst_full_seq(s) * s->B); return buf; }
+    UlyssesHeads u;
+    if (s->seq_parallel && ulysses_heads_init(&u, s->ranks, c->n_heads, c->n_kv_heads, c->head_dim, buf, len)) return buf;
+    if (s->attn_head_groups > 1 && mst_attn_kv_heads(c, s) % s->attn_head_groups != 0) {
+        snprintf(buf, len, "attention head groups %d must divide the %d kv heads that one GPU's attention runs on%s",
+                 s->attn_head_groups, mst_attn_kv_heads(c, s), s->seq_parallel ? " (sequence parallel: the kv heads per GPU)" : "");
+        return buf;
+    }
     return lora_config_check(&s->lora, buf, len);
 }
 
@@ -219,20 +272,42 @@ static inline void plan_share_end(PlanBuilder *b) {
     b->p->shared_bytes = b->shared_end - b->shared_begin;
 }
 
+// Sequence-parallel head counts of this GPU (query heads, q|k|v heads); all heads on one GPU.
+static inline void plan_local_heads(const ModelConfig *c, const MstSettings *s, size_t *hq, size_t *hqkv) {
+    UlyssesHeads u;
+    char msg[256];
+    if (!s->seq_parallel) {
+        *hq = (size_t)c->n_heads;
+        *hqkv = (size_t)c->n_heads + 2 * (size_t)c->n_kv_heads;
+        return;
+    }
+    if (ulysses_heads_init(&u, s->ranks, c->n_heads, c->n_kv_heads, c->head_dim, msg, sizeof(msg))) die("memory plan: %s", msg);
+    *hq = (size_t)ulysses_local_heads(&u, 0);
+    *hqkv = (size_t)ulysses_local_heads(&u, 1);
+}
+
 // The attention part of one layer over n rows: norm, fused QKV, attention output and its
 // log-sum-exp statistics, the residual after attention (h1), and with post-norms the o-proj output.
 // Without keep_ln1 (recompute) the normed input has no buffer of its own: the forward writes it to
 // h1's (read only by the QKV projection, before h1 is written) and the backward recomputes it into
-// qkv's (dead once the attention backward is done).
-static inline void plan_attention_acts(PlanBuilder *b, const ModelConfig *c, size_t n, size_t B, size_t S,
-                                       int count, int category, int keep_ln1) {
-    size_t d = (size_t)c->d_model, q = (size_t)c->n_heads * c->head_dim;
-    size_t qkv = q + 2 * (size_t)c->n_kv_heads * c->head_dim;
+// qkv's (dead once the attention backward is done). Sequence parallel: the statistics are of this
+// GPU's heads over the whole sequence, and the head-layout q|k|v and attention output (B, ranks * S
+// rows) are kept too.
+static inline void plan_attention_acts(PlanBuilder *b, const ModelConfig *c, const MstSettings *s, size_t n, int count,
+                                       int category, int keep_ln1) {
+    size_t d = (size_t)c->d_model, q = (size_t)c->n_heads * c->head_dim, hd = (size_t)c->head_dim;
+    size_t qkv = q + 2 * (size_t)c->n_kv_heads * c->head_dim, hq, hqkv;
+    size_t rows_full = (size_t)s->B * mst_full_seq(s);
+    plan_local_heads(c, s, &hq, &hqkv);
     if (keep_ln1) plan_add(b, "ln1", n * d * 2, count, category);
     plan_add(b, "ln1_rstd", n * 4, count, category);
     plan_add(b, "qkv", n * qkv * 2, count, category);
     plan_add(b, "att", n * q * 2, count, category);
-    plan_add(b, "att_stats", B * c->n_heads * S * 4, count, category);
+    plan_add(b, "att_stats", rows_full * hq * 4, count, category);
+    if (s->seq_parallel) {
+        plan_add(b, "qkv_heads", rows_full * hqkv * hd * 2, count, category);
+        plan_add(b, "att_heads", rows_full * hq * hd * 2, count, category);
+    }
     plan_add(b, "h1", n * d * 2, count, category);
     if (c->post_norms) {
         plan_add(b, "ao", n * d * 2, count, category);
@@ -251,6 +326,17 @@ static inline void plan_mlp_acts(PlanBuilder *b, const ModelConfig *c, size_t ro
         plan_add(b, "dn", rows * d * 2, count, category);
         plan_add(b, "dn_rstd", rows * 4, count, category);
     }
+}
+
+// Sequence parallel, in the layer working set: the all-to-all send and receive buffers (the
+// largest exchange is q|k|v) and the head-layout gradients of the attention output and of q|k|v.
+static inline void plan_sequence_parallel(PlanBuilder *b, const ModelConfig *c, const MstSettings *s) {
+    size_t hq, hqkv, hd = (size_t)c->head_dim, rows_full = (size_t)s->B * mst_full_seq(s);
+    plan_local_heads(c, s, &hq, &hqkv);
+    plan_add(b, "a2a_send", rows_full * hqkv * hd * 2, 1, MEM_INTERMEDIATES);
+    plan_add(b, "a2a_recv", rows_full * hqkv * hd * 2, 1, MEM_INTERMEDIATES);
+    plan_add(b, "datt_heads", rows_full * hq * hd * 2, 1, MEM_INTERMEDIATES);
+    plan_add(b, "dqkv_heads", rows_full * hqkv * hd * 2, 1, MEM_INTERMEDIATES);
 }
 
 // LoRA weights: the adapters (bf16) and the materialized block-diagonal B of the fused groups.
@@ -314,9 +400,11 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     } else {
         plan_add(&b, "params", lay.total * 2, 1, MEM_WEIGHTS);
     }
-    plan_add(&b, "rope_cos_sin", S * c->head_dim * 4, 1, MEM_WEIGHTS);
+    size_t state = n_train, shard = 0;  // optimizer-state elements of this GPU, gradient-shard elements
+    if (mst_ranks(s) > 1) zero_figures(&lay, c, s->ranks, &state, &shard);
+    plan_add(&b, "rope_cos_sin", (size_t)mst_full_seq(s) * c->head_dim * 4, 1, MEM_WEIGHTS);
     if (s->lora.rank) plan_lora_weights(&b, &lora);
-    if (s->moment_bytes == 1) {  // codes (every tensor padded to whole blocks) and block scales
+    if (s->moment_bytes == 1) {  // codes (every tensor padded to whole blocks) and block scales; one GPU only
         Adam8Layout a8;
         adam8_layout_init(&a8, &lay, c);
         plan_add(&b, "adam_m", a8.total * ADAM8_BLOCK, 1, MEM_OPTIMIZER);
@@ -324,25 +412,26 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
         plan_add(&b, "adam_m_absmax", a8.total * sizeof(float), 1, MEM_OPTIMIZER);
         plan_add(&b, "adam_v_absmax", a8.total * sizeof(float), 1, MEM_OPTIMIZER);
     } else {
-        plan_add(&b, "adam_m", n_train * s->moment_bytes, 1, MEM_OPTIMIZER);
-        plan_add(&b, "adam_v", n_train * s->moment_bytes, 1, MEM_OPTIMIZER);
+        plan_add(&b, "adam_m", state * s->moment_bytes, 1, MEM_OPTIMIZER);
+        plan_add(&b, "adam_v", state * s->moment_bytes, 1, MEM_OPTIMIZER);
     }
-    if (s->master_weights) plan_add(&b, "master", n_train * 4, 1, MEM_OPTIMIZER);
+    if (s->master_weights) plan_add(&b, "master", state * 4, 1, MEM_OPTIMIZER);
     if (s->lora.rank) {
         if (s->grad_accum_steps > 1) plan_add(&b, "lora_grads", lora.total * 4, 1, MEM_GRADIENTS);
         else plan_add(&b, "lora_layer_grads", lora.layer_size * 4, 1, MEM_GRADIENTS);
     } else if (s->grad_accum_steps > 1) {
         plan_add(&b, "grads", lay.total * 4, 1, MEM_GRADIENTS);
     } else {
-        plan_add(&b, "layer_grads", lay.layer_size * 4, 1, MEM_GRADIENTS);
+        plan_add(&b, "layer_grads", lay.layer_size * 4, mst_layer_grad_buffers(s), MEM_GRADIENTS);
         if (c->tied_embeddings) plan_add(&b, "embed_head_grads", V * d * 4, 1, MEM_GRADIENTS);
         plan_add(&b, "final_norm_grads", d * 4, 1, MEM_GRADIENTS);
     }
+    if (shard > 0) plan_add(&b, "grad_shard", shard * 4, 1, MEM_GRADIENTS);
     plan_add(&b, "grad_norm_partials", fig->grad_norm_partials * 4, 1, MEM_GRADIENTS);
     if (p->device_layers > 0) plan_add(&b, "layer_inputs", N * d * 2, p->device_layers, MEM_ACTIVATIONS);
     if (p->host_layers > 0) plan_add(&b, "layer_inputs_host", N * d * 2, p->host_layers, MEM_HOST);
     if (!s->recompute) {
-        plan_attention_acts(&b, c, N, B, S, L, MEM_ACTIVATIONS, 1);
+        plan_attention_acts(&b, c, s, N, L, MEM_ACTIVATIONS, 1);
         if (p->mlp_saved) plan_mlp_acts(&b, c, N, L, MEM_ACTIVATIONS);
     }
     plan_add(&b, "tokens", N * 4, 1, MEM_INTERMEDIATES);
@@ -356,7 +445,8 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     if (p->host_layers > 0) plan_add(&b, "x_offload", N * d * 2, p->host_layers > 1 ? 2 : 1, MEM_INTERMEDIATES);
 
     plan_share_begin(&b, SHARE_LAYER);
-    if (s->recompute) plan_attention_acts(&b, c, N, B, S, 1, MEM_INTERMEDIATES, 0);
+    if (s->recompute) plan_attention_acts(&b, c, s, N, 1, MEM_INTERMEDIATES, 0);
+    if (s->seq_parallel) plan_sequence_parallel(&b, c, s);
     if (q > d) plan_add(&b, "datt", N * q * 2, 1, MEM_INTERMEDIATES);
     plan_add(&b, "dqkv", N * qkv * 2, 1, MEM_INTERMEDIATES);
     if (c->post_norms) plan_add(&b, "attn_tmp", N * d * 2, 1, MEM_INTERMEDIATES);
@@ -459,7 +549,7 @@ static inline MstSettings plan_frugal(const ModelConfig *c, const MstSettings *s
     if (s->attn_head_groups == 0) {  // the most groups offered, the smallest workspace
         f.attn_head_groups = 1;
         for (int G = 2; G <= 8; G *= 2)
-            if (mst_attn_workspace(fig, G) > 0 && mst_attn_workspace(fig, G) < mst_attn_workspace(fig, f.attn_head_groups))
+            if (mst_head_groups_offered(c, s, fig, G) && mst_attn_workspace(fig, G) < mst_attn_workspace(fig, f.attn_head_groups))
                 f.attn_head_groups = G;
     }
     return f;
@@ -498,28 +588,18 @@ static inline int plan_search(MemoryPlan *p, const ModelConfig *c, const MstSett
 }
 
 // plan_search with the attention backward in one call, else (auto) in 2, 4, 8 head groups as the
-// figures offer them: the first that fits.
+// figures and the kv heads of one GPU's attention offer them: the first that fits.
 static inline int plan_search_groups(MemoryPlan *p, const ModelConfig *c, const MstSettings *s,
                                      const MstKernelFigures *fig, size_t device_budget, size_t host_budget) {
     MstSettings t = *s;
     for (int G = 1; G <= 8; G *= 2) {
         if (s->attn_head_groups > 0 && G != s->attn_head_groups) continue;
-        if (G > 1 && mst_attn_workspace(fig, G) == 0) continue;
+        if (!mst_head_groups_offered(c, s, fig, G)) continue;
         t.attn_head_groups = G;
         if (plan_search(p, c, &t, fig, device_budget, host_budget)) return 1;
     }
     return 0;
 }
-
-static inline void plan_appendf(char *buf, size_t len, const char *fmt, ...) {
-    size_t used = strlen(buf);
-    if (used + 1 >= len) return;
-    va_list args;
-    va_start(args, fmt);
-    vsnprintf(buf + used, len - used, fmt, args);
-    va_end(args);
-}
-
 // The moment format of a moment_bytes setting, as the plan prints it.
 static inline const char *mst_moments_name(int moment_bytes) {
     return moment_bytes == 4 ? "fp32" : moment_bytes == 2 ? "bf16" : "8-bit block-wise";
@@ -552,10 +632,10 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     snprintf(msg, msg_len,
              "does not fit: B=%d S=%d needs %.2f %s on the device (arena %.2f %s + cuBLASLt %.2f %s) and %.2f %s pinned host "
              "even with M=%d, vocab chunk %d, %d offloaded layers; budget %.2f %s device, %.2f %s host.\n  breakdown:",
-             s->B, s->S, MST_HUMAN(p->device_total + p->device_external), MST_HUMAN(p->device_total),
+             s->B, mst_full_seq(s), MST_HUMAN(p->device_total + p->device_external), MST_HUMAN(p->device_total),
              MST_HUMAN(p->device_external), MST_HUMAN(p->host_total), f.mst_chunks, f.vocab_chunk, p->host_layers,
              MST_HUMAN(device_budget), MST_HUMAN(host_budget));
-    for (int k = 0; k < MEM_CATEGORY_COUNT; k++) plan_appendf(msg, msg_len, " %s %.2f %s%s", mst_category_name(k), MST_HUMAN(p->category_bytes[k]), k + 1 < MEM_CATEGORY_COUNT ? "," : "\n");
+    for (int k = 0; k < MEM_CATEGORY_COUNT; k++) appendf(msg, msg_len, " %s %.2f %s%s", mst_category_name(k), MST_HUMAN(p->category_bytes[k]), k + 1 < MEM_CATEGORY_COUNT ? "," : "\n");
 
     // Longest sequence that fits with these settings (binary search on S, each S with the full
     // search: with offload the host budget can bind before the device's, and then fewer offloaded
@@ -570,8 +650,8 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
         MemoryPlan tmp;
         if (plan_search_groups(&tmp, c, &t, &g, device_budget, host_budget)) lo = mid; else hi = mid;
     }
-    if (lo > 0) plan_appendf(msg, msg_len, "  with these settings the longest sequence that fits is about S=%d (B=%d)\n", lo, s->B);
-    else plan_appendf(msg, msg_len, "  with these settings nothing fits, not even S=1 (the weights and optimizer state alone are too large)\n");
+    if (lo > 0) appendf(msg, msg_len, "  with these settings the longest sequence that fits is about S=%d (B=%d)\n", lo * (mst_full_seq(s) / s->S), s->B);
+    else appendf(msg, msg_len, "  with these settings nothing fits, not even S=1 (the weights and optimizer state alone are too large)\n");
 
     // Single settings changes that would make it fit.
     struct { const char *what; MstSettings t; } alt[6];
@@ -579,18 +659,18 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     if (!s->recompute) { alt[n_alt].what = "recompute on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; n_alt++; }
     if (!s->offload) { alt[n_alt].what = "recompute + offload on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; alt[n_alt].t.offload = 1; alt[n_alt].t.host_layers = 0; n_alt++; }
     if (s->moment_bytes == 4) { alt[n_alt].what = "bf16 optimizer moments"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 2; n_alt++; }
-    if (s->moment_bytes > 1 && !s->lora.rank) { alt[n_alt].what = "8-bit optimizer moments (--optimizer adamw8bit)"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 1; n_alt++; }
+    if (s->moment_bytes > 1 && mst_ranks(s) == 1 && !s->lora.rank) { alt[n_alt].what = "8-bit optimizer moments (--optimizer adamw8bit)"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 1; n_alt++; }
     if (s->master_weights) { alt[n_alt].what = "no fp32 master weights"; alt[n_alt].t = *s; alt[n_alt].t.master_weights = 0; n_alt++; }
     if (s->grad_accum_steps > 1) { alt[n_alt].what = "grad_accum_steps=1 (optimizer in backward)"; alt[n_alt].t = *s; alt[n_alt].t.grad_accum_steps = 1; n_alt++; }
     int any = 0;
     for (int i = 0; i < n_alt; i++) {
         MemoryPlan tmp;
         if (plan_search_groups(&tmp, c, &alt[i].t, fig, device_budget, host_budget)) {
-            plan_appendf(msg, msg_len, "  it would fit with %s (M=%d, vocab chunk %d, %d offloaded layers)\n", alt[i].what, tmp.settings.mst_chunks, tmp.settings.vocab_chunk, tmp.host_layers);
+            appendf(msg, msg_len, "  it would fit with %s (M=%d, vocab chunk %d, %d offloaded layers)\n", alt[i].what, tmp.settings.mst_chunks, tmp.settings.vocab_chunk, tmp.host_layers);
             any = 1;
         }
     }
-    if (!any) plan_appendf(msg, msg_len, "  no single change of recompute/offload/moments/master/accumulation makes it fit at this S\n");
+    if (!any) appendf(msg, msg_len, "  no single change of recompute/offload/moments/master/accumulation makes it fit at this S\n");
     return 0;
 }
 
@@ -709,9 +789,10 @@ static inline int name_in(const char *name, const char *const *list) {
 static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int kind, int layer) {
     static const char *const always[] = {"params", "rope_cos_sin", "adam_m", "adam_v", "adam_m_absmax", "adam_v_absmax",
                                          "master", "grads", "final_norm_grads", "grad_norm_partials", "tokens", "targets",
-                                         "embed_unique", "embed_offsets", "embed_positions", "scalars", "qbase",
+                                         "embed_unique", "embed_offsets", "embed_positions", "scalars", "grad_shard", "qbase",
                                          "qbase_layer", "lora_params", "lora_bblk_qkv", "lora_bblk_gate_up", "lora_grads", NULL};
-    static const char *const attn_acts[] = {"ln1", "ln1_rstd", "qkv", "att", "att_stats", "h1", "ao", "ao_rstd", NULL};
+    static const char *const attn_acts[] = {"ln1", "ln1_rstd", "qkv", "att", "att_stats", "h1", "ao", "ao_rstd",
+                                             "qkv_heads", "att_heads", NULL};
     static const char *const mlp_acts[] = {"ln2", "ln2_rstd", "gate_up", "glu", "dn", "dn_rstd", NULL};
     static const char *const lm_head_set[] = {"xf", "xf_rstd", "dxf", "dxf_acc", "logits", "dlogits", "ce_max", "ce_sum",
                                               "ce_target", "ce_lse", "losses", NULL};
@@ -741,7 +822,9 @@ static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int ki
         int s = staging_live(p, kind, layer);
         return s < e->count ? s : e->count;
     }
-    if (strcmp(n, "layer_grads") == 0 || strcmp(n, "lora_layer_grads") == 0) return phase_in(kind, PHASES_LAYER_BWD);
+    // two buffers (side stream): one is still read by the previous layer's update while backward fills the other
+    if (strcmp(n, "layer_grads") == 0) return phase_in(kind, PHASES_LAYER_BWD) ? e->count : 0;
+    if (strcmp(n, "lora_layer_grads") == 0) return phase_in(kind, PHASES_LAYER_BWD);
     if (strcmp(n, "lora_u") == 0) return phase_in(kind, PHASES_LAYER);
     if (strcmp(n, "lora_du") == 0 || strcmp(n, "lora_dbblk") == 0) return phase_in(kind, PHASES_LAYER_BWD);
     if (strcmp(n, "embed_head_grads") == 0) {
@@ -749,6 +832,8 @@ static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int ki
         return phase_in(kind, PHASES_EMBED_HEAD_GRAD);
     }
     if (strcmp(n, "dqkv") == 0 || strcmp(n, "datt") == 0) return kind == PHASE_ATTN_BWD;
+    if (strcmp(n, "datt_heads") == 0 || strcmp(n, "dqkv_heads") == 0) return kind == PHASE_ATTN_BWD;
+    if (strcmp(n, "a2a_send") == 0 || strcmp(n, "a2a_recv") == 0) return phase_in(kind, PHASES_ATTENTION);
     if (strcmp(n, "attn_tmp") == 0) return phase_in(kind, PHASES_ATTENTION);
     if (strcmp(n, "mlp_tmp") == 0) return kind == PHASE_MLP_FWD || kind == PHASE_MLP_BWD;
     if (strcmp(n, "attn_workspace") == 0) return phase_in(kind, PHASES_ATTENTION);
@@ -806,7 +891,7 @@ static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
     const MstSettings *s = &p->settings;
     fprintf(f, "memory plan: B=%d S=%d | M=%d (%d chunks of %d rows) | vocab chunk %d (%d tile%s, %s) | recompute %s | "
                "offload %s (%d of %d layer inputs on the host) | %s | moments %s%s%s\n",
-            s->B, s->S, s->mst_chunks, p->n_chunks, p->chunk_rows, s->vocab_chunk, p->vocab_tiles,
+            s->B, mst_full_seq(s), s->mst_chunks, p->n_chunks, p->chunk_rows, s->vocab_chunk, p->vocab_tiles,
             p->vocab_tiles == 1 ? "" : "s", p->vocab_tiles == 1 ? "one pass" : "two passes", s->recompute ? "on" : "off",
             s->offload ? "on" : "off", p->host_layers, p->host_layers + p->device_layers,
             s->grad_accum_steps > 1 ? "gradient accumulation (fp32 full-model gradients)" : "optimizer in backward (fp32 gradients of one layer)",
@@ -819,6 +904,13 @@ static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
         lora_targets_string(s->lora.targets, targets, sizeof(targets));
         fprintf(f, "  LoRA rank %d on %s: frozen base (%s), gradients and optimizer state of the adapters only\n",
                 s->lora.rank, targets, s->lora.base_quant == BASE_QUANT_NONE ? "bf16" : base_quant_name(s->lora.base_quant));
+    }
+    if (s->grad_accum_steps == 1 && s->overlap_optimizer && mst_ranks(s) == 1)
+        fprintf(f, "  overlapped optimizer: a layer's AdamW runs on a side stream during the backward of the layer below\n");
+    if (mst_ranks(s) > 1) {
+        if (s->seq_parallel) fprintf(f, "  %d GPUs, sequence parallel: this GPU holds %d of the %d tokens of every row (B=%d)", s->ranks, s->S, mst_full_seq(s), s->B);
+        else fprintf(f, "  %d GPUs, data parallel: this GPU trains %d of the %d rows of a batch", s->ranks, s->B, s->B * s->ranks);
+        fprintf(f, "; ZeRO: it keeps 1/%d of the optimizer state and updates that part of the weights\n", s->ranks);
     }
     fprintf(f, "  %-20s %12s  %-13s %s\n", "buffer", "MiB", "category", "region");
     for (int i = 0; i < p->n_entries; i++) {

@@ -878,6 +878,7 @@ typedef struct {
     float inv_sqrt_bc2;   // 1 / sqrt(1 - beta2^step)
     float grad_scale;
     uint32_t seed;
+    uint64_t index_base;
 } AdamWConsts;
 
 // Stochastic rounding to bf16 (adamw8bit.h: bf16_bits_stochastic, bits from sr_hash).
@@ -886,9 +887,10 @@ static __device__ __forceinline__ bf16 bf16_stochastic(float x, uint32_t rnd) {
 }
 
 // The new weights p[0..nv) of elements i.. : master (fp32) and param = round_to_nearest(p) when master
-// is non-NULL, else param with stochastic rounding (bits from sr_hash(seed, element index)).
+// is non-NULL, else param with stochastic rounding (bits from sr_hash(seed, index_base + element index):
+// a part of a tensor updated on its own draws the bits the whole tensor would).
 static __device__ __forceinline__ void store8_weights(bf16 *param, float *master, size_t i, const float *p, int nv,
-                                                      int vec, uint32_t seed) {
+                                                      int vec, uint32_t seed, uint64_t index_base) {
     if (master != NULL) {
         store8_f32(master + i, p, nv, vec);
         store8_bf16(param + i, p, nv, vec);
@@ -896,7 +898,7 @@ static __device__ __forceinline__ void store8_weights(bf16 *param, float *master
     }
     bf16 h[UNIT];
 #pragma unroll
-    for (int k = 0; k < UNIT; k++) h[k] = bf16_stochastic(p[k], sr_hash(seed, (uint64_t)(i + k)));
+    for (int k = 0; k < UNIT; k++) h[k] = bf16_stochastic(p[k], sr_hash(seed, index_base + i + k));
     store8_bf16_raw(param + i, h, nv, vec);
 }
 
@@ -904,7 +906,7 @@ static __device__ __forceinline__ void store8_weights(bf16 *param, float *master
 //   g = grad * grad_scale; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2
 //   p -= decay * p; p -= step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps)      (PyTorch's AdamW)
 // p comes from master (n) fp32 when non-NULL (written back, param = round_to_nearest(p)), else from
-// param (n) bf16 (written with stochastic rounding, bits from sr_hash(seed, element index)).
+// param (n) bf16 (written with stochastic rounding, bits from sr_hash(seed, index_base + element index)).
 // grad (n) is grad_type, m and v (n) are moment_type (fp32 or bf16, rounded to nearest).
 // With sumsq_partials (launched with GRAD_NORM_PARTIALS blocks): sumsq_partials[block] += the block's
 // sum of grad^2 (the raw gradient, before grad_scale), as grad_norm_accumulate would add.
@@ -933,7 +935,7 @@ __global__ void adamw_kernel(bf16 *param, float *master, const void *grad, DType
         }
         store8_typed(m, moment_type, i, fm, nv, vec);
         store8_typed(v, moment_type, i, fv, nv, vec);
-        store8_weights(param, master, i, p, nv, vec, c.seed);
+        store8_weights(param, master, i, p, nv, vec, c.seed, c.index_base);
     }
     if (sumsq_partials != NULL) {
         sumsq = block_sum(sumsq, smem);
@@ -954,6 +956,7 @@ void adamw_update(bf16 *param, float *master, const void *grad, DType grad_type,
     c.inv_sqrt_bc2 = (float)(1.0 / sqrt(1.0 - pow((double)p->beta2, (double)p->step)));
     c.grad_scale = p->grad_scale;
     c.seed = p->seed;
+    c.index_base = p->index_base;
     int vec = aligned16(param) && (master == NULL || aligned16(master)) && aligned16(grad) && aligned16(m) &&
               aligned16(v);
     unsigned int blocks = sumsq_partials != NULL ? GRAD_NORM_PARTIALS : flat_blocks(ceil_div_size(n, UNIT));
@@ -1098,7 +1101,7 @@ __global__ void __launch_bounds__(FLAT_BLOCK)
             m_absmax[b] = new_am;
             v_absmax[b] = new_av;
         }
-        store8_weights(param, master, i, p, nv, vec, c.seed);
+        store8_weights(param, master, i, p, nv, vec, c.seed, 0);
     }
     if (sumsq_partials != NULL) {
         sumsq = block_sum(sumsq, smem);

@@ -100,11 +100,14 @@ typedef struct {
     float grad_scale;     // multiplies every gradient first (clipping, 1 / accumulation steps)
     int step;             // 1-based, for the bias corrections
     uint32_t seed;        // stochastic rounding of the bf16 weights (one stream per tensor + step)
+    uint64_t index_base;  // index of the first element in its tensor: a part updated on its own (ZeRO)
+                          // draws the same rounding bits as the whole tensor would (0 for a whole tensor)
 } AdamWParams;
 // One fused AdamW step over n elements: param bf16 (and master fp32 when non-NULL: updated in fp32,
 // param = round(master)); grad fp32 or bf16; moments m, v fp32 or bf16. Without a master copy the
-// new bf16 weight is written with stochastic rounding. sumsq_partials non-NULL: the same pass adds
-// the gradient's squares to them, as grad_norm_accumulate does (one read of the gradient, not two).
+// new bf16 weight is written with stochastic rounding, bits from (seed, index_base + element index).
+// sumsq_partials non-NULL: the same pass adds the gradient's squares to them, as grad_norm_accumulate
+// does (one read of the gradient, not two).
 void adamw_update(bf16 *param, float *master, const void *grad, DType grad_type, void *m, void *v,
                   DType moment_type, size_t n, const AdamWParams *p, float *sumsq_partials, cudaStream_t stream);
 // The same step with 8-bit moments (adamw8bit.h: format, code books, math; adamw8bit_update_cpu

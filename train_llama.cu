@@ -8,6 +8,9 @@
 //   ./train_llama --resume latest     continues the last checkpoint in --ckpt-dir, bit for bit
 //   ./train_llama --plan-only --preset llama3-8b --seq-len 65536 --gpu-mem 80
 //   ./train_llama --preset llama3-8b --synthetic-data --seq-len 8192 --batch 1 --steps 8 --bench
+//   mpirun -np 2 ./train_llama --batch 16 ...            data parallel over 2 GPUs (8 rows each)
+//   mpirun -np 8 ./train_llama --preset llama3-8b --seq-parallel --seq-len 1048576 ...
+//                                                       sequence parallel: 131072 tokens per GPU
 //   ./train_llama --model base.bin --lora-rank 16 --base-quant nf4 --train ...   (QLoRA-style)
 //
 // No kernels here: the GPU model lives in gpu_model.cu, the CPU model in cpu_model.h.
@@ -19,9 +22,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "comm.h"
 #include "cpu_model.h"
 #include "cuda_utils.h"
 #include "dataloader.h"
+#include "dist.h"
 #include "gpu_model.h"
 #include "model_config.h"
 #include "mst.h"
@@ -61,6 +66,12 @@ typedef struct {
     int checkpoints;          // 0: write none (synthetic data without --ckpt-every / --stop-after)
     int eval_given, sample_given, ckpt_given, lora_given;  // the flags were on the command line
     LoraConfig lora;          // rank 0: full fine-tuning; else adapters on a frozen (optionally quantized) base
+    int overlap_optimizer;    // 1: optimizer-in-backward's AdamW on a side stream (one GPU; several always)
+    int seq_parallel;         // several GPUs: split every row's tokens (Ulysses) instead of the rows
+    int gpus;                 // --plan-only: plan for this many GPUs; training: must match the launcher (0: any)
+    const char *dist_dir, *dist_id;
+    float dist_timeout;       // seconds a rank waits for the others before it stops with an error
+    const char *dump_grads;   // write step 1's gradient (summed over the ranks) here
 } Options;
 
 #define SYNTHETIC_DEFAULT_VOCAB 8192  // vocab of the default model with --synthetic-data (no tokenizer)
@@ -100,6 +111,7 @@ static Options options_default(void) {
     o.keep_last = 2;
     o.seed = 1337;
     o.checkpoints = 1;
+    o.dist_timeout = 1800.0f;
     o.lora.targets = LORA_ALL_TARGETS;
     return o;
 }
@@ -131,6 +143,9 @@ static void usage(FILE *f) {
             "GPU memory (Mini-Sequence Transformer)\n"
             "  --moments bf16|fp32   AdamW moment type (--optimizer adamw; default %s)\n"
             "  --master-weights      keep fp32 master weights (default off)\n"
+            "  --overlap-optimizer   one GPU, --grad-accum 1: run each layer's AdamW on a side stream while the\n"
+            "                        backward of the layer below goes on (one more fp32 layer-gradient buffer; the\n"
+            "                        same numbers; several GPUs always do so)\n"
             "  --mst auto|M          token chunks of the MLP and LM head (default auto)\n"
             "  --vocab-chunk auto|N  LM-head columns per tile (default auto)\n"
             "  --recompute 0|1       recompute layers in backward (default %d)\n"
@@ -188,11 +203,21 @@ static void usage(FILE *f) {
             "  --mem-trace FILE      GPU path: at each region boundary of every step, wait for the GPU and write\n"
             "                        the device memory in use (cudaMemGetInfo) as a JSON line (slows the steps;\n"
             "                        scripts/plot_memory.py timeline --trace draws it over the planned timeline)\n"
+            "several GPUs (one process each: mpirun -np N ./train_llama ..., or RANK/WORLD_SIZE/LOCAL_RANK set)\n"
+            "                        data parallel by default: --batch is the global batch, split over the GPUs;\n"
+            "                        gradients summed, optimizer state sharded (ZeRO), weights exchanged\n"
+            "  --seq-parallel        split every row's --seq-len tokens over the GPUs instead (Ulysses attention)\n"
+            "  --gpus N              --plan-only: plan for N GPUs; training: refuse to start unless N processes run\n"
+            "  --dist-dir DIR        rendezvous directory (default /tmp/mst-train-<uid>-<launcher's job id>)\n"
+            "  --dist-id ID          names the rendezvous directory when the launcher gives no job id\n"
+            "  --dist-timeout S      seconds a rank waits for the others before stopping with an error (default %g)\n"
+            "  --dump-grads PATH     write step 1's gradient (fp32, summed over the GPUs) to PATH; needs --grad-accum >= 2\n"
             "  --help                this text\n",
             d.tokenizer, d.train, d.val, d.seq_len, d.batch, d.grad_accum, d.steps, d.optimizer, d.lr, d.min_lr_frac, d.warmup,
             d.schedule, d.weight_decay, d.beta1, d.beta2, d.eps, d.clip, d.moments, d.recompute, d.offload,
             d.eval_every, d.eval_batches, d.sample_every, d.sample_tokens, d.prompt, d.temperature, d.top_p,
-            d.ckpt_dir, d.ckpt_every, d.keep_last, (unsigned long long)d.seed, SYNTHETIC_DEFAULT_VOCAB, BENCH_WARMUP);
+            d.ckpt_dir, d.ckpt_every, d.keep_last, (unsigned long long)d.seed, SYNTHETIC_DEFAULT_VOCAB, BENCH_WARMUP,
+            d.dist_timeout);
 }
 
 static long long parse_int(const char *flag, const char *s, long long lo, long long hi) {
@@ -238,7 +263,8 @@ static const char *const VALUE_FLAGS[] = {
     "--mst", "--vocab-chunk", "--recompute", "--offload", "--gpu-mem", "--host-mem", "--host-layers", "--eval-every",
     "--eval-batches", "--sample-every", "--sample-tokens", "--prompt", "--temperature", "--top-p", "--ckpt-dir",
     "--ckpt-every", "--keep-last", "--resume", "--stop-after", "--seed", "--log", "--plan-json", "--mem-trace",
-    "--lora-rank", "--lora-alpha", "--lora-targets", "--base-quant", "--attn-head-groups"};
+    "--lora-rank", "--lora-alpha", "--lora-targets", "--base-quant", "--attn-head-groups", "--gpus", "--dist-dir", "--dist-id",
+    "--dist-timeout", "--dump-grads"};
 
 static int is_value_flag(const char *a) {
     for (size_t i = 0; i < sizeof(VALUE_FLAGS) / sizeof(VALUE_FLAGS[0]); i++)
@@ -252,12 +278,14 @@ static Options options_parse(int argc, char **argv) {
         const char *a = argv[i];
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) { usage(stdout); exit(0); }
         if (strcmp(a, "--master-weights") == 0) { o.master_weights = 1; continue; }
+        if (strcmp(a, "--overlap-optimizer") == 0) { o.overlap_optimizer = 1; continue; }
         if (strcmp(a, "--cpu") == 0) { o.cpu = 1; continue; }
         if (strcmp(a, "--skip-nonfinite") == 0) { o.skip_nonfinite = 1; continue; }
         if (strcmp(a, "--plan-only") == 0) { o.plan_only = 1; continue; }
         if (strcmp(a, "--synthetic-data") == 0) { o.synthetic = 1; continue; }
         if (strcmp(a, "--bench") == 0) { o.bench = 1; continue; }
         if (strcmp(a, "--profile") == 0) { o.profile = 1; continue; }
+        if (strcmp(a, "--seq-parallel") == 0) { o.seq_parallel = 1; continue; }
         if (strncmp(a, "--", 2) != 0) die("unexpected argument '%s' (see --help)", a);
         if (!is_value_flag(a)) die("unknown option '%s' (see --help)", a);
         if (i + 1 >= argc) die("%s needs a value (see --help)", a);
@@ -315,6 +343,11 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--base-quant") == 0) o.lora.base_quant = parse_base_quant(a, v);
         else if (strcmp(a, "--plan-json") == 0) o.plan_json = v;
         else if (strcmp(a, "--mem-trace") == 0) o.mem_trace = v;
+        else if (strcmp(a, "--gpus") == 0) o.gpus = (int)parse_int(a, v, 1, 4096);
+        else if (strcmp(a, "--dist-dir") == 0) o.dist_dir = v;
+        else if (strcmp(a, "--dist-id") == 0) o.dist_id = v;
+        else if (strcmp(a, "--dist-timeout") == 0) o.dist_timeout = parse_float(a, v, 1.0f, 1e7f);
+        else if (strcmp(a, "--dump-grads") == 0) o.dump_grads = v;
         else die("internal: option '%s' has no handler", a);
     }
     if (o.preset && (o.model || o.resume)) die("--preset NAME builds a random-init model: it does not go with --model or --resume");
@@ -329,6 +362,11 @@ static Options options_parse(int argc, char **argv) {
     if (o.bench && o.steps < 2) die("--bench needs --steps >= 2 (the first step is always warm-up)");
     if (o.host_layers > 0 && o.offload == 0) die("--host-layers N needs --offload 1");
     if (o.recompute == 0 && o.offload == 1) die("--offload 1 needs --recompute 1 (only recomputed layers can keep their inputs on the host)");
+    if (o.dump_grads && o.grad_accum < 2) die("--dump-grads needs --grad-accum >= 2 (optimizer-in-backward never holds the whole gradient)");
+    if (o.dump_grads && o.lora.rank > 0) die("--dump-grads writes the full model's gradient: it does not go with --lora-rank");
+    if (o.overlap_optimizer && o.grad_accum > 1) die("--overlap-optimizer overlaps optimizer-in-backward: it needs --grad-accum 1");
+    if (o.overlap_optimizer && o.lora.rank > 0)
+        die("--overlap-optimizer overlaps the full model's per-layer AdamW: LoRA's adapter updates are tiny, drop it");
     if (o.lora.rank > 0 && strcmp(o.optimizer, "adamw8bit") == 0)
         die("--optimizer adamw8bit quantizes the moments of full-parameter training; LoRA adapters keep AdamW moments "
             "(bf16 or fp32, small beside the base): drop --optimizer adamw8bit");
@@ -491,16 +529,21 @@ typedef struct {
     int backend;
     ModelConfig c;
     ParamLayout layout;
-    int B, S, grad_accum;
+    int B, S, grad_accum;     // the global batch (over every GPU)
     LoraConfig lora;    // rank 0: every weight trains; else only the adapters (lora.h)
     size_t n_train;     // trainable values: layout.total, or the adapters' count
     int adam8;          // --optimizer adamw8bit (full-parameter training only)
+    // several GPUs (comm NULL: one): each rank's part of a batch is B_local rows of S_local tokens
+    Comm *comm;
+    int seq_parallel, B_local, S_local;
+    int *part_inputs, *part_targets;  // (B_local, S_local) this rank's part of the last batch
     // CPU: fp32 params are the master weights; fp32 AdamW moments, or 8-bit ones (adam8)
     CpuModel cpu;
     float *mom1, *mom2;
     Adam8Layout a8;
     Adam8State q;
     Adam8Codebooks books;
+    float *capture;           // CPU: the next step's gradient goes here first (trainer_capture_grads)
     // GPU
     GpuModel gpu;
     GpuSettings gs;
@@ -555,7 +598,9 @@ static void cpu_path_check(const ModelConfig *c, const LoraConfig *lc, int B, in
 // Dense bf16 tensor-core peak of the device, from its compute capability (H100/H200 SXM: 989 TFLOP/s).
 static double gpu_peak_flops(char *name, size_t name_len) {
     cudaDeviceProp p;
-    cudaCheck(cudaGetDeviceProperties(&p, 0));
+    int device;
+    cudaCheck(cudaGetDevice(&device));
+    cudaCheck(cudaGetDeviceProperties(&p, device));
     snprintf(name, name_len, "%s", p.name);
     if (p.major == 9) return 989e12;
     if (p.major == 8 && p.minor == 0) return 312e12;
@@ -575,17 +620,25 @@ static void write_plan_json(const char *path, const MemoryPlan *p, const ModelCo
     printf("memory plan JSON: %s\n", path);
 }
 
-static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const uint16_t *params, const Options *o) {
+static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const uint16_t *params, const Options *o, Comm *comm) {
     memset(t, 0, sizeof(*t));
     t->backend = backend;
     t->c = *c;
     param_layout_init(&t->layout, c);
-    t->B = o->batch;
-    t->S = o->seq_len;
+    t->B = t->B_local = o->batch;
+    t->S = t->S_local = o->seq_len;
     t->grad_accum = o->grad_accum;
     t->lora = o->lora;
     t->n_train = trainable_count(c, &o->lora);
     t->adam8 = strcmp(o->optimizer, "adamw8bit") == 0;
+    t->comm = comm;
+    t->seq_parallel = o->seq_parallel;
+    if (comm) {
+        char err[256];
+        if (!dist_local_shape(t->B, t->S, comm->world, t->seq_parallel, &t->B_local, &t->S_local, err, sizeof(err))) die("%s", err);
+        t->part_inputs = (int *)mallocCheck((size_t)t->B_local * t->S_local * sizeof(int));
+        t->part_targets = (int *)mallocCheck((size_t)t->B_local * t->S_local * sizeof(int));
+    }
     snprintf(t->device, sizeof(t->device), "cpu");
     if (backend == BACKEND_CPU) {
         cpu_path_check(c, &t->lora, t->B, t->S, t->adam8);
@@ -607,8 +660,10 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
         return;
     }
     GpuSettings *s = &t->gs;
-    s->B = t->B;
-    s->S = t->S;
+    s->B = t->B_local;
+    s->S = t->S_local;
+    s->comm = comm;
+    s->seq_parallel = t->seq_parallel;
     s->mst_chunks = o->mst_chunks;
     s->vocab_chunk = o->vocab_chunk;
     s->recompute = o->recompute;
@@ -619,15 +674,27 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     s->moment_type = strcmp(o->moments, "fp32") == 0 ? DT_FP32 : DT_BF16;
     s->moments_8bit = t->adam8;
     s->master_weights = o->master_weights;
+    s->overlap_optimizer = o->overlap_optimizer;
     s->gpu_mem_budget = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0);
-    s->host_mem_budget = (size_t)(o->host_mem_gib * 1024.0 * 1024.0 * 1024.0);
+    // --host-mem: the pinned budget of the host, shared by its ranks (0: gpu_model_init's default, shared too)
+    s->host_mem_budget = (size_t)(o->host_mem_gib * 1024.0 * 1024.0 * 1024.0) / (size_t)(comm ? comm->local_world : 1);
     s->lora = o->lora;
     s->lora_seed = o->seed;
     s->init_seed = o->seed;
     gpu_model_init(&t->gpu, c, params, s);
     gpu_model_print_plan(&t->gpu, stdout);
     if (o->plan_json) write_plan_json(o->plan_json, &t->gpu.plan, c, model_name(o), s->gpu_mem_budget, s->host_mem_budget, 1);
-    t->peak_flops = gpu_peak_flops(t->device, sizeof(t->device));
+    t->peak_flops = gpu_peak_flops(t->device, sizeof(t->device)) * (comm ? comm->world : 1);  // MFU over every GPU
+}
+
+// This rank's part of a global batch (inputs, targets (B, S)); itself on one GPU.
+static void trainer_part(Trainer *t, const int **inputs, const int **targets) {
+    if (t->comm == NULL) return;
+    int world = t->comm->world, rank = t->comm->rank;
+    dist_slice_batch(t->part_inputs, *inputs, t->B, t->S, world, rank, t->seq_parallel);
+    dist_slice_batch(t->part_targets, *targets, t->B, t->S, world, rank, t->seq_parallel);
+    *inputs = t->part_inputs;
+    *targets = t->part_targets;
 }
 
 // One optimizer step: grad_accum micro-batches from the train loader, then AdamW with clipping.
@@ -642,7 +709,9 @@ static void trainer_step(Trainer *t, Batches *dl, const OptimizerStep *opt, Step
         double loss = 0.0;
         for (int k = 0; k < t->grad_accum; k++) {
             batches_next(dl);
-            gpu_model_train_micro_step(&t->gpu, dl->inputs, dl->targets, k, opt, &r);
+            const int *inputs = dl->inputs, *targets = dl->targets;
+            trainer_part(t, &inputs, &targets);
+            gpu_model_train_micro_step(&t->gpu, inputs, targets, k, opt, &r);
             loss += r.loss;
         }
         out->loss = (float)(loss / t->grad_accum);
@@ -658,6 +727,10 @@ static void trainer_step(Trainer *t, Batches *dl, const OptimizerStep *opt, Step
         cpu_model_backward(m);
     }
     float scale = 1.0f / t->grad_accum;  // the gradients summed over micro-batches -> their mean
+    if (t->capture) {
+        for (size_t i = 0; i < t->layout.total; i++) t->capture[i] = m->grads[i] * scale;
+        t->capture = NULL;
+    }
     out->loss = (float)(loss / t->grad_accum);
     out->grad_norm = cpu_grad_norm(m) * scale;
     if (!isfinite(out->loss) || !isfinite(out->grad_norm)) {
@@ -670,12 +743,21 @@ static void trainer_step(Trainer *t, Batches *dl, const OptimizerStep *opt, Step
     else cpu_adamw_step(m, t->mom1, t->mom2, &h, opt->step, scale);
 }
 
+// The next step's gradient (the mean over its micro-batches, summed over the GPUs, before clipping)
+// is copied to buf first: rank 0's buffer; the other ranks pass NULL.
+static void trainer_capture_grads(Trainer *t, float *buf) {
+    if (t->backend == BACKEND_GPU) gpu_model_capture_grads(&t->gpu, buf);
+    else t->capture = buf;
+}
+
 static float trainer_eval_loss(Trainer *t, const int32_t *tokens, const int32_t *targets) {
+    trainer_part(t, &tokens, &targets);
     if (t->backend == BACKEND_GPU) return gpu_model_eval_loss(&t->gpu, tokens, targets);
     return cpu_model_forward(&t->cpu, tokens, targets, t->B, t->S);
 }
 
-// logits (V) at the last of n_tokens (1 <= n_tokens <= S) tokens of one sequence.
+// logits (V) at the last of n_tokens (1 <= n_tokens <= S) tokens of one sequence (every rank
+// calls it with the same tokens: sequence parallel runs it together, data parallel each rank alone).
 static void trainer_next_logits(Trainer *t, const int32_t *tokens, int n_tokens, float *logits) {
     if (t->backend == BACKEND_GPU) {
         gpu_model_next_token_logits(&t->gpu, tokens, n_tokens, logits);
@@ -780,6 +862,8 @@ static MemLine trainer_memory(Trainer *t) {
 }
 
 static void trainer_free(Trainer *t) {
+    free(t->part_inputs);
+    free(t->part_targets);
     if (t->backend == BACKEND_GPU) {
         gpu_model_free(&t->gpu);
         gpu_model_release_handles();
@@ -885,7 +969,12 @@ static void ckpt_prune(const char *dir, const char *kind, int keep) {
     free(steps);
 }
 
+// Several GPUs: rank 0 writes both files; the other ranks only send it their optimizer-state parts.
 static void ckpt_save(Trainer *t, const char *dir, int keep, int step, uint64_t rng, DataPosition pos) {
+    if (t->comm && t->comm->rank != 0) {  // several GPUs run the GPU path
+        gpu_model_get_optimizer_state(&t->gpu, NULL);
+        return;
+    }
     ensure_dir(dir);
     char path[4000], tmp[4100];
     ckpt_path(path, sizeof(path), dir, ckpt_weights_kind(&t->lora), step);
@@ -1207,6 +1296,7 @@ static void print_bench(Trainer *t, const Options *o, double *ms, int n) {
     json_string(stdout, model_name(o));
     printf(", \"backend\": \"%s\", \"device\": ", gpu ? "gpu" : "cpu");
     json_string(stdout, t->device);
+    printf(", \"gpus\": %d, \"seq_parallel\": %d", t->comm ? t->comm->world : (gpu ? 1 : 0), t->seq_parallel);
     printf(", \"B\": %d, \"S\": %d, \"grad_accum\": %d, \"M\": %d, \"vocab_chunk\": %d, \"recompute\": %d, "
            "\"offload\": %d, \"host_layers\": %d, \"optimizer\": \"%s\", \"moments\": \"%s\", \"master_weights\": %d, "
            "\"synthetic\": %d, \"lora_rank\": %d, \"base_quant\": \"%s\", "
@@ -1258,22 +1348,33 @@ static int plan_only(const Options *o) {
     s.moment_bytes = strcmp(o->optimizer, "adamw8bit") == 0 ? 1 : strcmp(o->moments, "fp32") == 0 ? 4 : 2;
     s.master_weights = o->master_weights;
     s.lora = o->lora;
+    s.overlap_optimizer = o->overlap_optimizer && o->grad_accum == 1;
+    int gpus = o->gpus > 0 ? o->gpus : 1;
+    if (o->seq_parallel && gpus < 2) die("--plan-only --seq-parallel needs --gpus N with N >= 2");
+    if (gpus > 1) {  // one GPU's part: its rows, or its tokens of every row
+        char err[256];
+        if (!dist_local_shape(s.B, o->seq_len, gpus, o->seq_parallel, &s.B, &s.S, err, sizeof(err))) die("%s", err);
+        s.ranks = gpus;
+        s.seq_parallel = o->seq_parallel;
+    }
     MstKernelFigures fig;
     mst_kernel_figures_estimate(&c, s.B, s.S, &fig);
     size_t device = (size_t)(o->gpu_mem_gib * 1024.0 * 1024.0 * 1024.0);
-    size_t host = o->host_mem_gib > 0.0f ? (size_t)(o->host_mem_gib * 1024.0 * 1024.0 * 1024.0)
-                                         : mst_default_host_budget(physical_memory());
+    size_t host = (o->host_mem_gib > 0.0f ? (size_t)(o->host_mem_gib * 1024.0 * 1024.0 * 1024.0)
+                                          : mst_default_host_budget(physical_memory())) / (size_t)gpus;
     MemoryPlan p;
     char msg[8192];
-    printf("plan for %s (%s), B=%d S=%d, device budget %.1f GiB, host budget %.1f GiB (%s)\n",
-           o->preset ? o->preset : o->model, family_name(c.family), s.B, s.S, gib(device), gib(host),
-           o->host_mem_gib > 0.0f ? "--host-mem" : "this machine's memory less 16 GiB, at least 3/4 of it");
+    printf("plan for %s (%s), B=%d S=%d, %d GPU%s, device budget %.1f GiB, host budget %.1f GiB (%s%s)\n",
+           o->preset ? o->preset : o->model, family_name(c.family), o->batch_given ? o->batch : 1, o->seq_len, gpus,
+           gpus > 1 ? (o->seq_parallel ? "s, sequence parallel" : "s, data parallel") : "", gib(device), gib(host),
+           o->host_mem_gib > 0.0f ? "--host-mem" : "this machine's memory less 16 GiB, at least 3/4 of it",
+           gpus > 1 ? ", shared by the GPUs" : "");
     int valid = mst_settings_check(&c, &s, msg, sizeof(msg)) == NULL;
     int fits = mst_plan_auto(&p, &c, &s, &fig, device, host, msg, sizeof(msg));
     // Refused for its settings: no plan to write. Refused for its size: the most frugal plan's JSON.
     if (o->plan_json && valid) write_plan_json(o->plan_json, &p, &c, model_name(o), device, host, fits);
     if (!fits) {
-        printf("%s", msg);
+        printf("%s%s", msg, msg[0] && msg[strlen(msg) - 1] == '\n' ? "" : "\n");
         return 1;
     }
     mst_plan_print(&p, stdout);
@@ -1283,12 +1384,92 @@ static int plan_only(const Options *o) {
 }
 
 // ----------------------------------------------------------------------------
+// Several GPUs: starting the process group, the configuration every rank must share, and the
+// gradient dump of --dump-grads.
+
+// Meets the other ranks (dist.h, comm.h) when a launcher started several processes; returns NULL
+// for a single process. Ranks other than 0 print nothing to stdout from here on (errors still go
+// to stderr).
+static Comm *start_ranks(const Options *o, Comm *comm) {
+    DistEnv e;
+    char err[512], dir[4096];
+    if (!dist_env_read(&e, err, sizeof(err))) die("%s", err);
+    if (e.world == 1) {
+        if (o->seq_parallel) die("--seq-parallel splits sequences over several GPUs: start N processes (mpirun -np N ./train_llama ...)");
+        if (o->gpus > 1) die("--gpus %d, but this process was started alone: start %d processes (mpirun -np %d ./train_llama ...)", o->gpus, o->gpus, o->gpus);
+        return NULL;
+    }
+    if (o->gpus > 0 && o->gpus != e.world) die("rank %d: --gpus %d, but the launcher started %d processes", e.rank, o->gpus, e.world);
+    if (o->cpu || cuda_device_count() == 0) die("rank %d: %d processes need a GPU each (the CPU reference path runs one process)", e.rank, e.world);
+    if (!dist_rendezvous_dir(dir, sizeof(dir), &e, o->dist_dir, o->dist_id, err, sizeof(err))) die("%s", err);
+    comm_init(comm, &e, dir, o->dist_timeout);
+    if (e.rank > 0 && freopen("/dev/null", "w", stdout) == NULL) die("rank %d: cannot silence stdout: %s", e.rank, strerror(errno));
+    printf("several GPUs: %d processes (%s), %s, rendezvous in %s; NCCL took %.0f MiB of GPU memory on rank 0\n", e.world, e.launcher,
+           o->seq_parallel ? "sequence parallel (Ulysses)" : "data parallel", dir, comm->nccl_bytes / 1048576.0);
+    return comm;
+}
+
+// A 64-bit hash of a printf-style text (FNV-1a).
+static uint64_t text_hash(const char *fmt, ...) {
+    char buf[8192];
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, args);
+    va_end(args);
+    return fnv1a(buf, strlen(buf), 0xCBF29CE484222325ULL);
+}
+
+// Dies on every rank unless all ranks start from the same model (config and a sample of every 4099th
+// weight; a preset drawn on the device: its seed) and the same settings of everything that decides
+// which collectives run when.
+static void check_same_run(Comm *comm, const Options *o, const ModelConfig *c, const uint16_t *params, size_t n, const char *state_file) {
+    const char *items[6] = {"model", "batch shape", "memory settings", "optimizer", "data", "schedule of evaluations and checkpoints"};
+    uint64_t h[6];
+    h[0] = (uint64_t)config_hash(c);
+    for (size_t i = 0; params != NULL && i < n; i += 4099) h[0] = (h[0] ^ params[i]) * 0x100000001B3ULL;
+    h[1] = text_hash("%d %d %d %d", o->batch, o->seq_len, o->grad_accum, o->seq_parallel);
+    h[2] = text_hash("%d %d %d %d %d %s %s %d %d %g", o->mst_chunks, o->vocab_chunk, o->recompute, o->offload, o->host_layers, o->moments,
+                     o->optimizer, o->master_weights, o->overlap_optimizer, o->gpu_mem_gib);
+    h[3] = text_hash("%g %g %d %s %g %g %g %g %g %d %llu", o->lr, o->min_lr_frac, o->warmup, o->schedule, o->weight_decay, o->beta1,
+                     o->beta2, o->eps, o->clip, o->steps, (unsigned long long)o->seed);
+    h[4] = text_hash("%s|%s|%s|%d|%s", o->train, o->val, o->tokenizer, o->synthetic, state_file);
+    h[5] = text_hash("%d %d %d %d %d %d %d %d %s", o->eval_every, o->eval_batches, o->sample_every, o->sample_tokens, o->ckpt_every,
+                     o->stop_after, o->checkpoints, o->dump_grads != NULL, o->ckpt_dir);
+    comm_check_agreement(comm, items, h, 6);
+}
+
+// --dump-grads file: int64 header[8] = {DUMP_MAGIC, version 1, n, step, GPUs, sequence parallel, 0, 0},
+// the model.bin header of the config (MODEL_HEADER_INTS int32), then n fp32 in the flat parameter order.
+#define DUMP_MAGIC 0x4447544DLL  // bytes 'M','T','G','D'
+
+static void dump_grads(const char *path, const ModelConfig *c, const float *g, size_t n, int step, int gpus, int seq_parallel) {
+    int64_t h[8] = {DUMP_MAGIC, 1, (int64_t)n, step, gpus, seq_parallel, 0, 0};
+    int32_t header[MODEL_HEADER_INTS];
+    config_to_header(c, header);
+    char tmp[4200];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    FILE *f = fopenCheck(tmp, "wb");
+    fwriteCheck(h, sizeof(h[0]), 8, f, tmp);
+    fwriteCheck(header, sizeof(header[0]), MODEL_HEADER_INTS, f, tmp);
+    fwriteCheck(g, sizeof(float), n, f, tmp);
+    fcloseCheck(f, tmp);
+    rename_check(tmp, path);
+    printf("gradient of step %d (%zu floats, summed over %d GPU%s) written to %s\n", step, n, gpus, gpus > 1 ? "s" : "", path);
+}
+
+// ----------------------------------------------------------------------------
 // main
 
 int main(int argc, char **argv) {
     Options o = options_parse(argc, argv);
     if (o.plan_only) return plan_only(&o);
     setvbuf(stdout, NULL, _IOLBF, 0);
+    Comm comm_storage;
+    Comm *comm = start_ranks(&o, &comm_storage);  // NULL: one process
+    int rank0 = comm == NULL || comm->rank == 0;
+    if (comm && o.lora.rank)
+        die("--lora-rank trains on one GPU only: this run has %d ranks (the adapters' gradients are not exchanged between "
+            "GPUs); start it without mpirun / torchrun", comm->world);
 
     // backend first: a --preset model is built only where it can be trained
     int backend = BACKEND_CPU;
@@ -1298,6 +1479,7 @@ int main(int argc, char **argv) {
     if (backend == BACKEND_CPU && o.plan_json)
         die("--plan-json writes the GPU memory plan: the CPU path has none (use it with --plan-only, or on a GPU)");
     if (backend == BACKEND_CPU && o.mem_trace) die("--mem-trace measures GPU memory: it needs the GPU path");
+    if (backend == BACKEND_CPU && o.overlap_optimizer) die("--overlap-optimizer overlaps the GPU's optimizer with its backward: it needs a GPU");
     if (backend == BACKEND_GPU && o.skip_nonfinite)
         printf("note: on the GPU the update runs inside the backward pass, so a non-finite step stops the run even with --skip-nonfinite\n");
 
@@ -1339,6 +1521,7 @@ int main(int argc, char **argv) {
            family_name(c.family), c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff,
            commas((double)layout.total, n_params, sizeof(n_params)));
 
+    if (comm) check_same_run(comm, &o, &c, params, layout.total, state_file);
     if (o.lora.rank) {
         char targets[64];
         lora_targets_string(o.lora.targets, targets, sizeof(targets));
@@ -1348,7 +1531,7 @@ int main(int argc, char **argv) {
     }
 
     Trainer t;
-    trainer_init(&t, backend, &c, params, &o);
+    trainer_init(&t, backend, &c, params, &o, comm);
     free(params);
     if (o.profile) {
         if (backend != BACKEND_GPU) die("--profile measures GPU time: it needs the GPU path");
@@ -1389,7 +1572,8 @@ int main(int argc, char **argv) {
     if (start > o.steps) die("the checkpoint is at step %d, past --steps %d", start, o.steps);
 
     FILE *log = NULL;
-    if (o.log) log = fopenCheck(o.log, o.resume ? "a" : "w");
+    if (o.log && rank0) log = fopenCheck(o.log, o.resume ? "a" : "w");
+    float *dumped = o.dump_grads && rank0 ? (float *)mallocCheck(layout.total * sizeof(float)) : NULL;
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     printf("training: steps %d..%d | B=%d S=%d accum %d (%d tokens/step) | lr %g %s, warmup %d | %s\n", start + 1, o.steps,
@@ -1402,7 +1586,9 @@ int main(int argc, char **argv) {
         OptimizerStep opt = {lr_at(&o, step), o.beta1, o.beta2, o.eps, o.weight_decay, o.clip, step, (uint32_t)(o.seed + step)};
         double t0 = now_ms();
         StepOut r;
+        if (o.dump_grads && step == start + 1) trainer_capture_grads(&t, dumped);
         trainer_step(&t, &train, &opt, &r);
+        if (dumped && step == start + 1) dump_grads(o.dump_grads, &c, dumped, layout.total, step, comm ? comm->world : 1, o.seq_parallel);
         double ms = now_ms() - t0;
         if (o.profile && step == start + 1) gpu_model_profile_reset(&t.gpu);  // the first step warms up
         step_ms[n_ms++] = ms;
@@ -1417,14 +1603,16 @@ int main(int argc, char **argv) {
         }
         if (o.eval_every > 0 && step % o.eval_every == 0) { evaluate(&t, &val, o.eval_batches, step, log); last_eval = step; }
         if (o.sample_every > 0 && o.sample_tokens > 0 && step % o.sample_every == 0) { sample_text(&t, &tok, &o, &rng); last_sample = step; }
-        int stop_here = g_stop || step == o.stop_after;
+        double signalled = g_stop != 0;
+        if (comm) comm_sum_host(comm, &signalled, 1);  // every rank stops after the same step
+        int stop_here = signalled > 0 || step == o.stop_after;
         if (o.checkpoints && ((o.ckpt_every > 0 && step % o.ckpt_every == 0) || stop_here)) {
             ckpt_save(&t, o.ckpt_dir, o.keep_last, step, rng, batches_get_position(&train));
             last_ckpt = step;
         }
         if (stop_here && step < o.steps) {
             printf("%s: stopped after step %d %s\n",
-                   g_stop == SIGINT ? "SIGINT received" : g_stop == SIGTERM ? "SIGTERM received" : "--stop-after", step,
+                   g_stop == SIGINT ? "SIGINT received" : g_stop == SIGTERM ? "SIGTERM received" : signalled > 0 ? "another rank got a signal" : "--stop-after", step,
                    o.checkpoints ? "with a checkpoint; continue with --resume latest" : "(no checkpoint: --synthetic-data without --ckpt-every)");
             stopped = 1;
             break;
@@ -1441,6 +1629,7 @@ int main(int argc, char **argv) {
     if (o.profile) gpu_model_profile_print(&t.gpu, stdout);
     if (o.bench) print_bench(&t, &o, step_ms, n_ms);
     free(step_ms);
+    free(dumped);
     if (log) fcloseCheck(log, o.log);
     if (mem_trace) {
         step_profile_trace_memory(t.gpu.profile, NULL);
@@ -1448,6 +1637,7 @@ int main(int argc, char **argv) {
         printf("memory trace: %s\n", o.mem_trace);
     }
     trainer_free(&t);
+    if (comm) comm_free(comm);
     batches_free(&train);
     batches_free(&val);
     if (!o.synthetic) tokenizer_free(&tok);

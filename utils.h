@@ -96,6 +96,16 @@ static inline void rename_check(const char *tmp_path, const char *path) {
     if (rename(tmp_path, path) != 0) die("cannot rename '%s' to '%s': %s", tmp_path, path, strerror(errno));
 }
 
+// Appends printf-style text to the NUL-terminated string in buf (len bytes in all), truncating.
+static inline void appendf(char *buf, size_t len, const char *fmt, ...) {
+    size_t used = strlen(buf);
+    if (used + 1 >= len) return;
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(buf + used, len - used, fmt, args);
+    va_end(args);
+}
+
 // bf16 <-> fp32 on the host. bf16 is the top 16 bits of an IEEE fp32.
 static inline float bf16_bits_to_float(uint16_t bits) {
     uint32_t u = (uint32_t)bits << 16;

@@ -992,7 +992,8 @@ static void test_adamw(TestReport *rep, size_t n, DType grad_t, DType mom_t, int
 // the exact new weight is 1 - 2^-10 (a quarter bf16 ulp below 1, ulp 2^-8) or 1 + 2^-10 (an eighth of
 // an ulp above 1, ulp 2^-7), so stochastic rounding lands on 1.0 with probability 3/4, resp. on
 // 1 + 2^-7 with probability 1/8 (round-to-nearest would always give 1.0). Same seed: same bits;
-// another seed: different bits.
+// another seed: different bits; the tensor updated in two parts (index_base = where the second
+// starts, as a ZeRO rank updates its part; once at a 16-byte boundary, once not): the same bits.
 static void test_adamw_stochastic(TestReport *rep, size_t n) {
     char tcase[48];
     snprintf(tcase, sizeof(tcase), "n=%zu sr statistics", n);
@@ -1038,6 +1039,22 @@ static void test_adamw_stochastic(TestReport *rep, size_t n) {
     printf("  (stochastic rounding: %.4f of decreasing weights stayed at 1.0 (expect 0.75), %.4f of increasing "
            "weights went up (expect 0.125))\n", f_dec, f_inc);
     check_exact(rep, "adamw_update", tcase, "same seed", got[0], got[1], n * 2);
+    uint16_t *parts = (uint16_t *)mallocCheck(n * 2);
+    size_t cuts[2] = {n / 3 / 8 * 8, n / 3 + 3};
+    for (int k = 0; k < 2; k++) {
+        dbuf_upload(&d_p, param);
+        dbuf_upload(&d_m, zeros);
+        dbuf_upload(&d_v, zeros);
+        for (int part = 0; part < 2; part++) {
+            size_t lo = part == 0 ? 0 : cuts[k], hi = part == 0 ? cuts[k] : n;
+            AdamWParams hp = {1.0f / 1024.0f, 0.9f, 0.95f, 1e-8f, 0.0f, 1.0f, 1, seeds[0], lo};
+            adamw_update((bf16 *)d_p.p + lo, NULL, (const float *)d_g.p + lo, DT_FP32, (float *)d_m.p + lo, (float *)d_v.p + lo,
+                         DT_FP32, hi - lo, &hp, NULL, 0);
+        }
+        dbuf_download(parts, &d_p);
+        check_exact(rep, "adamw_update", tcase, k == 0 ? "two parts" : "two parts, odd cut", parts, got[0], n * 2);
+    }
+    free(parts);
     size_t differ = 0;
     for (size_t i = 0; i < n; i++) differ += got[0][i] != got[2][i];
     int ok = differ > n / 10;

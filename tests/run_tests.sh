@@ -32,6 +32,11 @@ run dataloader ./build/test_dataloader
 run planner ./build/test_planner
 run attention_softcap_emu ./build/test_attention_softcap_emu
 run adamw8bit ./build/test_adamw8bit
+run dist ./build/test_dist
+run zero ./build/test_zero
+run ulysses ./build/test_ulysses
+run gpu_counts ./build/test_gpu_counts
+run multi_gpu_cli bash tests/test_multi_gpu_cli.sh
 run export_py python3 -m pytest -q tests/test_export.py
 run prepare_py python3 -m pytest -q tests/test_prepare.py
 run resume bash tests/test_resume.sh
@@ -46,6 +51,7 @@ if nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then
     run gpu_attention_softcap ./build/test_attention_softcap
     run gpu_lora_kernels ./build/test_lora_kernels
     run gpu_model ./build/test_llama
+    run gpu_comm ./build/test_comm
 else
     echo "=== GPU tests SKIPPED: no GPU found (nvidia-smi lists none); run 'make test' on a GPU machine or dev/device_check.sh on the device"
 fi

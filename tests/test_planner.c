@@ -3,9 +3,12 @@
 // the auto choice (fits, prefers the fast settings, refuses with a useful message), settings
 // validation, the memory timeline of one step (hand figures for the tiny config, invariants over
 // many settings, LoRA on an NF4 base and 8-bit moments included, MsT against the standard
-// transformer for Llama-3-8B), and the Llama-3-8B plans at S = 96K and 128K on an 80 GiB GPU. LoRA:
-// the entries of a tiny LoRA plan on an NF4 base by hand (no base gradients, optimizer state of the
-// adapters only, the quantized records), and what LoRA and a 4-bit base save on Llama-3-8B.
+// transformer for Llama-3-8B), the Llama-3-8B plans at S = 96K and 128K on an 80 GiB GPU, and the
+// plans of several GPUs (sharded optimizer state, sequence-parallel buffers by hand, head groups
+// against the kv heads of one GPU, LoRA refused, the longest Llama-3-8B sequence on 2 and 8 GPUs
+// against one). LoRA: the entries of a tiny LoRA plan on an NF4 base by hand (no base gradients,
+// optimizer state of the adapters only, the quantized records), and what LoRA and a 4-bit base save
+// on Llama-3-8B.
 // Build: gcc -O2 -Wall -Wextra -I. tests/test_planner.c -o build/test_planner -lm
 #include "mst.h"
 #include "tests/test_util.h"
@@ -290,6 +293,10 @@ static void test_moments_8bit(void) {
     size_t expect = TINY_ARENA - 2 * 100096 + 2 * 103 * 256 + 2 * 512;
     CHECK(p.device_total == expect, "8-bit tiny arena %zu, expected %zu", p.device_total, expect);
     printf("8-bit moments, tiny plan: codes 2 x %d + scales 2 x 512 bytes, arena %zu\n", 103 * 256, p.device_total);
+    MstPhase at;  // the step timeline knows the block scales (live all step, as the moments)
+    size_t peak = mst_timeline_peak(&p, &at);
+    CHECK(peak >= m->bytes + v->bytes + ma->bytes + va->bytes && peak <= p.device_total, "8-bit timeline peak %zu of arena %zu", peak,
+          p.device_total);
 
     // Llama-3-8B: 8-bit moments take a little over half of bf16's bytes (1 + 4/256 vs 2 per element)
     ModelConfig big;
@@ -584,6 +591,177 @@ static void test_host_budget(void) {
     CHECK(mst_default_host_budget(0) == 0, "no memory: %zu", mst_default_host_budget(0));
 }
 
+// mst_settings_check on s: accepted (want NULL), or refused with a message containing want.
+static void expect_check(const ModelConfig *c, const MstSettings *s, const char *want, const char *what) {
+    char msg[512];
+    const char *err = mst_settings_check(c, s, msg, sizeof(msg));
+    if (want == NULL) CHECK(err == NULL, "%s: accepted, got: %s", what, err ? err : "");
+    else CHECK(err && strstr(err, want), "%s: refused with '%s', got: %s", what, want, err ? err : "accepted");
+}
+
+// Several GPUs: the ZeRO shard sizes, the second layer-gradient buffer, and the sequence-parallel
+// buffers of the tiny config (Hq 4, Hkv 2 over 2 GPUs: 2 query heads and 1 kv head each; S = 10
+// tokens per GPU, 20 in all) by hand.
+static void test_several_gpus(void) {
+    ModelConfig c = tiny_config(2);
+    ParamLayout lay;
+    param_layout_init(&lay, &c);
+    size_t state, shard;
+    zero_figures(&lay, &c, 2, &state, &shard);
+    MstSettings dp = tiny_settings();
+    dp.ranks = 2;
+    MemoryPlan p = plan_with(&c, dp);
+    check_layout(&p, "2 GPUs data parallel");
+    const PlanEntry *m = mst_plan_find(&p, "adam_m"), *g = mst_plan_find(&p, "grad_shard"), *lg = mst_plan_find(&p, "layer_grads");
+    CHECK(m && m->bytes == mst_align(state * 4) && state < lay.total / 2 + 5 * ZERO_ALIGN, "adam_m of one of 2 GPUs: %zu bytes, state %zu of %zu",
+          m ? m->bytes : 0, state, lay.total);
+    CHECK(g && g->bytes == mst_align(shard * 4), "grad_shard %zu bytes, expected %zu", g ? g->bytes : 0, mst_align(shard * 4));
+    CHECK(lg && lg->count == 2, "optimizer in backward over 2 GPUs keeps 2 layer-gradient buffers");
+    CHECK(mst_plan_find(&p, "a2a_send") == NULL && mst_plan_find(&p, "qkv_heads") == NULL, "data parallel has no all-to-all buffers");
+    MstSettings one = tiny_settings();
+    CHECK(plan_with(&c, one).category_bytes[MEM_OPTIMIZER] > p.category_bytes[MEM_OPTIMIZER], "sharded moments are smaller than one GPU's");
+
+    const Expected SP[] = {
+        {"rope_cos_sin", 768, MEM_WEIGHTS, SHARE_NONE},       // 20 positions x hd 8 x 4 = 640
+        {"att_stats", 512, MEM_INTERMEDIATES, SHARE_LAYER},   // B 2 x 2 heads x 20 x 4 = 320
+        {"qkv_heads", 2560, MEM_INTERMEDIATES, SHARE_LAYER},  // 2 x 20 rows x (2 + 1 + 1) heads x 8 x 2
+        {"att_heads", 1280, MEM_INTERMEDIATES, SHARE_LAYER},  // 2 x 20 x 2 x 8 x 2
+        {"a2a_send", 2560, MEM_INTERMEDIATES, SHARE_LAYER},
+        {"a2a_recv", 2560, MEM_INTERMEDIATES, SHARE_LAYER},
+        {"datt_heads", 1280, MEM_INTERMEDIATES, SHARE_LAYER},
+        {"dqkv_heads", 2560, MEM_INTERMEDIATES, SHARE_LAYER},
+        {"qkv", 2560, MEM_INTERMEDIATES, SHARE_LAYER},        // this GPU's 20 rows, all heads: as on one GPU
+    };
+    MstSettings sp = tiny_settings();
+    sp.ranks = 2;
+    sp.seq_parallel = 1;
+    p = plan_with(&c, sp);
+    check_layout(&p, "2 GPUs sequence parallel");
+    for (size_t i = 0; i < sizeof(SP) / sizeof(SP[0]); i++) {
+        const PlanEntry *e = mst_plan_find(&p, SP[i].name);
+        CHECK(e && e->bytes == SP[i].bytes && e->category == SP[i].category && e->share == SP[i].share,
+              "sequence parallel %s: %zu bytes (expected %zu)", SP[i].name, e ? e->bytes : 0, SP[i].bytes);
+    }
+    sp.recompute = 0;
+    p = plan_with(&c, sp);
+    check_layout(&p, "2 GPUs sequence parallel without recompute");
+    const PlanEntry *qh = mst_plan_find(&p, "qkv_heads");
+    CHECK(qh && qh->count == 2 && qh->category == MEM_ACTIVATIONS, "without recompute every layer keeps its head-layout q|k|v");
+
+    char msg[512];
+    MstSettings bad = tiny_settings();
+    bad.seq_parallel = 1;
+    expect_check(&c, &bad, "2 or more GPUs", "sequence parallel on one GPU");
+    bad.ranks = 3;
+    expect_check(&c, &bad, "split evenly", "4 heads over 3 GPUs");
+    MstSettings q8 = tiny_settings();
+    q8.ranks = 2;
+    q8.moment_bytes = 1;
+    expect_check(&c, &q8, "8-bit moments are not sharded", "8-bit moments over 2 GPUs");
+    MstSettings lr = tiny_settings();
+    lr.lora.rank = 2;
+    lr.lora.alpha = 4.0f;
+    lr.lora.targets = LORA_ALL_TARGETS;
+    expect_check(&c, &lr, NULL, "LoRA on one GPU");
+    lr.ranks = 2;
+    expect_check(&c, &lr, "LoRA trains on one GPU only", "LoRA over 2 GPUs");
+    lr.seq_parallel = 1;
+    expect_check(&c, &lr, "LoRA trains on one GPU only", "LoRA sequence parallel over 2 GPUs");
+    lr.ranks = 0;
+    lr.seq_parallel = 0;
+    lr.overlap_optimizer = 1;
+    expect_check(&c, &lr, "not LoRA adapters", "LoRA with the overlapped optimizer");
+
+    // head groups against the kv heads of one GPU's attention: tiny (2 kv heads) takes 2 groups on one
+    // GPU or data parallel, not sequence parallel over 2 (1 kv head each) or 4 GPUs (a replicated kv head)
+    MstSettings hg = tiny_settings();
+    hg.attn_head_groups = 2;
+    expect_check(&c, &hg, NULL, "2 head groups on one GPU");
+    hg.ranks = 2;
+    expect_check(&c, &hg, NULL, "2 head groups, 2 GPUs data parallel");
+    hg.seq_parallel = 1;
+    expect_check(&c, &hg, "kv heads per GPU", "2 head groups, 2 GPUs sequence parallel");
+    CHECK(mst_attn_kv_heads(&c, &hg) == 1, "tiny over 2 GPUs: %d kv heads per GPU", mst_attn_kv_heads(&c, &hg));
+    hg.ranks = 4;
+    expect_check(&c, &hg, "kv heads per GPU", "2 head groups, 4 GPUs sequence parallel");
+    hg.attn_head_groups = 1;
+    expect_check(&c, &hg, NULL, "1 head group, 4 GPUs sequence parallel");
+
+    // Llama-3-8B (32 query, 8 kv heads): auto picks among the groups that divide a GPU's kv heads
+    ModelConfig l3;
+    mst_preset("llama3-8b", &l3);
+    const int want_groups[4][2] = {{1, 8}, {2, 4}, {4, 2}, {8, 1}};  // GPUs, the most groups of the frugal choice
+    for (int k = 0; k < 4; k++) {
+        MstSettings a;
+        memset(&a, 0, sizeof(a));
+        a.B = 1; a.S = 8192; a.recompute = 1; a.grad_accum_steps = 1; a.moment_bytes = 2;
+        a.ranks = want_groups[k][0]; a.seq_parallel = a.ranks > 1;
+        MstKernelFigures f;
+        mst_kernel_figures_estimate(&l3, a.B, a.S, &f);
+        MstSettings fr = plan_frugal(&l3, &a, &f);
+        CHECK(fr.attn_head_groups == want_groups[k][1], "llama3-8b over %d GPUs: frugal head groups %d, expected %d",
+              a.ranks, fr.attn_head_groups, want_groups[k][1]);
+        for (int G = 1; G <= 8; G *= 2)
+            CHECK(mst_head_groups_offered(&l3, &a, &f, G) == (G <= want_groups[k][1]), "llama3-8b over %d GPUs: %d groups %s",
+                  a.ranks, G, G <= want_groups[k][1] ? "not offered" : "offered");
+        // a budget that only the most groups fit: the auto plan takes them (checked against the kv heads)
+        MemoryPlan hp, one;
+        a.attn_head_groups = 1;
+        fr = plan_frugal(&l3, &a, &f);
+        fr.attn_head_groups = want_groups[k][1];
+        mst_plan_build(&hp, &l3, &fr, &f);
+        a.attn_head_groups = 0;
+        int fits = mst_plan_auto(&one, &l3, &a, &f, hp.device_total + hp.device_external, 0, msg, sizeof(msg));
+        CHECK(fits && one.settings.attn_head_groups >= 1 && mst_attn_kv_heads(&l3, &a) % one.settings.attn_head_groups == 0,
+              "llama3-8b over %d GPUs at the grouped plan's budget: fits %d with %d head groups", a.ranks, fits,
+              fits ? one.settings.attn_head_groups : 0);
+        CHECK(!fits || one.settings.attn_head_groups == want_groups[k][1], "llama3-8b over %d GPUs: auto took %d head groups, expected %d",
+              a.ranks, one.settings.attn_head_groups, want_groups[k][1]);
+    }
+
+    // one GPU, overlapped optimizer: a second layer-gradient buffer, nothing else changes
+    MstSettings ov = tiny_settings();
+    MemoryPlan plain = plan_with(&c, ov);
+    ov.overlap_optimizer = 1;
+    p = plan_with(&c, ov);
+    check_layout(&p, "overlapped optimizer");
+    lg = mst_plan_find(&p, "layer_grads");
+    CHECK(lg && lg->count == 2 && p.device_total == plain.device_total + lg->slice_bytes,
+          "overlapped optimizer: 2 layer-gradient buffers (%d), %zu bytes more than without", lg ? lg->count : 0,
+          p.device_total - plain.device_total);
+    printf("several-GPU plans checked\n");
+}
+
+// The longest S (a multiple of 1024) of Llama-3-8B, B=1, recompute, no offload, bf16 moments, on
+// `ranks` GPUs of 78 GiB (sequence parallel when ranks > 1), from the planner.
+static int llama3_longest(int ranks) {
+    ModelConfig c;
+    mst_preset("llama3-8b", &c);
+    int lo = 0, hi = 4096;  // in units of 1024 tokens
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        MstSettings s;
+        memset(&s, 0, sizeof(s));
+        s.B = 1; s.S = mid * 1024 / ranks; s.recompute = 1; s.grad_accum_steps = 1; s.moment_bytes = 2;
+        s.ranks = ranks; s.seq_parallel = ranks > 1;
+        MstKernelFigures f;
+        mst_kernel_figures_estimate(&c, s.B, s.S, &f);
+        MemoryPlan p;
+        char msg[4096];
+        if (mst_plan_auto(&p, &c, &s, &f, (size_t)78 << 30, 0, msg, sizeof(msg))) lo = mid;
+        else hi = mid;
+    }
+    return lo * 1024;
+}
+
+static void test_llama3_scaling(void) {
+    int s1 = llama3_longest(1), s2 = llama3_longest(2), s8 = llama3_longest(8);
+    printf("Llama-3-8B longest S (planner, 78 GiB per GPU, recompute, no offload): 1 GPU %d, 2 GPUs %d (%.2fx), 8 GPUs %d (%.2fx)\n",
+           s1, s2, (double)s2 / s1, s8, (double)s8 / s1);
+    CHECK(s2 >= 1.8 * s1, "2 GPUs must plan at least 1.8x the longest sequence of one (%d vs %d)", s2, s1);
+    CHECK(s8 > s2, "8 GPUs must plan a longer sequence than 2 (%d vs %d)", s8, s2);
+}
+
 // Tiny config (2 layers), LoRA rank 2 on q, k, v, gate, down, NF4 base, optimizer in backward.
 // Adapters per layer: q|k|v A 3 x (2 x 32) + B (32 + 16 + 16) x 2 = 320; gate A 2 x 32 + B 64 x 2 = 192;
 // down A 2 x 64 + B 32 x 2 = 192: 704, 1408 in all. NF4 record of a layer (16-byte aligned parts):
@@ -722,6 +900,8 @@ int main(void) {
     test_timeline_invariants();
     test_timeline_llama3();
     test_timeline_unknown_entry();
+    test_several_gpus();
+    test_llama3_scaling();
     print_llama3_plan(96 * 1024);
     print_llama3_plan(128 * 1024);
     if (failures) {
