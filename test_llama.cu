@@ -15,7 +15,7 @@
 // the same matrix of settings and checks on the adapters (gradients, AdamW), with a frozen base
 // (the plan has no base gradients); and a quantized base (int8, NF4): loss and adapter gradients
 // against the CPU reference model computing with the same dequantized bf16 weights (cpu_model.h),
-// within the same bf16 tolerances; the device random init on an NF4 base equals the upload of its
+// within the LoRA tolerances (below); the device random init on an NF4 base equals the upload of its
 // bf16 weights.
 //
 // Tolerances. bf16 storage has an 8-bit mantissa (2^-9 ~ 2e-3 relative rounding per op); through two
@@ -37,6 +37,22 @@
 //   rounding of partial results: 1e-2 (their weights after 2 steps: 0.4 of the update, as above).
 //   Optimizer-in-backward vs accumulation: halving the loss scale is exact in binary floating point,
 //   so the two should agree to rounding of the norm's summation order: 1e-2.
+// LoRA cases (PEFT references): their own yardstick, dev/peft_bf16_error.py (CPU, 2026-11-23), which
+// runs PEFT + transformers in bf16 on the same adapters and batch, once on the exact inputs and 8 times
+// with every input embedding moved by -1/0/+1 bf16 ulp (an equally rounded input), and also that
+// perturbation in float64. The llama3_gqa adapters (rank 8, alpha 16 on all seven projections, random
+// A and B: the adapters change each projection about as much as its base weight) are ill-conditioned:
+// the perturbation alone, in exact arithmetic, moves its adapter gradients by up to 10.4e-2 (median
+// 7.0e-2). PEFT-bf16's worst adapter gradient: 9.3e-2 on the exact inputs (median 5.9e-2), 15.3e-2 over
+// the perturbed draws (qwen2: 3.2e-2 / 5.8e-2; gemma2: 3.6e-2 / 6.6e-2). Ours on an H100: llama3_gqa
+// 11.9e-2 worst and tensor by tensor close to PEFT-bf16's exact-input error (layer 0 q.lora_A 6.1e-2
+// vs 6.1e-2, k.lora_A 9.0e-2 vs 9.0e-2), the same in every memory setting; qwen2 2.9e-2, gemma2 3.8e-2.
+//   Adapter gradients: 0.16 per tensor (PEFT-bf16's worst over the draws, 0.153, with the base case's
+//   margin); also for the quantized base against the CPU model (the same conditioning). A wrong
+//   adapter term is off by far more: a wrong alpha/r scale (2 for llama3_gqa, 4 for gemma2) by half a gradient's norm
+//   or more, one of M = 3 token chunks dropped by about a third.
+//   Next-token logits: 6e-2 (PEFT-bf16 at the checked positions: up to 5.6e-2 over the draws; the
+//   float64 perturbation alone moves gemma2's sequence 0 last-position logits by 4.3e-2; ours 4.4e-2).
 // Build: nvcc -O3 -std=c++17 -arch=sm_90 -I. -I.deps/cudnn_frontend/include test_llama.cu gpu_model.cu
 //        mst_kernels.cu matmul.cu attention_cudnn.cpp -lcublasLt -lcublas -lcudnn -o build/test_llama
 #include <math.h>
@@ -52,6 +68,8 @@
 #define TOL_PARAM_UPDATE 0.4
 #define TOL_AGREE 1e-2
 #define TOL_LOGITS 2e-2
+#define TOL_LORA_GRAD 0.16
+#define TOL_LORA_LOGITS 6e-2
 #define ARENA_SLACK ((size_t)2 << 20)
 
 static TestReport report = {0, 0};
@@ -369,7 +387,8 @@ static void check_next_token_logits(const Case *cs) {
         gpu_model_next_token_logits(&m, cs->tokens + (size_t)b * cs->S, lens[b], logits);
         char name[64];
         snprintf(name, sizeof(name), "seq %d pos %d", b, lens[b] - 1);
-        compare("logits", name, logits, ref + ((size_t)b * cs->S + lens[b] - 1) * V, (size_t)V, 0.0, TOL_LOGITS, 1);
+        compare("logits", name, logits, ref + ((size_t)b * cs->S + lens[b] - 1) * V, (size_t)V, 0.0,
+                cs->lora.rank ? TOL_LORA_LOGITS : TOL_LOGITS, 1);
     }
     free(logits);
     gpu_model_free(&m);
@@ -424,7 +443,7 @@ static void check_quantized_base(const Case *cs, int kind) {
     snprintf(what, sizeof(what), "%s loss", base_quant_name(kind));
     compare_scalar(what, sr.loss, cpu_loss, TOL_LOSS);
     snprintf(what, sizeof(what), "%s grad", base_quant_name(kind));
-    check_grads(cs, grads, cpu.lora_grads, TOL_GRAD, what, 0);
+    check_grads(cs, grads, cpu.lora_grads, TOL_LORA_GRAD, what, 0);
     print_worst();
     free(grads);
     gpu_model_free(&m);
@@ -481,6 +500,7 @@ static void run_case(const char *name, int lora) {
     const float *ref_loss = (const float *)tensor_file_get(&cs.ref, "loss", name)->data;
     const float *ref_losses = (const float *)tensor_file_get(&cs.ref, "adamw.loss", name)->data;
     size_t n = cs.n_train;
+    double tol_grad = lora ? TOL_LORA_GRAD : TOL_GRAD;
     int V = c->vocab_size, L = c->n_layers;
     int Ms[3] = {1, 3, cs.S};
     int vcs[3] = {V, 100, 64};
@@ -510,7 +530,7 @@ static void run_case(const char *name, int lora) {
                     compare_scalar("loss@2", r->loss[1], ref_losses[1], TOL_LOSS);
                     compare_scalar("loss@3", r->loss[2], ref_losses[2], TOL_LOSS);
                     compare_scalar("gradnorm", r->grad_norm, cs.ref_grad_norm, TOL_GRAD);
-                    check_grads(&cs, r->grads, cs.ref_grads, TOL_GRAD, "grad", first);
+                    check_grads(&cs, r->grads, cs.ref_grads, tol_grad, "grad", first);
                     check_params(&cs, r->master, cs.ref_params, TOL_PARAM_UPDATE, "param", first);
                     if (is_base && rc == 1) {  // runs repeat bit for bit (no float atomics anywhere)
                         run_one(&cs, &rs, &res, 0);
@@ -544,7 +564,7 @@ static void run_case(const char *name, int lora) {
         printf("  recompute 1 M 1, attention backward in %d head groups\n", groups);
         run_one(&cs, &rg, &res, 0);
         compare_scalar("groups loss@3", res.loss[2], ref_losses[2], TOL_LOSS);
-        check_grads(&cs, res.grads, cs.ref_grads, TOL_GRAD, "grad", 0);
+        check_grads(&cs, res.grads, cs.ref_grads, tol_grad, "grad", 0);
         check_grads(&cs, res.grads, base[1].grads, TOL_AGREE, "groups-vs-one", 0);
         check_params(&cs, res.master, base[1].master, TOL_PARAM_UPDATE, "groups-vs-one-w", 0);
         print_worst();
