@@ -161,15 +161,30 @@ def trial_seconds(preset, S, steps, method):
     return 30.0 + steps * step
 
 
-def trial_key(preset, method, S, lora_rank):
-    """Cache key of a trial; LoRA trials name their rank."""
-    return f"{preset}|{method}|{S}" + (f"|r{lora_rank}" if method in LORA_METHODS else "")
+def trial_key(preset, method, S, lora_rank, gpus=1):
+    """Cache key of a trial; LoRA trials name their rank, runs over several GPUs their count."""
+    return (f"{preset}|{method}|{S}" + (f"|r{lora_rank}" if method in LORA_METHODS else "")
+            + (f"|g{gpus}" if gpus > 1 else ""))
+
+
+def multi_gpu_prefix(args):
+    """The launcher of a train_llama run over args.gpus GPUs (sequence parallel): mpirun -np N, or []."""
+    if args.gpus == 1:
+        return []
+    return [args.mpirun, "-np", str(args.gpus), "--bind-to", "none", "-x", "NCCL_NVLS_ENABLE", "-x", "OMP_WAIT_POLICY"]
+
+
+def multi_gpu_flags(args, plan):
+    """train_llama flags of a run over args.gpus GPUs: every row's tokens split over them (Ulysses)."""
+    if args.gpus == 1:
+        return []
+    return (["--gpus", str(args.gpus)] if plan else []) + ["--seq-parallel"]
 
 
 def make_trial(args, preset, method, cache, deadline, log_dir):
     """trial(S) -> True when S trains: from the cache, else a run (raises OutOfTime past the deadline)."""
     def trial(S):
-        key = trial_key(preset, method, S, args.lora_rank)
+        key = trial_key(preset, method, S, args.lora_rank, args.gpus)
         if key in cache.data["trials"]:
             return cache.data["trials"][key]["ok"]
         if time.time() + trial_seconds(preset, S, args.steps, method) > deadline:
@@ -178,7 +193,7 @@ def make_trial(args, preset, method, cache, deadline, log_dir):
         if flags is not None:
             cmd = [args.binary, "--preset", preset, "--synthetic-data", "--bench", "--batch", "1", "--seq-len", str(S),
                    "--steps", str(args.steps), "--lr", "1e-5", "--warmup", "0", "--schedule", "constant"] + flags
-            cmd += memory_flags(args)
+            cmd = multi_gpu_prefix(args) + cmd + memory_flags(args) + multi_gpu_flags(args, plan=False)
         else:
             cmd = [args.python, os.path.join("scripts", "hf_peer.py"), "--preset", preset, "--batch", "1",
                    "--seq-len", str(S), "--steps", str(args.steps)] + (["--gc"] if method == "hf-gc" else [])
@@ -198,13 +213,14 @@ def make_trial(args, preset, method, cache, deadline, log_dir):
 def plan_bound(args, preset, method, cache):
     """The planner's longest S for a train_llama method (cached), from `--plan-only` at --s-max."""
     key = f"{preset}|{method}|{args.gpu_mem}" + (f"|{args.host_mem}" if args.host_mem is not None else "")
+    key += f"|g{args.gpus}" if args.gpus > 1 else ""
     if method in LORA_METHODS:
         key += f"|r{args.lora_rank}"
     if key in cache.data["bounds"]:
         return cache.data["bounds"][key]
     cmd = [args.binary, "--plan-only", "--preset", preset, "--seq-len", str(args.s_max), "--batch", "1",
            "--gpu-mem", str(args.gpu_mem)] + method_flags(method, PRESETS[preset]["V"], args.lora_rank)
-    cmd += memory_flags(args)
+    cmd += memory_flags(args) + multi_gpu_flags(args, plan=True)
     p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     bound = parse_plan_bound(p.stdout)
     if bound is None:
@@ -214,12 +230,12 @@ def plan_bound(args, preset, method, cache):
     return bound
 
 
-def result_rows(cache, preset, methods, best, lora_rank=16):
+def result_rows(cache, preset, methods, best, lora_rank=16, gpus=1):
     rows = []
     for m in methods:
         S = best.get(m)
-        rec = cache.data["trials"].get(trial_key(preset, m, S, lora_rank), {}).get("record") if S else None
-        rows.append({"model": preset, "method": m, "max_S": S, "done": m in best,
+        rec = cache.data["trials"].get(trial_key(preset, m, S, lora_rank, gpus), {}).get("record") if S else None
+        rows.append({"model": preset, "method": m, "gpus": gpus, "max_S": S, "done": m in best,
                      "tok_s": rec.get("tok_s") if rec else None, "peak_gib": rec.get("peak_gib") if rec else None})
     return rows
 
@@ -227,6 +243,8 @@ def result_rows(cache, preset, methods, best, lora_rank=16):
 def fmt_row(r, col):
     if col == "method":
         return r["method"]
+    if col == "GPUs":
+        return str(r["gpus"])
     if col == "max S":
         if not r["done"]:
             return "unfinished"
@@ -307,6 +325,10 @@ def parse_args(argv):
     ap.add_argument("--time-budget", type=float, default=540, help="seconds for this call (default 540)")
     ap.add_argument("--gpu-mem", type=float, default=None,
                     help="GiB the planner bound assumes (default: nvidia-smi free memory minus 1)")
+    ap.add_argument("--gpus", type=int, default=1,
+                    help="GPUs of the train_llama methods: N > 1 runs them sequence parallel under mpirun -np N "
+                         "(the HF methods run on one GPU only; default 1)")
+    ap.add_argument("--mpirun", default="mpirun", help="launcher for --gpus N > 1 (default mpirun)")
     ap.add_argument("--binary", default="./train_llama")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--out", default="bench_results", help="directory of the CSV, PNG, cache and logs")
@@ -333,6 +355,17 @@ def main(argv=None):
         args.gpu_mem = gpu_free_gib()
         if args.gpu_mem is None:
             raise SystemExit("error: no GPU found by nvidia-smi: pass --gpu-mem GiB for the planner bound")
+    if args.gpus < 1:
+        raise SystemExit(f"error: --gpus {args.gpus}: must be at least 1")
+    if args.gpus > 1:
+        one_gpu_only = [m for m in args.methods if not is_train_llama(m) or m in LORA_METHODS or m.endswith(ADAM8_SUFFIX)]
+        if one_gpu_only:
+            raise SystemExit(f"error: --gpus {args.gpus}: {', '.join(one_gpu_only)} run on one GPU only "
+                             "(HF peers, LoRA and 8-bit moments); leave them out or use --gpus 1")
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on the lent machines
+        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+        os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     cache = Cache(args.cache)
     if args.plan_only:
         for m in args.methods:
@@ -357,12 +390,13 @@ def main(argv=None):
             stopped = str(e)
             print(f"  time budget reached before trial {e}: rerun the same command to continue", flush=True)
             break
-    rows = add_gain(result_rows(cache, args.preset, args.methods, best, args.lora_rank))
+    rows = add_gain(result_rows(cache, args.preset, args.methods, best, args.lora_rank, args.gpus))
     print()
-    print(format_table(rows, ["method", "max S", "tok/s at max S", "peak GiB", "vs vanilla"], header_lines(argv), fmt_row))
-    csv_path = os.path.join(args.out, f"max_seq_{args.preset}.csv")
-    write_csv(csv_path, rows, ["model", "method", "max_S", "done", "tok_s", "peak_gib", "gain"])
-    png = plot(rows, args.preset, os.path.join(args.out, f"max_seq_{args.preset}.png"))
+    print(format_table(rows, ["method", "GPUs", "max S", "tok/s at max S", "peak GiB", "vs vanilla"], header_lines(argv), fmt_row))
+    name = f"max_seq_{args.preset}" + (f"_g{args.gpus}" if args.gpus > 1 else "")
+    csv_path = os.path.join(args.out, f"{name}.csv")
+    write_csv(csv_path, rows, ["model", "method", "gpus", "max_S", "done", "tok_s", "peak_gib", "gain"])
+    png = plot(rows, args.preset, os.path.join(args.out, f"{name}.png"))
     print(f"\nCSV: {csv_path}" + (f"\nplot: {png}" if png else "") + f"\ncache: {args.cache}")
     if stopped:
         print("UNFINISHED: rerun to continue")

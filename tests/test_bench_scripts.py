@@ -176,6 +176,34 @@ def test_search_with_planner_bound(threshold):
         assert asked == 1
 
 
+def test_several_gpus_run_sequence_parallel_under_mpirun(tmp_path, monkeypatch):
+    args = max_seq.parse_args(["--methods", "ours-mst", "--out", str(tmp_path), "--gpu-mem", "78", "--gpus", "2"])
+    cmds = []
+
+    def fake_run(cmd, timeout, log_path=None):
+        cmds.append(cmd)
+        return 0, 'BENCH {"oom": false, "tok_s": 1000, "peak_gib": 70.0}', False, 1.0
+
+    monkeypatch.setattr(max_seq, "run_command", fake_run)
+    cache = max_seq.Cache(args.cache)
+    trial = max_seq.make_trial(args, "llama3-8b", "ours-mst", cache, 1e18, str(tmp_path / "logs"))
+    assert trial(8192)
+    cmd = cmds[0]
+    assert cmd[:3] == ["mpirun", "-np", "2"] and "--seq-parallel" in cmd and "--gpus" not in cmd
+    assert "llama3-8b|ours-mst|8192|g2" in cache.data["trials"]
+    rows = max_seq.result_rows(cache, "llama3-8b", ["ours-mst"], {"ours-mst": 8192}, gpus=2)
+    assert rows[0]["gpus"] == 2 and rows[0]["tok_s"] == 1000 and max_seq.fmt_row(rows[0], "GPUs") == "2"
+    assert max_seq.multi_gpu_flags(args, plan=True) == ["--gpus", "2", "--seq-parallel"]
+    one = max_seq.parse_args(["--methods", "ours-mst", "--gpu-mem", "78"])
+    assert max_seq.multi_gpu_prefix(one) == [] and max_seq.multi_gpu_flags(one, plan=True) == []
+
+
+@pytest.mark.parametrize("method", ["hf", "lora-nf4-mst", "ours-mst-adam8"])
+def test_several_gpus_refuse_one_gpu_methods(method, tmp_path):
+    with pytest.raises(SystemExit, match="one GPU only"):
+        max_seq.main(["--methods", method, "--gpus", "2", "--gpu-mem", "78", "--out", str(tmp_path)])
+
+
 def test_search_bound_below_granule():
     trial, seen = fake(10 ** 6)
     assert max_seq.search_max(trial, 2048, hi=1000) == (0, 0)
