@@ -79,15 +79,7 @@ def adamw_steps(model, lora_params, tokens, targets):
     """Loss before AdamW steps 1..3 over the adapters (float64), every adapter decayed."""
     opt = torch.optim.AdamW(lora_params, lr=ADAMW["lr"], betas=(ADAMW["beta1"], ADAMW["beta2"]),
                             eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
-    losses = []
-    for step in range(3):
-        opt.zero_grad(set_to_none=True)
-        loss = mr.masked_loss(model(input_ids=tokens).logits, targets)
-        losses.append(loss.item())
-        if step < 2:
-            loss.backward()
-            opt.step()
-    return losses
+    return mr.step_losses(model, opt, tokens, targets)
 
 
 def check_export(base_path, lora_path, tokens, logits, tmp):

@@ -130,6 +130,11 @@ def adamw_steps(model, tokens, targets):
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": ADAMW["weight_decay"]},
                              {"params": vectors, "weight_decay": 0.0}],
                             lr=ADAMW["lr"], betas=(ADAMW["beta1"], ADAMW["beta2"]), eps=ADAMW["eps"])
+    return step_losses(model, opt, tokens, targets)
+
+
+def step_losses(model, opt, tokens, targets):
+    """Loss before optimizer steps 1..3 (opt steps twice); the model is left after 2 steps."""
     losses = []
     for step in range(3):
         opt.zero_grad(set_to_none=True)

@@ -204,6 +204,11 @@ def test_several_gpus_refuse_one_gpu_methods(method, tmp_path):
         max_seq.main(["--methods", method, "--gpus", "2", "--gpu-mem", "78", "--out", str(tmp_path)])
 
 
+def test_zero_gpus_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="at least 1"):
+        max_seq.main(["--methods", "ours-mst", "--gpus", "0", "--gpu-mem", "78", "--out", str(tmp_path)])
+
+
 def test_search_bound_below_granule():
     trial, seen = fake(10 ** 6)
     assert max_seq.search_max(trial, 2048, hi=1000) == (0, 0)

@@ -73,6 +73,8 @@ expect_fail "--plan-only: 2 head groups, 8 GPUs sequence parallel" "kv heads per
     "$BIN" "${PLAN[@]}" --seq-len 65536 --gpus 8 --seq-parallel --attn-head-groups 2
 expect_ok "--plan-only: 8 head groups, 2 GPUs data parallel" "attention backward in 8 head groups" \
     "$BIN" "${PLAN[@]}" --seq-len 8192 --batch 2 --gpus 2 --attn-head-groups 8
+expect_fail "--plan-only: 3 head groups" "must be 1, 2, 4 or 8" "$BIN" "${PLAN[@]}" --seq-len 8192 --attn-head-groups 3
+expect_fail "--plan-only: head groups 'many'" "--attn-head-groups" "$BIN" "${PLAN[@]}" --seq-len 8192 --attn-head-groups many
 
 expect_fail "--seq-parallel without a launcher" "start N processes" "$BIN" --synthetic-data --seq-parallel --steps 1
 expect_fail "--gpus 2 without a launcher" "started alone" "$BIN" --synthetic-data --gpus 2 --steps 1

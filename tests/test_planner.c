@@ -357,10 +357,7 @@ static void test_presets(void) {
 
 static void test_timeline_hand(void) {
     ModelConfig c = tiny_config(2);
-    MstSettings s = tiny_settings();
-    MstKernelFigures f = tiny_figures();
-    MemoryPlan p;
-    mst_plan_build(&p, &c, &s, &f);
+    MemoryPlan p = plan_with(&c, tiny_settings());
     MstPhase ph[64];
     int n = mst_timeline(&p, ph);
     static const int kinds[] = {PHASE_EMBED_FWD, PHASE_ATTN_FWD, PHASE_MLP_FWD, PHASE_ATTN_FWD, PHASE_MLP_FWD,
@@ -789,9 +786,7 @@ static void test_lora_plans(void) {
     s.lora.alpha = 4.0f;
     s.lora.targets = (1u << LORA_Q) | (1u << LORA_K) | (1u << LORA_V) | (1u << LORA_GATE) | (1u << LORA_DOWN);
     s.lora.base_quant = BASE_QUANT_NF4;
-    MstKernelFigures f = tiny_figures();
-    MemoryPlan p, full;
-    mst_plan_build(&p, &c, &s, &f);
+    MemoryPlan p = plan_with(&c, s);
     check_layout(&p, "tiny LoRA NF4");
     for (size_t i = 0; i < sizeof(TINY_LORA) / sizeof(TINY_LORA[0]); i++) {
         const PlanEntry *e = mst_plan_find(&p, TINY_LORA[i].name);
@@ -804,7 +799,7 @@ static void test_lora_plans(void) {
     for (int i = 0; i < 6; i++) CHECK(mst_plan_find(&p, absent[i]) == NULL, "LoRA plan: unexpected entry %s", absent[i]);
     s.grad_accum_steps = 2;
     s.master_weights = 1;
-    mst_plan_build(&p, &c, &s, &f);
+    p = plan_with(&c, s);
     CHECK(mst_plan_find(&p, "lora_grads") && mst_plan_find(&p, "lora_grads")->bytes == 5632 &&
           mst_plan_find(&p, "master") && mst_plan_find(&p, "master")->bytes == 5632 && !mst_plan_find(&p, "grads"),
           "LoRA plan with accumulation: lora_grads and master of the 1408 adapters (5632 bytes each)");
@@ -814,7 +809,9 @@ static void test_lora_plans(void) {
     mst_preset("llama3-8b", &c);
     MstSettings t = tiny_settings();
     t.B = 1; t.S = 65536; t.mst_chunks = 8; t.vocab_chunk = 16384; t.moment_bytes = 2;
+    MstKernelFigures f;
     mst_kernel_figures_estimate(&c, t.B, t.S, &f);
+    MemoryPlan full;
     mst_plan_build(&full, &c, &t, &f);
     t.lora.rank = 16;
     t.lora.alpha = 32.0f;
