@@ -49,7 +49,7 @@ CUDA_LIBS := -L$(CUDNN_LIB) -L$(NCCL_LIB) -Xlinker -rpath=$(CUDNN_LIB) -Xlinker 
 C_FLAGS := -O2 -Wall -Wextra -fopenmp -I.
 
 HEADERS := $(wildcard *.h)
-GPU_OBJS := build/mst_kernels.o build/matmul.o build/attention_cudnn.o build/attention_softcap.o build/lora_gpu.o build/gpu_model.o \
+GPU_OBJS := build/mst_kernels.o build/matmul.o build/attention_cudnn.o build/attn_sliced.o build/attention_softcap.o build/lora_gpu.o build/gpu_model.o \
 	build/gpu_dist.o build/comm.o
 CPU_TESTS := build/test_cpu_model build/test_model_loader build/test_tokenizer build/test_dataloader build/test_planner \
 	build/test_quant build/test_attention_softcap_emu build/test_adamw8bit \

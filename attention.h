@@ -36,6 +36,15 @@ void attention_forward(bf16 *out, float *stats, const bf16 *qkv, const Attention
 void attention_backward(bf16 *dqkv, const bf16 *dout, const bf16 *out, const float *stats, const bf16 *qkv,
                         const AttentionShape *shape, void *workspace, cudaStream_t stream);
 
+// The backward of one head group of shape->head_groups (>= 2) with packed per-group buffers, for a
+// caller that keeps only one group's gradients at a time: dout_g (B*S, hq hd) = the gradient of the
+// group's columns of out; dqkv_g (B*S, (hq + 2 hk) hd), row = [dq | dk | dv] of the group's hq = Hq/G
+// query and hk = Hkv/G kv heads (every element written). out, stats, qkv are the whole buffers.
+void attention_backward_group(bf16 *dqkv_g, const bf16 *dout_g, const bf16 *out, const float *stats, const bf16 *qkv,
+                              const AttentionShape *shape, int group, void *workspace, cudaStream_t stream);
+// Device workspace of the forward and of attention_backward_group's graph (head_groups >= 2).
+size_t attention_group_workspace_bytes(const AttentionShape *shape);
+
 // ---- soft-capped attention (attention_softcap.cu): our own flash-attention-2 kernels on tensor cores
 // for what cuDNN cannot do, scores z = softcap * tanh(scale q.k / softcap) before the mask and softmax
 // (Gemma-2). Same layouts and mask as above; deterministic (no atomics). Head dims up to 256, multiples of 8.

@@ -12,6 +12,10 @@
 // With head_groups G > 1 the backward runs G times over a slice of the heads: Q, O, dO, Stats, dQ
 // views of Hq/G heads, K, V, dK, dV of Hkv/G heads, with the strides of the whole buffers, at the
 // slice's element offset; one graph serves every slice.
+// attention_backward_group runs one such slice with packed per-group gradients instead (the
+// packed-group graph): dO (B*S, hq hd) dims (B, hq, S, hd) strides (S hq hd, hd, hq hd, 1), and
+// dqkv_g (B*S, Cg) bf16, Cg = (hq + 2 hk) hd, row = [dq | dk | dv] of the group's heads: dQ, dK, dV
+// strides (S Cg, hd, Cg, 1) at element offsets 0, hq hd, (hq + hk) hd.
 // Mask: query i sees keys j with j <= i (causal: top-left diagonal, right bound 0) and, when
 // window > 0, i - window < j (left bound `window`: cuDNN keeps j + window > i).
 #include <cudnn.h>
@@ -47,10 +51,14 @@ enum : int64_t {
     UID_DV,
 };
 
-// A built graph for one shape and direction, with the workspace its execution plan needs.
+// Which graph: the forward, the backward over whole-buffer views, or one head group's backward with
+// packed dO and dq|dk|dv (attention_backward_group).
+enum GraphKind { GRAPH_FORWARD = 0, GRAPH_BACKWARD = 1, GRAPH_BACKWARD_PACKED_GROUP = 2 };
+
+// A built graph for one shape and kind, with the workspace its execution plan needs.
 struct AttentionGraph {
     AttentionShape shape;
-    int backward;
+    int backward;  // GraphKind
     std::shared_ptr<fe::graph::Graph> graph;
     int64_t workspace_bytes;
 };
@@ -126,6 +134,13 @@ static void require_supported(const AttentionShape *s, const char *caller) {
     if (attention_state.handle == NULL) die("%s: attention_init was not called", caller);
 }
 
+// require_supported, and head_groups > 1 (the packed-group backward runs one of several groups).
+static void require_grouped(const AttentionShape *s, const char *caller) {
+    if (s != NULL && s->head_groups < 2)
+        die("%s: head_groups is %d: the packed-group backward needs 2 or more groups", caller, s->head_groups);
+    require_supported(s, caller);
+}
+
 // ---- tensor views ----
 static int64_t qkv_row_elems(const AttentionShape *s) { return (int64_t)(s->Hq + 2 * s->Hkv) * s->hd; }
 
@@ -191,8 +206,9 @@ static std::shared_ptr<fe::graph::Graph> define_forward(const AttentionShape *s)
 }
 
 // Backward of one head slice: (Q, K, V, O, dO, Stats) -> (dQ, dK, dV) over Hq/G query heads and their
-// Hkv/G kv heads, the same mask and scale as the forward.
-static std::shared_ptr<fe::graph::Graph> define_backward(const AttentionShape *s) {
+// Hkv/G kv heads, the same mask and scale as the forward. packed: dO and dQ, dK, dV in the packed
+// per-group layouts (see the top of the file), else views of the whole buffers.
+static std::shared_ptr<fe::graph::Graph> define_backward(const AttentionShape *s, int packed) {
     int hq = s->Hq / head_groups(s), hk = s->Hkv / head_groups(s);
     auto graph = new_graph();
     auto Q = graph->tensor(qkv_view("Q", UID_Q, s, hq));
@@ -200,8 +216,12 @@ static std::shared_ptr<fe::graph::Graph> define_backward(const AttentionShape *s
     auto V = graph->tensor(qkv_view("V", UID_V, s, hk));
     auto O = graph->tensor(
         fe::graph::Tensor_attributes().set_name("O").set_uid(UID_O).set_dim(o_dims(s, hq)).set_stride(o_strides(s)));
-    auto dO = graph->tensor(
-        fe::graph::Tensor_attributes().set_name("dO").set_uid(UID_DO).set_dim(o_dims(s, hq)).set_stride(o_strides(s)));
+    int64_t do_row = packed ? (int64_t)hq * s->hd : (int64_t)s->Hq * s->hd;
+    auto dO = graph->tensor(fe::graph::Tensor_attributes()
+                                .set_name("dO")
+                                .set_uid(UID_DO)
+                                .set_dim(o_dims(s, hq))
+                                .set_stride({(int64_t)s->S * do_row, s->hd, do_row, 1}));
     auto Stats = graph->tensor(fe::graph::Tensor_attributes()
                                    .set_name("Stats")
                                    .set_uid(UID_STATS)
@@ -215,7 +235,7 @@ static std::shared_ptr<fe::graph::Graph> define_backward(const AttentionShape *s
                        .set_diagonal_band_right_bound(0);
     if (s->window > 0) options.set_diagonal_band_left_bound(s->window);
     auto grads = graph->sdpa_backward(Q, K, V, O, dO, Stats, options);
-    int64_t C = qkv_row_elems(s);
+    int64_t C = packed ? (int64_t)(hq + 2 * hk) * s->hd : qkv_row_elems(s);
     std::vector<int64_t> strides = {(int64_t)s->S * C, s->hd, C, 1};
     grads[0]->set_output(true).set_uid(UID_DQ).set_dim({s->B, hq, s->S, s->hd}).set_stride(strides);
     grads[1]->set_output(true).set_uid(UID_DK).set_dim({s->B, hk, s->S, s->hd}).set_stride(strides);
@@ -228,7 +248,7 @@ static std::shared_ptr<fe::graph::Graph> define_backward(const AttentionShape *s
 static void build_graph(AttentionGraph *entry) {
     const AttentionShape *s = &entry->shape;
     try {
-        auto graph = entry->backward ? define_backward(s) : define_forward(s);
+        auto graph = entry->backward ? define_backward(s, entry->backward == GRAPH_BACKWARD_PACKED_GROUP) : define_forward(s);
         feCheck(graph->validate(), "validate", s);
         feCheck(graph->build_operation_graph(attention_state.handle), "build_operation_graph", s);
         feCheck(graph->create_execution_plans({fe::HeurMode_t::A}), "create_execution_plans", s);
@@ -242,7 +262,10 @@ static void build_graph(AttentionGraph *entry) {
         char shape[160];
         describe_shape(shape, sizeof(shape), s);
         die("cudnn-frontend threw while building the attention %s graph for %s: %s",
-            entry->backward ? "backward" : "forward", shape, e.what());
+            entry->backward == GRAPH_BACKWARD_PACKED_GROUP ? "packed-group backward"
+            : entry->backward                              ? "backward"
+                                                           : "forward",
+            shape, e.what());
     }
 }
 
@@ -252,10 +275,10 @@ static int same_shape(const AttentionShape *a, const AttentionShape *b) {
            memcmp(&a->softcap, &b->softcap, sizeof(float)) == 0 && head_groups(a) == head_groups(b);
 }
 
-// The cached graph for this shape and direction, built on first use.
+// The cached graph for this shape and kind (GraphKind), built on first use.
 static AttentionGraph *get_graph(const AttentionShape *s, int backward) {
     AttentionShape key = *s;
-    if (!backward) key.head_groups = 1;
+    if (backward == GRAPH_FORWARD) key.head_groups = 1;
     for (int i = 0; i < attention_state.n_graphs; i++) {
         AttentionGraph *g = &attention_state.graphs[i];
         if (g->backward == backward && same_shape(&g->shape, &key)) return g;
@@ -279,7 +302,14 @@ static AttentionGraph *get_graph(const AttentionShape *s, int backward) {
 extern "C" size_t attention_workspace_bytes(const AttentionShape *s) {
     require_supported(s, "attention_workspace_bytes");
     int64_t fwd = get_graph(s, 0)->workspace_bytes;
-    int64_t bwd = get_graph(s, 1)->workspace_bytes;
+    int64_t bwd = get_graph(s, GRAPH_BACKWARD)->workspace_bytes;
+    return (size_t)(fwd > bwd ? fwd : bwd);
+}
+
+extern "C" size_t attention_group_workspace_bytes(const AttentionShape *s) {
+    require_grouped(s, "attention_group_workspace_bytes");
+    int64_t fwd = get_graph(s, GRAPH_FORWARD)->workspace_bytes;
+    int64_t bwd = get_graph(s, GRAPH_BACKWARD_PACKED_GROUP)->workspace_bytes;
     return (size_t)(fwd > bwd ? fwd : bwd);
 }
 
@@ -312,35 +342,65 @@ extern "C" void attention_forward(bf16 *out, float *stats, const bf16 *qkv, cons
     execute_graph(g, pack, workspace, stream);
 }
 
+// Stats of query-head slice i for the backward: in place when B = 1, else copied to packed scratch
+// at the end of the graph's workspace (rows b: hq S floats at pitch Hq S).
+static float *slice_stats(AttentionGraph *g, const float *stats, const AttentionShape *s, int i, void *workspace,
+                          cudaStream_t stream) {
+    int hq = s->Hq / head_groups(s);
+    float *slice = const_cast<float *>(stats) + (size_t)i * hq * s->S;
+    int64_t stats_bytes = grouped_stats_bytes(s);
+    if (stats_bytes == 0) return slice;
+    float *packed = (float *)((char *)workspace + g->workspace_bytes - stats_bytes);
+    size_t row = (size_t)hq * s->S * sizeof(float);
+    cudaCheck(cudaMemcpy2DAsync(packed, row, slice, (size_t)s->Hq * s->S * sizeof(float), row, (size_t)s->B,
+                                cudaMemcpyDeviceToDevice, stream));
+    return packed;
+}
+
 extern "C" void attention_backward(bf16 *dqkv, const bf16 *dout, const bf16 *out, const float *stats, const bf16 *qkv,
                                    const AttentionShape *s, void *workspace, cudaStream_t stream) {
     require_supported(s, "attention_backward");
-    AttentionGraph *g = get_graph(s, 1);
+    AttentionGraph *g = get_graph(s, GRAPH_BACKWARD);
     int G = head_groups(s), hq = s->Hq / G, hk = s->Hkv / G;
     bf16 *q = const_cast<bf16 *>(qkv);
     size_t k_at = (size_t)s->Hq * s->hd, v_at = (size_t)(s->Hq + s->Hkv) * s->hd;
-    int64_t stats_bytes = grouped_stats_bytes(s);
-    float *packed_stats = stats_bytes > 0 ? (float *)((char *)workspace + g->workspace_bytes - stats_bytes) : NULL;
     for (int i = 0; i < G; i++) {
         size_t q_off = (size_t)i * hq * s->hd, kv_off = (size_t)i * hk * s->hd;
-        float *slice_stats = const_cast<float *>(stats) + (size_t)i * hq * s->S;
-        if (packed_stats != NULL) {  // rows b: hq S floats at pitch Hq S -> packed
-            size_t row = (size_t)hq * s->S * sizeof(float);
-            cudaCheck(cudaMemcpy2DAsync(packed_stats, row, slice_stats, (size_t)s->Hq * s->S * sizeof(float), row,
-                                        (size_t)s->B, cudaMemcpyDeviceToDevice, stream));
-            slice_stats = packed_stats;
-        }
         std::unordered_map<int64_t, void *> pack = {
             {UID_Q, q + q_off},
             {UID_K, q + k_at + kv_off},
             {UID_V, q + v_at + kv_off},
             {UID_O, const_cast<bf16 *>(out) + q_off},
             {UID_DO, const_cast<bf16 *>(dout) + q_off},
-            {UID_STATS, slice_stats},
+            {UID_STATS, slice_stats(g, stats, s, i, workspace, stream)},
             {UID_DQ, dqkv + q_off},
             {UID_DK, dqkv + k_at + kv_off},
             {UID_DV, dqkv + v_at + kv_off},
         };
         execute_graph(g, pack, workspace, stream);
     }
+}
+
+extern "C" void attention_backward_group(bf16 *dqkv_g, const bf16 *dout_g, const bf16 *out, const float *stats,
+                                         const bf16 *qkv, const AttentionShape *s, int group, void *workspace,
+                                         cudaStream_t stream) {
+    require_grouped(s, "attention_backward_group");
+    int G = head_groups(s), hq = s->Hq / G, hk = s->Hkv / G;
+    if (group < 0 || group >= G) die("attention_backward_group: group %d outside [0, %d)", group, G);
+    AttentionGraph *g = get_graph(s, GRAPH_BACKWARD_PACKED_GROUP);
+    bf16 *q = const_cast<bf16 *>(qkv);
+    size_t q_off = (size_t)group * hq * s->hd, kv_off = (size_t)group * hk * s->hd;
+    size_t k_at = (size_t)s->Hq * s->hd, v_at = (size_t)(s->Hq + s->Hkv) * s->hd;
+    std::unordered_map<int64_t, void *> pack = {
+        {UID_Q, q + q_off},
+        {UID_K, q + k_at + kv_off},
+        {UID_V, q + v_at + kv_off},
+        {UID_O, const_cast<bf16 *>(out) + q_off},
+        {UID_DO, const_cast<bf16 *>(dout_g)},
+        {UID_STATS, slice_stats(g, stats, s, group, workspace, stream)},
+        {UID_DQ, dqkv_g},
+        {UID_DK, dqkv_g + (size_t)hq * s->hd},
+        {UID_DV, dqkv_g + (size_t)(hq + hk) * s->hd},
+    };
+    execute_graph(g, pack, workspace, stream);
 }

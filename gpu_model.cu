@@ -28,6 +28,7 @@
 #include <math.h>
 #include <unistd.h>
 #include "attention.h"
+#include "attn_sliced.h"
 #include "gpu_dist.h"
 #include "gpu_model.h"
 #include "matmul.h"
@@ -432,6 +433,16 @@ static void mlp_backward(GpuModel *m, int l, const LayerActs *a, int fresh) {
 // Attention-part backward: dresid (N, d) holds d h1 on entry and d in on exit. The gradient of the
 // attention output goes to h1's buffer (dead once the MLP backward is done) unless datt has its own
 // (when Hq * hd > d). `fresh` as in mlp_backward.
+// The sliced attention backward of layer l (attn_sliced.h): one head group's dO and dq|dk|dv at a
+// time; a->qkv holds dq|dk|dv (before the inverse RoPE) on return.
+static void attention_sliced_layer_backward(GpuModel *m, int l, const LayerActs *a, const bf16 *dao) {
+    AttentionShape sh = attention_shape(&m->config, l, m->settings.B, m->settings.S);
+    sh.head_groups = m->settings.attn_head_groups;
+    step_profile_mark(m->profile, PROF_SDPA_BWD, m->stream);
+    attention_backward_sliced(a->qkv, m->dqkv_g, m->datt_g, dao, W(m, l, LT_WO), a->att, a->att_stats, &sh,
+                              m->config.d_model, m->attn_workspace, m->stream);
+}
+
 static void attention_block_backward(GpuModel *m, int l, const LayerActs *a, const bf16 *in, int fresh) {
     const ModelConfig *c = &m->config;
     int N = m->plan.n_tokens, d = c->d_model, q = c->n_heads * c->head_dim, qkv = qkv_features(c);
@@ -444,22 +455,29 @@ static void attention_block_backward(GpuModel *m, int l, const LayerActs *a, con
                          W(m, l, LT_POST_ATTN_NORM), a->ao_rstd, N, d, norm_w_offset(m), 0, st);
         dao = m->attn_tmp;
     }
-    bf16 *datt = m->datt != NULL ? m->datt : a->h1;
     linear_backward_weight(G(m, l, LT_WO), DT_FP32, dao, a->att, N, q, d, !fresh, st);
     lora_backward_weights(&m->lora, l, LG_O, dao, a->att, N, st);
-    linear_backward_input(datt, dao, W(m, l, LT_WO), N, q, d, 0, st);
-    lora_backward_input(&m->lora, l, LG_O, datt, N, st);
-    attention_core_backward(m, l, a, datt);
-    rope_apply(m->dqkv, m->rope, N, m->settings.S, rope_offset(m, m->settings.S), c->n_heads, c->n_kv_heads, c->head_dim, 1, st);
+    bf16 *dqkv = m->dqkv;
+    if (m->settings.attn_bwd_sliced) {  // mst.h: recompute, cuDNN, one GPU's sequence, no LoRA, q >= d
+        attention_sliced_layer_backward(m, l, a, dao);
+        dqkv = a->qkv;
+    } else {
+        bf16 *datt = m->datt != NULL ? m->datt : a->h1;
+        linear_backward_input(datt, dao, W(m, l, LT_WO), N, q, d, 0, st);
+        lora_backward_input(&m->lora, l, LG_O, datt, N, st);
+        attention_core_backward(m, l, a, datt);
+    }
+    rope_apply(dqkv, m->rope, N, m->settings.S, rope_offset(m, m->settings.S), c->n_heads, c->n_kv_heads, c->head_dim, 1, st);
     const bf16 *ln1 = a->ln1;
     if (m->settings.recompute) {  // ln1 shared h1's buffer in the forward: recompute it where q, k, v were
-        rmsnorm_forward(a->qkv, a->ln1_rstd, in, W(m, l, LT_ATTN_NORM), N, d, c->norm_eps, norm_w_offset(m), st);
-        ln1 = a->qkv;
+        bf16 *at = m->settings.attn_bwd_sliced ? a->att : a->qkv;  // sliced: q|k|v's buffer holds dqkv, att is free
+        rmsnorm_forward(at, a->ln1_rstd, in, W(m, l, LT_ATTN_NORM), N, d, c->norm_eps, norm_w_offset(m), st);
+        ln1 = at;
     }
-    linear_backward_weight(G(m, l, LT_WQ), DT_FP32, m->dqkv, ln1, N, d, qkv, !fresh, st);
-    if (c->qkv_bias) bias_backward(G(m, l, LT_BQ), m->reduce_scratch, m->dqkv, N, qkv, st);
-    lora_backward_weights(&m->lora, l, LG_QKV, m->dqkv, ln1, N, st);
-    linear_backward_input(a->ln1, m->dqkv, W(m, l, LT_WQ), N, d, qkv, 0, st);  // ln1 := d ln1
+    linear_backward_weight(G(m, l, LT_WQ), DT_FP32, dqkv, ln1, N, d, qkv, !fresh, st);
+    if (c->qkv_bias) bias_backward(G(m, l, LT_BQ), m->reduce_scratch, dqkv, N, qkv, st);
+    lora_backward_weights(&m->lora, l, LG_QKV, dqkv, ln1, N, st);
+    linear_backward_input(a->ln1, dqkv, W(m, l, LT_WQ), N, d, qkv, 0, st);  // ln1 := d ln1
     lora_backward_input(&m->lora, l, LG_QKV, a->ln1, N, st);
     rmsnorm_backward(m->dresid, G(m, l, LT_ATTN_NORM), m->reduce_scratch, a->ln1, in, W(m, l, LT_ATTN_NORM), a->ln1_rstd,
                      N, d, norm_w_offset(m), 1, st);
@@ -884,7 +902,7 @@ static void check_supported(const ModelConfig *c, const GpuSettings *s) {
 
 // Attention workspace with the backward in G head groups: largest over the layer kinds and the
 // (1, S) sampling shape; sequence parallel: this rank's heads over every token of a row.
-static size_t attention_workspace_figure(const ModelConfig *c, const GpuSettings *s, int G) {
+static size_t attention_workspace_figure(const ModelConfig *c, const GpuSettings *s, int G, int sliced) {
     size_t most = 0;
     UlyssesHeads u;
     int sp = settings_sp(c, s, &u);
@@ -893,6 +911,7 @@ static size_t attention_workspace_figure(const ModelConfig *c, const GpuSettings
             AttentionShape sh = attention_shape_sp(c, l, b == 0 ? s->B : 1, s->S, sp, &u);
             sh.head_groups = G;  // the sampling shape runs only the forward, which is the same for every G
             size_t w = attention_via_softcap(&sh) ? attention_softcap_workspace_bytes(&sh)
+                       : sliced                   ? attention_group_workspace_bytes(&sh)
                                                   : attention_workspace_bytes(&sh);
             if (w > most) most = w;
         }
@@ -909,13 +928,19 @@ static int attn_kv_heads(const ModelConfig *c, const GpuSettings *s) {
 // The kernel modules' own figures for this shape: attention workspace (cuDNN's, or the soft-cap
 // kernels' B Hq S floats), reduction scratch over N rows, grad-norm partials. head_groups: 1 also
 // builds cuDNN's backward in 2, 4 and 8 head groups (those that divide the kv heads of one GPU's
-// attention) for their workspace.
+// attention) for their workspace, and unless the sliced backward is off (or sequence parallel) the
+// packed-group graph of the sliced backward in those groups.
 static MstKernelFigures kernel_figures(const ModelConfig *c, const GpuSettings *s, int head_groups) {
     MstKernelFigures f;
     memset(&f, 0, sizeof(f));
-    f.attn_workspace = attention_workspace_figure(c, s, 1);
-    for (int k = 0; k < 3 && head_groups && c->attn_softcap == 0.0f; k++)
-        if (attn_kv_heads(c, s) % (2 << k) == 0) f.attn_workspace_grouped[k] = attention_workspace_figure(c, s, 2 << k);
+    f.attn_workspace = attention_workspace_figure(c, s, 1, 0);
+    UlyssesHeads u;
+    int sliced = s->attn_bwd_sliced != 0 && settings_sp(c, s, &u) == 1;
+    for (int k = 0; k < 3 && head_groups && c->attn_softcap == 0.0f; k++) {
+        if (attn_kv_heads(c, s) % (2 << k) != 0) continue;
+        f.attn_workspace_grouped[k] = attention_workspace_figure(c, s, 2 << k, 0);
+        if (sliced) f.attn_workspace_sliced[k] = attention_workspace_figure(c, s, 2 << k, 1);
+    }
     int N = s->B * s->S;
     size_t norm_floats = (size_t)ceil_div(N, rmsnorm_rows_per_block()) * c->d_model;
     size_t bias_floats = c->qkv_bias ? bias_grad_scratch_floats(N, qkv_features(c)) : 0;
@@ -966,7 +991,9 @@ static void bind_buffers(GpuModel *m) {
     m->x_final = (bf16 *)plan_req(m, "x_final_dresid", 0);
     m->dresid = m->x_final;  // the LM head's backward turns x_final into d(loss)/d(x_final) row by row
     m->datt = (bf16 *)plan_ptr(m, "datt", 0);
-    m->dqkv = (bf16 *)plan_req(m, "dqkv", 0);
+    m->dqkv = (bf16 *)plan_ptr(m, "dqkv", 0);  // NULL with the sliced attention backward
+    m->datt_g = (bf16 *)plan_ptr(m, "datt_g", 0);
+    m->dqkv_g = (bf16 *)plan_ptr(m, "dqkv_g", 0);
     m->attn_tmp = (bf16 *)plan_ptr(m, "attn_tmp", 0);
     m->mlp_tmp = (bf16 *)plan_ptr(m, "mlp_tmp", 0);
     m->xf = (bf16 *)plan_req(m, "xf", 0);
@@ -1140,6 +1167,7 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     ms.seq_parallel = m->sp > 1;
     ms.overlap_optimizer = s->overlap_optimizer && s->grad_accum_steps == 1;
     ms.attn_head_groups = s->attn_head_groups;
+    ms.attn_bwd_sliced = s->attn_bwd_sliced;
     ms.lora = s->lora;
     m->lora.cfg = s->lora;
     lora_layout_init(&m->lora.layout, c, &s->lora);
@@ -1149,7 +1177,7 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     if (s->host_mem_budget == 0) s->host_mem_budget = mst_default_host_budget(physical_memory_bytes()) / (m->comm ? m->comm->local_world : 1);
     char msg[4096];
     // the attention backward in head groups is built only when one call does not fit (or is asked for)
-    int fits = s->attn_head_groups <= 1 &&
+    int fits = s->attn_head_groups <= 1 && s->attn_bwd_sliced != 1 &&
                mst_plan_auto(&m->plan, c, &ms, &fig, s->gpu_mem_budget, s->host_mem_budget, msg, sizeof(msg));
     if (!fits && c->attn_softcap == 0.0f && s->attn_head_groups != 1) {
         fig = kernel_figures(c, s, 1);
@@ -1160,6 +1188,7 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     s->vocab_chunk = m->plan.settings.vocab_chunk;
     s->host_layers = m->plan.host_layers;
     s->attn_head_groups = m->plan.settings.attn_head_groups > 1 ? m->plan.settings.attn_head_groups : 1;
+    s->attn_bwd_sliced = m->plan.settings.attn_bwd_sliced;
     m->settings = *s;
 
     size_t free_before, free_after;

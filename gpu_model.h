@@ -44,6 +44,8 @@ typedef struct {
     uint64_t lora_seed;     // initialization of new adapters (lora_init_params)
     uint64_t init_seed;     // gpu_model_init with no parameters: the seed of the random init
     int attn_head_groups;   // attention backward in 1, 2, 4 or 8 head-group calls (less cuDNN workspace); 0 = auto
+    int attn_bwd_sliced;    // 1: the attention backward keeps one head group's gradients at a time (attn_sliced.h,
+                            // mst.h); 0: off; MST_SLICED_AUTO: only when nothing else fits
     Comm *comm;             // NULL: one GPU; else the ranks this model trains with (comm.h)
     int seq_parallel;       // with comm: 1 = Ulysses sequence parallel (B, S: every row, this rank's S tokens)
     int overlap_optimizer;  // one GPU, optimizer-in-backward: 1 = a layer's AdamW on the side stream, overlapping
@@ -106,6 +108,7 @@ typedef struct {
     bf16 *layer_inputs_host;
     LayerActs *acts;  // one per layer
     bf16 *datt, *dqkv, *attn_tmp, *mlp_tmp;
+    bf16 *datt_g, *dqkv_g;  // the sliced attention backward's one-group scratch (else NULL)
     bf16 *xf, *dxf, *dlogits; float *xf_rstd, *dxf_acc, *logits, *ce_max, *ce_sum, *ce_target, *ce_lse, *losses;
     void *attn_workspace; float *reduce_scratch;
     // host-side batch index (embedding backward) and state

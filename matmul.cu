@@ -12,6 +12,7 @@
 // handful of shapes repeats in every layer, so the heuristic query runs once per shape.
 typedef struct {
     int M, N, K, trans_a, trans_b, has_bias;
+    int lda, ldb, ldd;  // leading dimensions (row-major: elements from one stored row to the next)
     DType d_type;
     cublasLtMatmulDesc_t op;
     cublasLtMatrixLayout_t layout_a, layout_b, layout_d;  // layout_a/_b describe OUR A and B
@@ -76,13 +77,14 @@ static void gemm_plan_build(GemmPlan *p) {
     }
     // Storage (column-major rows, cols, ld) of each operand.
     // Our B: row-major (K, N) = col-major (N, K) ld N; row-major (N, K) = col-major (K, N) ld K.
-    if (p->trans_b) cublasCheck(cublasLtMatrixLayoutCreate(&p->layout_b, CUDA_R_16BF, p->K, p->N, p->K));
-    else cublasCheck(cublasLtMatrixLayoutCreate(&p->layout_b, CUDA_R_16BF, p->N, p->K, p->N));
+    // A row-major leading dimension is the column-major one of the transposed view.
+    if (p->trans_b) cublasCheck(cublasLtMatrixLayoutCreate(&p->layout_b, CUDA_R_16BF, p->K, p->N, p->ldb));
+    else cublasCheck(cublasLtMatrixLayoutCreate(&p->layout_b, CUDA_R_16BF, p->N, p->K, p->ldb));
     // Our A: row-major (M, K) = col-major (K, M) ld K; row-major (K, M) = col-major (M, K) ld M.
-    if (p->trans_a) cublasCheck(cublasLtMatrixLayoutCreate(&p->layout_a, CUDA_R_16BF, p->M, p->K, p->M));
-    else cublasCheck(cublasLtMatrixLayoutCreate(&p->layout_a, CUDA_R_16BF, p->K, p->M, p->K));
+    if (p->trans_a) cublasCheck(cublasLtMatrixLayoutCreate(&p->layout_a, CUDA_R_16BF, p->M, p->K, p->lda));
+    else cublasCheck(cublasLtMatrixLayoutCreate(&p->layout_a, CUDA_R_16BF, p->K, p->M, p->lda));
     // D: row-major (M, N) = col-major (N, M) ld N. C is D.
-    cublasCheck(cublasLtMatrixLayoutCreate(&p->layout_d, d_cuda, p->N, p->M, p->N));
+    cublasCheck(cublasLtMatrixLayoutCreate(&p->layout_d, d_cuda, p->N, p->M, p->ldd));
 
     cublasLtMatmulPreference_t pref;
     cublasCheck(cublasLtMatmulPreferenceCreate(&pref));
@@ -103,20 +105,21 @@ static void gemm_plan_build(GemmPlan *p) {
                                                p->layout_d, pref, 1, &result, &n_results));
     cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
     if (n_results == 0) {
-        die("cuBLASLt has no algorithm for gemm M=%d N=%d K=%d trans_a=%d trans_b=%d d_type=%s bias=%d "
-            "(workspace %zu bytes)", p->M, p->N, p->K, p->trans_a, p->trans_b, p->d_type == DT_FP32 ? "fp32" : "bf16",
-            p->has_bias, matmul_state.workspace_bytes);
+        die("cuBLASLt has no algorithm for gemm M=%d N=%d K=%d trans_a=%d trans_b=%d lda=%d ldb=%d ldd=%d d_type=%s "
+            "bias=%d (workspace %zu bytes)", p->M, p->N, p->K, p->trans_a, p->trans_b, p->lda, p->ldb, p->ldd,
+            p->d_type == DT_FP32 ? "fp32" : "bf16", p->has_bias, matmul_state.workspace_bytes);
     }
     cublasCheck(result.state);
     p->algo = result.algo;
 }
 
 // The cached plan for this shape, built on first use.
-static GemmPlan *gemm_plan_get(int M, int N, int K, int trans_a, int trans_b, DType d_type, int has_bias) {
+static GemmPlan *gemm_plan_get(int M, int N, int K, int trans_a, int trans_b, int lda, int ldb, int ldd, DType d_type,
+                               int has_bias) {
     for (int i = 0; i < matmul_state.n_plans; i++) {
         GemmPlan *p = &matmul_state.plans[i];
-        if (p->M == M && p->N == N && p->K == K && p->trans_a == trans_a && p->trans_b == trans_b &&
-            p->d_type == d_type && p->has_bias == has_bias) {
+        if (p->M == M && p->N == N && p->K == K && p->trans_a == trans_a && p->trans_b == trans_b && p->lda == lda &&
+            p->ldb == ldb && p->ldd == ldd && p->d_type == d_type && p->has_bias == has_bias) {
             return p;
         }
     }
@@ -133,6 +136,9 @@ static GemmPlan *gemm_plan_get(int M, int N, int K, int trans_a, int trans_b, DT
     p->K = K;
     p->trans_a = trans_a;
     p->trans_b = trans_b;
+    p->lda = lda;
+    p->ldb = ldb;
+    p->ldd = ldd;
     p->d_type = d_type;
     p->has_bias = has_bias;
     gemm_plan_build(p);
@@ -151,8 +157,9 @@ static void check_aligned(const void *ptr, const char *what) {
     if (((uintptr_t)ptr) % 16 != 0) die("gemm: %s pointer %p is not 16-byte aligned", what, ptr);
 }
 
-void gemm(void *D, DType d_type, const bf16 *A, int trans_a, const bf16 *B, int trans_b, int M, int N, int K,
-          float alpha, float beta, const bf16 *bias, cudaStream_t stream) {
+// The GEMM of gemm() and gemm_strided(): leading dimensions already checked.
+static void gemm_run(void *D, DType d_type, int ldd, const bf16 *A, int lda, int trans_a, const bf16 *B, int ldb,
+                     int trans_b, int M, int N, int K, float alpha, float beta, const bf16 *bias, cudaStream_t stream) {
     if (M <= 0 || N <= 0 || K <= 0) die("gemm: bad shape M=%d N=%d K=%d", M, N, K);
     check_aligned(D, "D");
     check_aligned(A, "A");
@@ -161,7 +168,7 @@ void gemm(void *D, DType d_type, const bf16 *A, int trans_a, const bf16 *B, int 
     if (matmul_state.handle == NULL) die("gemm: matmul_init was not called");
     // cuBLASLt's bias epilogue takes a bias of D's type; a bf16 bias on an fp32 D is added by our kernel.
     int epilogue_bias = bias != NULL && d_type == DT_BF16;
-    GemmPlan *p = gemm_plan_get(M, N, K, trans_a ? 1 : 0, trans_b ? 1 : 0, d_type, epilogue_bias);
+    GemmPlan *p = gemm_plan_get(M, N, K, trans_a ? 1 : 0, trans_b ? 1 : 0, lda, ldb, ldd, d_type, epilogue_bias);
     if (epilogue_bias) {
         cublasCheck(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
     }
@@ -174,6 +181,26 @@ void gemm(void *D, DType d_type, const bf16 *A, int trans_a, const bf16 *B, int 
         add_bias_fp32_kernel<<<(unsigned)ceil_div_size(n, block), block, 0, stream>>>((float *)D, bias, M, N);
         cudaCheckLaunch();
     }
+}
+
+void gemm(void *D, DType d_type, const bf16 *A, int trans_a, const bf16 *B, int trans_b, int M, int N, int K,
+          float alpha, float beta, const bf16 *bias, cudaStream_t stream) {
+    gemm_run(D, d_type, N, A, trans_a ? M : K, trans_a, B, trans_b ? K : N, trans_b, M, N, K, alpha, beta, bias, stream);
+}
+
+// Dies unless ld (elements) covers the stored row of `cols` elements and keeps every row 16-byte aligned.
+static void check_ld(int ld, int cols, size_t elem_bytes, const char *what) {
+    if (ld < cols || ((size_t)ld * elem_bytes) % 16 != 0)
+        die("gemm_strided: leading dimension %s = %d must be >= its %d stored columns and a multiple of 16 bytes", what,
+            ld, cols);
+}
+
+void gemm_strided(void *D, DType d_type, int ldd, const bf16 *A, int lda, int trans_a, const bf16 *B, int ldb,
+                  int trans_b, int M, int N, int K, float alpha, float beta, cudaStream_t stream) {
+    check_ld(lda, trans_a ? M : K, sizeof(bf16), "lda");
+    check_ld(ldb, trans_b ? K : N, sizeof(bf16), "ldb");
+    check_ld(ldd, N, d_type == DT_FP32 ? sizeof(float) : sizeof(bf16), "ldd");
+    gemm_run(D, d_type, ldd, A, lda, trans_a, B, ldb, trans_b, M, N, K, alpha, beta, NULL, stream);
 }
 
 void linear_forward(void *out, DType out_type, const bf16 *inp, const bf16 *W, const bf16 *bias, int N, int in,

@@ -16,6 +16,12 @@ void matmul_free(void);
 void gemm(void *D, DType d_type, const bf16 *A, int trans_a, const bf16 *B, int trans_b, int M, int N,
           int K, float alpha, float beta, const bf16 *bias, cudaStream_t stream);
 
+// gemm() on operands that are column slices of wider row-major matrices (e.g. one head group's
+// columns): lda, ldb, ldd are the elements from one stored row to the next (>= the stored columns:
+// K or M for A as stored, N or K for B, N for D; each row 16-byte aligned). No bias.
+void gemm_strided(void *D, DType d_type, int ldd, const bf16 *A, int lda, int trans_a, const bf16 *B, int ldb,
+                  int trans_b, int M, int N, int K, float alpha, float beta, cudaStream_t stream);
+
 // Linear layer helpers in the Hugging Face orientation: weight W (out, in).
 // out (N, out) = inp (N, in) W^T [+ bias] [+ out when accumulate] ; out_type bf16 or fp32.
 void linear_forward(void *out, DType out_type, const bf16 *inp, const bf16 *W, const bf16 *bias,

@@ -55,6 +55,7 @@
 #define MST_MAX_ENTRIES 64
 #define MST_MATMUL_WORKSPACE ((size_t)32 << 20)  // cuBLASLt workspace: 32 MiB (Hopper's recommendation)
 #define MST_MIN_TILE_ROWS 1024                   // auto keeps token chunks at least this tall when it can
+#define MST_SLICED_AUTO (-1)                     // MstSettings.attn_bwd_sliced: the planner decides
 
 typedef enum {
     MEM_WEIGHTS, MEM_OPTIMIZER, MEM_GRADIENTS, MEM_ACTIVATIONS, MEM_INTERMEDIATES, MEM_WORKSPACE, MEM_HOST,
@@ -82,6 +83,10 @@ typedef struct {
                            // while the backward of the layer below goes on (two layer-gradient buffers)
     int attn_head_groups;  // G: the attention backward runs in G calls over Hq/G query heads each, which
                            // divides cuDNN's fp32 workspace by about G; 1, 2, 4 or 8 dividing Hkv; 0 = auto
+    int attn_bwd_sliced;   // 1: the attention backward runs group by group (G >= 2) with only one group's
+                           // dO and dq|dk|dv (packed) at a time; dq|dk|dv go back into q|k|v's own buffer,
+                           // so no full dqkv / datt exists (recompute, cuDNN, one GPU's whole sequence,
+                           // no LoRA, q width >= d_model); 0: off; MST_SLICED_AUTO: only when nothing else fits
     LoraConfig lora;       // rank 0: every weight trains; else adapters on a frozen (optionally quantized) base
 } MstSettings;
 
@@ -98,6 +103,7 @@ static inline int mst_full_seq(const MstSettings *s) { return s->seq_parallel ? 
 typedef struct {
     size_t attn_workspace;      // attention workspace for (B, S), bytes: cuDNN SDPA's or the soft-cap backward's
     size_t attn_workspace_grouped[3];  // the same with the backward in 2, 4, 8 head groups; 0: not offered
+    size_t attn_workspace_sliced[3];   // the same for the sliced backward (packed per-group graph); 0: not offered
     size_t matmul_workspace;    // cuBLASLt workspace (allocated by matmul_init, outside the arena)
     size_t reduce_scratch;      // fp32 partial sums of the norm-weight / bias gradients over N rows, bytes
     size_t grad_norm_partials;  // floats of the grad-norm partial sums
@@ -107,6 +113,24 @@ typedef struct {
 static inline size_t mst_attn_workspace(const MstKernelFigures *f, int G) {
     return G <= 1 ? f->attn_workspace : G == 2 ? f->attn_workspace_grouped[0] : G == 4 ? f->attn_workspace_grouped[1]
                                                 : G == 8 ? f->attn_workspace_grouped[2] : 0;
+}
+
+// The attention workspace of the settings' backward: sliced or not, in their head groups.
+static inline size_t mst_attn_workspace_of(const MstKernelFigures *f, const MstSettings *s) {
+    if (s->attn_bwd_sliced != 1) return mst_attn_workspace(f, s->attn_head_groups);
+    int G = s->attn_head_groups;
+    return G == 2 ? f->attn_workspace_sliced[0] : G == 4 ? f->attn_workspace_sliced[1] : G == 8 ? f->attn_workspace_sliced[2] : 0;
+}
+
+// Why the sliced attention backward cannot run with these settings, or NULL when it can.
+static inline const char *mst_sliced_refusal(const ModelConfig *c, const MstSettings *s) {
+    if (!s->recompute) return "the sliced attention backward reuses the recomputed layer's buffers: it needs recompute on";
+    if (s->lora.rank) return "the sliced attention backward is not for LoRA (the o-projection adapter's input gradient needs the whole attention-output gradient)";
+    if (c->attn_softcap > 0.0f) return "the sliced attention backward runs cuDNN's head groups; soft-capped attention (Gemma-2) runs our own kernels";
+    if (s->seq_parallel) return "the sliced attention backward is for one GPU's whole sequence, not sequence parallel";
+    if (c->n_heads * c->head_dim < c->d_model) return "the sliced attention backward recomputes the normed input into the attention output's buffer, which is narrower than d_model for this model";
+    if (s->attn_head_groups == 1) return "the sliced attention backward runs in 2, 4 or 8 head groups, not 1";
+    return NULL;
 }
 
 // The kv heads that one GPU's attention runs on: all of them, or with sequence parallel this GPU's
@@ -123,6 +147,13 @@ static inline int mst_attn_kv_heads(const ModelConfig *c, const MstSettings *s) 
 // offer it and G divides the kv heads of one GPU's attention.
 static inline int mst_head_groups_offered(const ModelConfig *c, const MstSettings *s, const MstKernelFigures *f, int G) {
     return G <= 1 || (mst_attn_workspace(f, G) > 0 && mst_attn_kv_heads(c, s) % G == 0);
+}
+
+// 1 when the sliced attention backward may run with s (attn_bwd_sliced = 1, its head groups G >= 2):
+// the model and settings allow it, the figures offer its graph, G divides the kv heads.
+static inline int mst_sliced_offered(const ModelConfig *c, const MstSettings *s, const MstKernelFigures *f) {
+    return mst_sliced_refusal(c, s) == NULL && s->attn_head_groups >= 2 && mst_attn_workspace_of(f, s) > 0 &&
+           c->n_kv_heads % s->attn_head_groups == 0;
 }
 
 typedef struct {
@@ -182,6 +213,7 @@ static inline void mst_kernel_figures_estimate(const ModelConfig *c, int B, int 
         int G = 2 << k;
         f->attn_workspace_grouped[k] = c->attn_softcap > 0.0f || c->n_kv_heads % G != 0 ? 0
                                        : mst_attn_workspace_estimate(c, N, G);
+        f->attn_workspace_sliced[k] = f->attn_workspace_grouped[k];  // the same dQ accumulators per group
     }
     f->matmul_workspace = MST_MATMUL_WORKSPACE;
     f->reduce_scratch = (N + 31) / 32 * widest * 4;
@@ -207,6 +239,11 @@ static inline const char *mst_settings_check(const ModelConfig *c, const MstSett
                  s->attn_head_groups, c->n_kv_heads);
         return buf;
     }
+    if (s->attn_bwd_sliced != 0 && s->attn_bwd_sliced != 1 && s->attn_bwd_sliced != MST_SLICED_AUTO) {
+        snprintf(buf, len, "sliced attention backward %d must be 0, 1 or auto", s->attn_bwd_sliced);
+        return buf;
+    }
+    if (s->attn_bwd_sliced == 1 && mst_sliced_refusal(c, s)) { snprintf(buf, len, "%s", mst_sliced_refusal(c, s)); return buf; }
     if (s->moment_bytes != 1 && s->moment_bytes != 2 && s->moment_bytes != 4) { snprintf(buf, len, "moment bytes %d must be 1 (8-bit), 2 (bf16) or 4 (fp32)", s->moment_bytes); return buf; }
     if (s->moment_bytes == 1 && mst_ranks(s) > 1) { snprintf(buf, len, "8-bit moments are not sharded over several GPUs (ZeRO): use --moments bf16 or fp32 with %d GPUs", s->ranks); return buf; }
     if (s->moment_bytes == 1 && s->lora.rank) { snprintf(buf, len, "8-bit moments are for full-parameter training, not LoRA adapters"); return buf; }
@@ -366,6 +403,7 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     const char *err = mst_settings_check(c, s, msg, sizeof(msg));
     if (err) die("memory plan: %s", err);
     if (s->mst_chunks < 1 || s->vocab_chunk < 1) die("memory plan: chunk counts must be resolved before building");
+    if (s->attn_bwd_sliced == MST_SLICED_AUTO) die("memory plan: the sliced attention backward must be resolved (0 or 1) before building");
     memset(p, 0, sizeof(*p));
     p->settings = *s;
     p->figures = *fig;
@@ -447,8 +485,13 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     plan_share_begin(&b, SHARE_LAYER);
     if (s->recompute) plan_attention_acts(&b, c, s, N, 1, MEM_INTERMEDIATES, 0);
     if (s->seq_parallel) plan_sequence_parallel(&b, c, s);
-    if (q > d) plan_add(&b, "datt", N * q * 2, 1, MEM_INTERMEDIATES);
-    plan_add(&b, "dqkv", N * qkv * 2, 1, MEM_INTERMEDIATES);
+    if (s->attn_bwd_sliced == 1) {  // one head group's dO and packed dq|dk|dv; the full dqkv goes to qkv's buffer
+        plan_add(&b, "datt_g", N * (q / (size_t)s->attn_head_groups) * 2, 1, MEM_INTERMEDIATES);
+        plan_add(&b, "dqkv_g", N * (qkv / (size_t)s->attn_head_groups) * 2, 1, MEM_INTERMEDIATES);
+    } else {
+        if (q > d) plan_add(&b, "datt", N * q * 2, 1, MEM_INTERMEDIATES);
+        plan_add(&b, "dqkv", N * qkv * 2, 1, MEM_INTERMEDIATES);
+    }
     if (c->post_norms) plan_add(&b, "attn_tmp", N * d * 2, 1, MEM_INTERMEDIATES);
     if (!p->mlp_saved) plan_mlp_acts(&b, c, rows, 1, MEM_INTERMEDIATES);
     if (c->post_norms) plan_add(&b, "mlp_tmp", (p->mlp_saved ? N : rows) * d * 2, 1, MEM_INTERMEDIATES);
@@ -471,7 +514,7 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     plan_add(&b, "losses", N * 4, 1, MEM_INTERMEDIATES);
     plan_share_end(&b);
 
-    plan_add(&b, "attn_workspace", mst_attn_workspace(fig, s->attn_head_groups), 1, MEM_WORKSPACE);
+    plan_add(&b, "attn_workspace", mst_attn_workspace_of(fig, s), 1, MEM_WORKSPACE);
     plan_add(&b, "reduce_scratch", fig->reduce_scratch, 1, MEM_WORKSPACE);
 
     p->device_total = b.device_cursor;
@@ -510,8 +553,10 @@ static inline int mst_plan_fits(const MemoryPlan *p, size_t device_budget, size_
 static inline MstKernelFigures mst_figures_rescale(const MstKernelFigures *f, int S_from, int S_to) {
     MstKernelFigures g = *f;
     g.attn_workspace = (size_t)((double)f->attn_workspace * S_to / S_from) + 1;
-    for (int k = 0; k < 3; k++)
+    for (int k = 0; k < 3; k++) {
         if (f->attn_workspace_grouped[k]) g.attn_workspace_grouped[k] = (size_t)((double)f->attn_workspace_grouped[k] * S_to / S_from) + 1;
+        if (f->attn_workspace_sliced[k]) g.attn_workspace_sliced[k] = (size_t)((double)f->attn_workspace_sliced[k] * S_to / S_from) + 1;
+    }
     g.reduce_scratch = (size_t)((double)f->reduce_scratch * S_to / S_from) + 1;
     return g;
 }
@@ -552,6 +597,15 @@ static inline MstSettings plan_frugal(const ModelConfig *c, const MstSettings *s
             if (mst_head_groups_offered(c, s, fig, G) && mst_attn_workspace(fig, G) < mst_attn_workspace(fig, f.attn_head_groups))
                 f.attn_head_groups = G;
     }
+    if (s->attn_bwd_sliced == MST_SLICED_AUTO) {  // sliced in the most groups it is offered in, if any
+        MstSettings t = f;
+        f.attn_bwd_sliced = 0;
+        for (int G = 2; G <= 8; G *= 2) {
+            t.attn_head_groups = G;
+            t.attn_bwd_sliced = 1;
+            if ((s->attn_head_groups == 0 || s->attn_head_groups == G) && mst_sliced_offered(c, &t, fig)) f = t;
+        }
+    }
     return f;
 }
 
@@ -588,15 +642,20 @@ static inline int plan_search(MemoryPlan *p, const ModelConfig *c, const MstSett
 }
 
 // plan_search with the attention backward in one call, else (auto) in 2, 4, 8 head groups as the
-// figures and the kv heads of one GPU's attention offer them: the first that fits.
+// figures and the kv heads of one GPU's attention offer them: the first that fits. The sliced
+// backward (when on, or auto and nothing else fits) in 2, 4, 8 groups after that.
 static inline int plan_search_groups(MemoryPlan *p, const ModelConfig *c, const MstSettings *s,
                                      const MstKernelFigures *fig, size_t device_budget, size_t host_budget) {
     MstSettings t = *s;
-    for (int G = 1; G <= 8; G *= 2) {
-        if (s->attn_head_groups > 0 && G != s->attn_head_groups) continue;
-        if (!mst_head_groups_offered(c, s, fig, G)) continue;
-        t.attn_head_groups = G;
-        if (plan_search(p, c, &t, fig, device_budget, host_budget)) return 1;
+    for (int sliced = 0; sliced <= 1; sliced++) {
+        if (sliced ? s->attn_bwd_sliced == 0 : s->attn_bwd_sliced == 1) continue;
+        t.attn_bwd_sliced = sliced;
+        for (int G = 1; G <= 8; G *= 2) {
+            if (s->attn_head_groups > 0 && G != s->attn_head_groups) continue;
+            t.attn_head_groups = G;
+            if (sliced ? !mst_sliced_offered(c, &t, fig) : !mst_head_groups_offered(c, s, fig, G)) continue;
+            if (plan_search(p, c, &t, fig, device_budget, host_budget)) return 1;
+        }
     }
     return 0;
 }
@@ -833,6 +892,7 @@ static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int ki
     }
     if (strcmp(n, "dqkv") == 0 || strcmp(n, "datt") == 0) return kind == PHASE_ATTN_BWD;
     if (strcmp(n, "datt_heads") == 0 || strcmp(n, "dqkv_heads") == 0) return kind == PHASE_ATTN_BWD;
+    if (strcmp(n, "datt_g") == 0 || strcmp(n, "dqkv_g") == 0) return kind == PHASE_ATTN_BWD;
     if (strcmp(n, "a2a_send") == 0 || strcmp(n, "a2a_recv") == 0) return phase_in(kind, PHASES_ATTENTION);
     if (strcmp(n, "attn_tmp") == 0) return phase_in(kind, PHASES_ATTENTION);
     if (strcmp(n, "mlp_tmp") == 0) return kind == PHASE_MLP_FWD || kind == PHASE_MLP_BWD;
@@ -899,6 +959,9 @@ static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
             s->attn_head_groups == 2 ? " | attention backward in 2 head groups"
             : s->attn_head_groups == 4 ? " | attention backward in 4 head groups"
             : s->attn_head_groups == 8 ? " | attention backward in 8 head groups" : "");
+    if (s->attn_bwd_sliced == 1)
+        fprintf(f, "  sliced attention backward: one head group's dO and dq|dk|dv at a time (datt_g, dqkv_g); dq|dk|dv "
+                   "go back into q|k|v's buffer, the normed input is recomputed into att's\n");
     if (s->lora.rank) {
         char targets[64];
         lora_targets_string(s->lora.targets, targets, sizeof(targets));

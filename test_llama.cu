@@ -245,6 +245,7 @@ typedef struct {
     DType moments;
     int moments_8bit;  // --optimizer adamw8bit
     int head_groups;   // attention backward in this many head-group calls (0: auto)
+    int sliced;        // 1: the sliced attention backward (one head group's gradients at a time, attn_sliced.h)
 } RunSpec;
 
 typedef struct {
@@ -326,6 +327,7 @@ static void run_one(const Case *cs, const RunSpec *rs, RunResult *res, int print
     s.moments_8bit = rs->moments_8bit;
     s.master_weights = rs->master;
     s.attn_head_groups = rs->head_groups;
+    s.attn_bwd_sliced = rs->sliced;
     GpuModel m;
     case_model_init(&m, cs, &s);
     check_arena(&m);
@@ -567,6 +569,26 @@ static void run_case(const char *name, int lora) {
         check_grads(&cs, res.grads, cs.ref_grads, tol_grad, "grad", 0);
         check_grads(&cs, res.grads, base[1].grads, TOL_AGREE, "groups-vs-one", 0);
         check_params(&cs, res.master, base[1].master, TOL_PARAM_UPDATE, "groups-vs-one-w", 0);
+        print_worst();
+    }
+    // The sliced attention backward in the same groups (full-parameter, cuDNN, q width >= d_model;
+    // mst.h refuses it with LoRA): with accumulation against the reference and one call, and with
+    // optimizer-in-backward over 3 chunks (the layer gradients' overwrite-first writes) against it.
+    if (groups > 0 && !lora && c->n_heads * c->head_dim >= c->d_model) {
+        RunSpec rsl = {1, 1, V, 0, 0, 2, 1, DT_FP32, 0, groups, 1};
+        printf("  recompute 1 M 1, sliced attention backward in %d head groups\n", groups);
+        run_one(&cs, &rsl, &res, 0);
+        compare_scalar("sliced loss@3", res.loss[2], ref_losses[2], TOL_LOSS);
+        compare_scalar("sliced gradnorm", res.grad_norm, cs.ref_grad_norm, TOL_GRAD);
+        check_grads(&cs, res.grads, cs.ref_grads, tol_grad, "grad", 0);
+        check_grads(&cs, res.grads, base[1].grads, TOL_AGREE, "sliced-vs-one", 0);
+        check_params(&cs, res.master, base[1].master, TOL_PARAM_UPDATE, "sliced-vs-one-w", 0);
+        RunSpec rso = {1, 3, 100, 0, 0, 1, 1, DT_FP32, 0, groups, 1};
+        printf("  recompute 1 M 3, sliced attention backward in %d head groups, optimizer-in-backward\n", groups);
+        run_one(&cs, &rso, &res_oib, 0);
+        compare_scalar("sliced oib loss@3", res_oib.loss[2], ref_losses[2], TOL_LOSS);
+        compare_scalar("sliced oib norm", res_oib.grad_norm, res.grad_norm, TOL_AGREE);
+        check_params(&cs, res_oib.master, res.master, TOL_AGREE, "sliced-oib-vs-acc", 0);
         print_worst();
     }
     // bf16 moments without master weights (stochastic rounding): the losses still follow the reference.

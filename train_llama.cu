@@ -48,6 +48,7 @@ typedef struct {
     int master_weights, mst_chunks, vocab_chunk, recompute, offload;  // mst_chunks, vocab_chunk: 0 = auto
     int host_layers;          // with offload: layers whose inputs live on the host; 0 = as few as fit
     int attn_head_groups;     // attention backward in 1, 2, 4 or 8 head-group calls; 0 = auto
+    int attn_bwd_sliced;      // sliced attention backward: 0, 1 or MST_SLICED_AUTO
     float gpu_mem_gib;        // 0: free device memory minus a margin
     float host_mem_gib;       // pinned host budget (plan and GPU runs); 0: mst_default_host_budget of this machine's memory
     int eval_every, eval_batches, sample_every, sample_tokens;
@@ -99,6 +100,7 @@ static Options options_default(void) {
     o.optimizer = "adamw";
     o.moments = "bf16";
     o.recompute = 1;
+    o.attn_bwd_sliced = MST_SLICED_AUTO;
     o.eval_every = 25;
     o.eval_batches = 4;
     o.sample_every = 50;
@@ -155,6 +157,10 @@ static void usage(FILE *f) {
             "  --attn-head-groups auto|G  attention backward in G calls over Hq/G heads each (1, 2, 4, 8;\n"
             "                        divides cuDNN's fp32 workspace by about G; default auto: more than 1 only\n"
             "                        when one call does not fit)\n"
+            "  --attn-bwd-sliced 0|1|auto  attention backward group by group keeping only one head group's\n"
+            "                        gradients (no full dq|dk|dv buffer; needs --recompute 1, cuDNN attention,\n"
+            "                        no LoRA; groups as --attn-head-groups, 2 or more); default auto: only\n"
+            "                        when nothing else fits\n"
             "  --gpu-mem GiB         device budget (default: free memory at start minus 0.5 GiB)\n"
             "  --host-mem GiB        pinned host budget of offloaded layer inputs, here or (--plan-only) on the\n"
             "                        machine planned for (default: this machine's memory less 16 GiB, at least\n"
@@ -263,7 +269,7 @@ static const char *const VALUE_FLAGS[] = {
     "--mst", "--vocab-chunk", "--recompute", "--offload", "--gpu-mem", "--host-mem", "--host-layers", "--eval-every",
     "--eval-batches", "--sample-every", "--sample-tokens", "--prompt", "--temperature", "--top-p", "--ckpt-dir",
     "--ckpt-every", "--keep-last", "--resume", "--stop-after", "--seed", "--log", "--plan-json", "--mem-trace",
-    "--lora-rank", "--lora-alpha", "--lora-targets", "--base-quant", "--attn-head-groups", "--gpus", "--dist-dir", "--dist-id",
+    "--lora-rank", "--lora-alpha", "--lora-targets", "--base-quant", "--attn-head-groups", "--attn-bwd-sliced", "--gpus", "--dist-dir", "--dist-id",
     "--dist-timeout", "--dump-grads"};
 
 static int is_value_flag(const char *a) {
@@ -316,6 +322,8 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--offload") == 0) o.offload = (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--host-layers") == 0) o.host_layers = (int)parse_int(a, v, 1, INT32_MAX);
         else if (strcmp(a, "--attn-head-groups") == 0) o.attn_head_groups = parse_auto_int(a, v);
+        else if (strcmp(a, "--attn-bwd-sliced") == 0)
+            o.attn_bwd_sliced = strcmp(v, "auto") == 0 ? MST_SLICED_AUTO : (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--gpu-mem") == 0) o.gpu_mem_gib = parse_float(a, v, 0.0f, 1e6f);
         else if (strcmp(a, "--host-mem") == 0) o.host_mem_gib = parse_float(a, v, 1.0f, 1e6f);
         else if (strcmp(a, "--eval-every") == 0) { o.eval_every = (int)parse_int(a, v, 0, INT32_MAX); o.eval_given = 1; }
@@ -670,6 +678,7 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     s->offload = o->offload;
     s->host_layers = o->host_layers;
     s->attn_head_groups = o->attn_head_groups;
+    s->attn_bwd_sliced = o->attn_bwd_sliced;
     s->grad_accum_steps = o->grad_accum;
     s->moment_type = strcmp(o->moments, "fp32") == 0 ? DT_FP32 : DT_BF16;
     s->moments_8bit = t->adam8;
@@ -1344,6 +1353,7 @@ static int plan_only(const Options *o) {
     s.offload = o->offload;
     s.host_layers = o->host_layers;
     s.attn_head_groups = o->attn_head_groups;
+    s.attn_bwd_sliced = o->attn_bwd_sliced;
     s.grad_accum_steps = o->grad_accum;
     s.moment_bytes = strcmp(o->optimizer, "adamw8bit") == 0 ? 1 : strcmp(o->moments, "fp32") == 0 ? 4 : 2;
     s.master_weights = o->master_weights;

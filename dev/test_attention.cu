@@ -1,6 +1,7 @@
 // Checks the cuDNN attention path (attention_cudnn.cpp) against a double-precision CPU reference of
 // causal attention with GQA, sliding window and query scale, forward (out, log-sum-exp stats) and
-// backward (dq, dk, dv in the packed dqkv layout), on random bf16 inputs; then times forward and
+// backward (dq, dk, dv in the packed dqkv layout; with head groups also group by group through the
+// packed-group graph of the sliced backward), on random bf16 inputs; then times forward and
 // backward at the Llama-3-8B attention shape.
 //
 // Build (from the repository root):
@@ -82,12 +83,51 @@ static void workspace_no_init(void *) {
     AttentionShape s = make_shape(1, 64, 8, 8, 128, 0.1f, 0, 0);
     attention_workspace_bytes(&s);
 }
+static void group_backward_one_group(void *) {
+    AttentionShape s = make_shape(1, 64, 8, 8, 128, 0.1f, 0, 0);
+    attention_backward_group(FAKE_PTR(0x1000), FAKE_PTR(0x2000), FAKE_PTR(0x3000), (float *)FAKE_PTR(0x4000),
+                             FAKE_PTR(0x5000), &s, 0, NULL, 0);
+}
 
 static void check_bad_input(TestReport *t) {
     printf("bad input (before attention_init, no GPU needed):\n");
     test_expect_exit(t, "forward with soft-cap", forward_softcap, NULL, 1, "cannot soft-cap");
     test_expect_exit(t, "backward with hd 100", backward_bad_head_dim, NULL, 1, "multiple of 8");
     test_expect_exit(t, "workspace before attention_init", workspace_no_init, NULL, 1, "attention_init was not called");
+    test_expect_exit(t, "packed-group backward, 1 group", group_backward_one_group, NULL, 1, "needs 2 or more groups");
+}
+
+// Copies cols bf16 columns of rows rows between row-major buffers of pitches dst_ld and src_ld (elements).
+static void copy_cols(void *dst, size_t dst_ld, const void *src, size_t src_ld, size_t cols, size_t rows) {
+    cudaCheck(cudaMemcpy2D(dst, dst_ld * 2, src, src_ld * 2, cols * 2, rows, cudaMemcpyDeviceToDevice));
+}
+
+// attention_backward_group over every group (packed dO of the group in, packed dq|dk|dv out, each
+// poisoned with NaN first), reassembled into dqkv's layout in d_dqkv (B*S, C) for the comparison.
+static void backward_by_packed_groups(void *d_dqkv, const void *d_dout, const void *d_out, const void *d_stats,
+                                      const void *d_qkv, const AttentionShape *s) {
+    int G = s->head_groups;
+    size_t rows = (size_t)s->B * s->S, hd = (size_t)s->hd, C = (size_t)(s->Hq + 2 * s->Hkv) * hd;
+    size_t qg = (size_t)(s->Hq / G) * hd, kg = (size_t)(s->Hkv / G) * hd, Cg = qg + 2 * kg;
+    size_t ws_bytes = attention_group_workspace_bytes(s);
+    void *d_ws = NULL, *d_dout_g, *d_dqkv_g;
+    if (ws_bytes > 0) cudaCheck(cudaMalloc(&d_ws, ws_bytes));
+    printf("  packed-group backward: workspace %zu bytes\n", ws_bytes);
+    cudaCheck(cudaMalloc(&d_dout_g, rows * qg * 2));
+    for (int g = 0; g < G; g++) {
+        copy_cols(d_dout_g, qg, (const uint16_t *)d_dout + g * qg, (size_t)s->Hq * hd, qg, rows);
+        d_dqkv_g = device_alloc_nan(rows * Cg * 2);
+        attention_backward_group((bf16 *)d_dqkv_g, (const bf16 *)d_dout_g, (const bf16 *)d_out, (const float *)d_stats,
+                                 (const bf16 *)d_qkv, s, g, d_ws, 0);
+        uint16_t *dst = (uint16_t *)d_dqkv, *src = (uint16_t *)d_dqkv_g;
+        copy_cols(dst + g * qg, C, src, Cg, qg, rows);
+        copy_cols(dst + (size_t)s->Hq * hd + g * kg, C, src + qg, Cg, kg, rows);
+        copy_cols(dst + (size_t)(s->Hq + s->Hkv) * hd + g * kg, C, src + qg + kg, Cg, kg, rows);
+        cudaCheck(cudaFree(d_dqkv_g));
+    }
+    cudaCheck(cudaDeviceSynchronize());
+    cudaCheck(cudaFree(d_dout_g));
+    if (d_ws != NULL) cudaCheck(cudaFree(d_ws));
 }
 
 // Forward + backward of one shape against the reference. check_determinism also reruns the backward
@@ -151,6 +191,18 @@ static void check_case(TestReport *t, const char *label, AttentionShape s, int c
         size_t n = gather_part(a, dqkv, &s, part);
         gather_part(b, ref_dqkv, &s, part);
         compare(t, names[part], a, b, n, TOL_GRAD);
+    }
+    if (s.head_groups > 1) {  // the sliced backward's packed-group graph, group by group, against the same reference
+        void *d_dqkv_p = device_alloc_nan(n_qkv * 2);
+        backward_by_packed_groups(d_dqkv_p, d_dout, d_out, d_stats, d_qkv, &s);
+        download_bf16(dqkv, d_dqkv_p, n_qkv);
+        const char *packed_names[3] = {"dq grp", "dk grp", "dv grp"};
+        for (int part = 0; part < 3; part++) {
+            size_t n = gather_part(a, dqkv, &s, part);
+            gather_part(b, ref_dqkv, &s, part);
+            compare(t, packed_names[part], a, b, n, TOL_GRAD);
+        }
+        cudaCheck(cudaFree(d_dqkv_p));
     }
 
     if (check_determinism) {

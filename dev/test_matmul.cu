@@ -92,6 +92,9 @@ static void gemm_zero_shape(void *) { gemm_fake(FAKE_PTR(0x1000), 0x2000, 0); }
 static void gemm_misaligned(void *) { gemm_fake(FAKE_PTR(0x1000), 0x2002, 8); }
 static void gemm_null(void *) { gemm_fake(NULL, 0x2000, 8); }
 static void gemm_no_init(void *) { gemm_fake(FAKE_PTR(0x1000), 0x2000, 8); }
+static void gemm_strided_short_ld(void *) {
+    gemm_strided(FAKE_PTR(0x1000), DT_BF16, 8, FAKE_PTR(0x2000), 4, 0, FAKE_PTR(0x3000), 8, 0, 8, 8, 8, 1.0f, 0.0f, 0);
+}
 static void bias_backward_zero_rows(void *) {
     bias_backward((float *)FAKE_PTR(0x1000), (float *)FAKE_PTR(0x2000), FAKE_PTR(0x3000), 0, 8, 0);
 }
@@ -102,6 +105,7 @@ static void check_bad_input(TestReport *t) {
     test_expect_exit(t, "gemm misaligned A", gemm_misaligned, NULL, 1, "A pointer 0x2002 is not 16-byte aligned");
     test_expect_exit(t, "gemm NULL D", gemm_null, NULL, 1, "D pointer is NULL");
     test_expect_exit(t, "gemm before matmul_init", gemm_no_init, NULL, 1, "matmul_init was not called");
+    test_expect_exit(t, "gemm_strided lda < K", gemm_strided_short_ld, NULL, 1, "leading dimension lda = 4 must be >= its 8");
     test_expect_exit(t, "bias_backward N = 0", bias_backward_zero_rows, NULL, 1, "bias_backward: bad shape");
 }
 
@@ -205,6 +209,74 @@ static void check_gemm(TestReport *t, int M, int N, int K, int trans_a, int tran
     free(d0);
     free(ref);
     free(got);
+}
+
+// Columns [off, off + cols) of a row-major (rows, ld) matrix, packed into (rows, cols).
+static void take_columns(uint16_t *out, const uint16_t *parent, int rows, int cols, int ld, int off) {
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) out[(size_t)r * cols + c] = parent[(size_t)r * ld + off + c];
+}
+
+// One gemm_strided() call: A, B and D are column slices (at column offset `off`, leading dimension
+// stored columns + pad) of wider random matrices. The slice of D must match the reference on the
+// packed slices; D's columns outside the slice must keep their initial values.
+static void check_gemm_strided(TestReport *t, int M, int N, int K, int trans_a, int trans_b, DType d_type, float beta,
+                               int off, int pad) {
+    int ra = trans_a ? K : M, ca = trans_a ? M : K, rb = trans_b ? N : K, cb = trans_b ? K : N;
+    int lda = off + ca + pad, ldb = off + cb + pad, ldd = off + N + pad;
+    size_t na = (size_t)ra * lda, nb = (size_t)rb * ldb, nd = (size_t)M * ldd;
+    uint16_t *hA = (uint16_t *)mallocCheck(na * sizeof(uint16_t)), *hB = (uint16_t *)mallocCheck(nb * sizeof(uint16_t));
+    uint16_t *pa = (uint16_t *)mallocCheck((size_t)ra * ca * sizeof(uint16_t));
+    uint16_t *pb = (uint16_t *)mallocCheck((size_t)rb * cb * sizeof(uint16_t));
+    double *d0 = (double *)mallocCheck(nd * sizeof(double)), *d0_slice = (double *)mallocCheck((size_t)M * N * sizeof(double));
+    double *ref = (double *)mallocCheck((size_t)M * N * sizeof(double)), *got = (double *)mallocCheck(nd * sizeof(double));
+    double *got_slice = (double *)mallocCheck((size_t)M * N * sizeof(double));
+    fill_bf16_nonzero(hA, na);
+    fill_bf16_nonzero(hB, nb);
+    uint16_t *dA = upload_bf16(hA, na), *dB = upload_bf16(hB, nb);
+    void *dD = make_initial_d(d_type, nd, d0);
+    size_t eb = dtype_bytes(d_type);
+
+    gemm_strided((char *)dD + (size_t)off * eb, d_type, ldd, (const bf16 *)dA + off, lda, trans_a, (const bf16 *)dB + off,
+                 ldb, trans_b, M, N, K, 1.0f, beta, 0);
+    cudaCheck(cudaDeviceSynchronize());
+    download_d(got, dD, d_type, nd);
+    take_columns(pa, hA, ra, ca, lda, off);
+    take_columns(pb, hB, rb, cb, ldb, off);
+    size_t outside_changed = 0;
+    for (int m = 0; m < M; m++) {
+        for (int c = 0; c < ldd; c++) {
+            size_t i = (size_t)m * ldd + c;
+            if (c >= off && c < off + N) {
+                d0_slice[(size_t)m * N + c - off] = d0[i];
+                got_slice[(size_t)m * N + c - off] = got[i];
+            } else if (got[i] != d0[i]) {
+                outside_changed++;
+            }
+        }
+    }
+    reference_gemm(ref, pa, trans_a, pb, trans_b, M, N, K, 1.0, beta, d0_slice, NULL);
+
+    char name[128];
+    snprintf(name, sizeof(name), "gemm_strided %dx%dx%d %c%c %s b=%.0f off=%d pad=%d", M, N, K, trans_a ? 'T' : 'N',
+             trans_b ? 'T' : 'N', d_type == DT_FP32 ? "fp32" : "bf16", beta, off, pad);
+    compare(t, name, got_slice, ref, (size_t)M * N, d_type == DT_FP32 ? TOL_FP32_OUT : TOL_BF16_OUT);
+    char what[224];
+    snprintf(what, sizeof(what), "%s: D outside the slice unchanged (%zu changed)", name, outside_changed);
+    test_check(t, outside_changed == 0, what);
+
+    cudaCheck(cudaFree(dA));
+    cudaCheck(cudaFree(dB));
+    cudaCheck(cudaFree(dD));
+    free(hA);
+    free(hB);
+    free(pa);
+    free(pb);
+    free(d0);
+    free(d0_slice);
+    free(ref);
+    free(got);
+    free(got_slice);
 }
 
 // linear_forward / linear_backward_input / linear_backward_weight in the HF orientation, W (out, in).
@@ -444,6 +516,13 @@ int main(int argc, char **argv) {
     check_gemm(&t, 512, 1536, 1024, 0, 0, DT_BF16, 0, 1.0f, 1.0f);
     check_gemm(&t, 1024, 768, 2048, 1, 0, DT_FP32, 0, 1.0f, 1.0f);
     check_gemm(&t, 1024, 768, 2048, 1, 1, DT_FP32, 1, 1.0f, 0.0f);
+    // Column slices of wider matrices: one head group's columns (offsets and pads multiples of 8).
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++)
+            for (int dt = 0; dt < 2; dt++)
+                check_gemm_strided(&t, 37, 64, 48, ta, tb, dt ? DT_FP32 : DT_BF16, (float)((ta + tb + dt) & 1), 64, 8);
+    check_gemm_strided(&t, 300, 128, 512, 0, 0, DT_BF16, 0.0f, 256, 128);  // datt_g = dao . Wo[:, group]
+    check_gemm_strided(&t, 128, 512, 300, 1, 0, DT_FP32, 1.0f, 128, 0);
     check_linear_helpers(&t, 300, 512, 384);
     check_bias_backward(&t, 1000, 263);
     check_bias_backward(&t, 37, 4096);

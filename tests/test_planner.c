@@ -883,6 +883,136 @@ static void test_lora_longest(void) {
     }
 }
 
+// The longest S (a multiple of 1024) of a preset, B=1, recompute, no offload, bf16 moments, on one
+// GPU of `gib` GiB, with the sliced attention backward `sliced` (0, 1, MST_SLICED_AUTO).
+static int longest_sliced(const char *preset, double gib, int sliced) {
+    ModelConfig c;
+    mst_preset(preset, &c);
+    int lo = 0, hi = 1024;  // in units of 1024 tokens
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        MstSettings s;
+        memset(&s, 0, sizeof(s));
+        s.B = 1; s.S = mid * 1024; s.recompute = 1; s.grad_accum_steps = 1; s.moment_bytes = 2; s.attn_bwd_sliced = sliced;
+        MstKernelFigures f;
+        mst_kernel_figures_estimate(&c, s.B, s.S, &f);
+        MemoryPlan p;
+        char msg[4096];
+        if (mst_plan_auto(&p, &c, &s, &f, (size_t)(gib * 1073741824.0), 0, msg, sizeof(msg))) lo = mid;
+        else hi = mid;
+    }
+    return lo * 1024;
+}
+
+// The sliced attention backward: the tiny plan's entries by hand (no dqkv; one group's datt_g and
+// dqkv_g; the sliced graph's workspace), layout and timeline; the settings it refuses; auto takes it
+// only when nothing else fits (Llama-2-7B at S = 131072 on 78.16 GiB), and what it saves.
+static void test_sliced_attention_backward(void) {
+    ModelConfig c = tiny_config(2);
+    MstSettings s = tiny_settings();
+    s.attn_bwd_sliced = 1;
+    s.attn_head_groups = 2;
+    MstKernelFigures f = tiny_figures();
+    f.attn_workspace_grouped[0] = 900;
+    f.attn_workspace_sliced[0] = 700;
+    MemoryPlan p;
+    mst_plan_build(&p, &c, &s, &f);
+    const PlanEntry *dg = mst_plan_find(&p, "datt_g"), *qg = mst_plan_find(&p, "dqkv_g"), *ws = mst_plan_find(&p, "attn_workspace");
+    // datt_g: 20 rows x (32 / 2) x 2 = 640 -> 768; dqkv_g: 20 x (64 / 2) x 2 = 1280; workspace 700 -> 768
+    CHECK(dg && dg->bytes == 768 && dg->share == SHARE_LAYER, "sliced: datt_g %zu bytes, expected 768 in the layer set", dg ? dg->bytes : 0);
+    CHECK(qg && qg->bytes == 1280 && qg->share == SHARE_LAYER, "sliced: dqkv_g %zu bytes, expected 1280 in the layer set", qg ? qg->bytes : 0);
+    CHECK(ws && ws->bytes == 768, "sliced: attention workspace %zu bytes, expected 768 (the sliced graph's)", ws ? ws->bytes : 0);
+    CHECK(!mst_plan_find(&p, "dqkv") && !mst_plan_find(&p, "datt"), "sliced: no full dqkv / datt");
+    // the layer working set 13312 - dqkv 2560 + 768 + 1280 stays below the LM-head set; arena - 1024 + 768
+    CHECK(p.shared_bytes == TINY_SHARED && p.device_total == TINY_ARENA - 1024 + 768, "sliced: shared %zu, arena %zu, expected %d, %d",
+          p.shared_bytes, p.device_total, TINY_SHARED, TINY_ARENA - 1024 + 768);
+    check_layout(&p, "tiny sliced");
+    check_timeline(&p, "tiny sliced");
+    MstPhase ph[64];
+    int n = mst_timeline(&p, ph);
+    for (int i = 0; i < n; i++) {
+        int live = mst_entry_live(&p, dg, ph[i].kind, ph[i].layer) + mst_entry_live(&p, qg, ph[i].kind, ph[i].layer);
+        CHECK(live == (ph[i].kind == PHASE_ATTN_BWD ? 2 : 0), "sliced: datt_g + dqkv_g live %d at %s", live, mst_phase_id(ph[i].kind));
+    }
+    MstSettings off = s;
+    off.attn_bwd_sliced = 0;
+    MemoryPlan po = plan_with(&c, off);
+    CHECK(mst_plan_find(&po, "dqkv") && !mst_plan_find(&po, "dqkv_g"), "sliced off: the full dqkv, no dqkv_g");
+
+    // refusals
+    expect_check(&c, &s, NULL, "sliced, 2 groups, recompute");
+    MstSettings b = s;
+    b.recompute = 0;
+    expect_check(&c, &b, "needs recompute on", "sliced without recompute");
+    b = s;
+    b.lora.rank = 2; b.lora.alpha = 4.0f; b.lora.targets = LORA_ALL_TARGETS;
+    expect_check(&c, &b, "not for LoRA", "sliced with LoRA");
+    b = s;
+    b.attn_head_groups = 1;
+    expect_check(&c, &b, "not 1", "sliced in 1 group");
+    b = s;
+    b.attn_bwd_sliced = 2;
+    expect_check(&c, &b, "must be 0, 1 or auto", "sliced = 2");
+    b = s;
+    b.ranks = 2; b.seq_parallel = 1; b.attn_head_groups = 0;
+    expect_check(&c, &b, "not sequence parallel", "sliced, sequence parallel");
+    ModelConfig capped = c;
+    capped.attn_softcap = 50.0f;
+    expect_check(&capped, &s, "soft-capped", "sliced with an attention soft-cap");
+    ModelConfig narrow = c;
+    narrow.n_heads = 2;  // q = 16 < d = 32
+    expect_check(&narrow, &s, "narrower than d_model", "sliced with q narrower than d");
+    b = s;
+    b.recompute = 0;
+    b.attn_bwd_sliced = MST_SLICED_AUTO;
+    expect_check(&c, &b, NULL, "sliced auto without recompute (never taken)");
+
+    // Llama-2-7B at S = 131072 on 78.16 GiB: does not fit with the sliced backward off, fits with it
+    // (auto and on), in 8 groups; at S = 65536 auto does not take it
+    ModelConfig l2;
+    mst_preset("llama2-7b", &l2);
+    MstSettings a;
+    memset(&a, 0, sizeof(a));
+    a.B = 1; a.S = 131072; a.recompute = 1; a.grad_accum_steps = 1; a.moment_bytes = 2;
+    MstKernelFigures lf;
+    mst_kernel_figures_estimate(&l2, a.B, a.S, &lf);
+    size_t budget = (size_t)(78.16 * 1073741824.0);
+    char msg[8192];
+    MemoryPlan pl, pa;
+    int fits_off = mst_plan_auto(&pl, &l2, &a, &lf, budget, 0, msg, sizeof(msg));
+    a.attn_bwd_sliced = MST_SLICED_AUTO;
+    int fits_auto = mst_plan_auto(&pa, &l2, &a, &lf, budget, 0, msg, sizeof(msg));
+    CHECK(!fits_off && fits_auto && pa.settings.attn_bwd_sliced == 1 && pa.settings.attn_head_groups == 8,
+          "llama2-7b S=131072 on 78.16 GiB: off fits %d (expected 0), auto fits %d sliced %d in %d groups (expected 1, 1, 8)",
+          fits_off, fits_auto, pa.settings.attn_bwd_sliced, pa.settings.attn_head_groups);
+    if (fits_auto) {
+        const PlanEntry *g8 = mst_plan_find(&pa, "dqkv_g"), *d8 = mst_plan_find(&pa, "datt_g");
+        CHECK(g8 && g8->bytes == (size_t)131072 * 12288 / 8 * 2 && d8 && d8->bytes == (size_t)131072 * 4096 / 8 * 2,
+              "llama2-7b sliced: dqkv_g %zu (384 MiB), datt_g %zu (128 MiB)", g8 ? g8->bytes : 0, d8 ? d8->bytes : 0);
+        check_timeline(&pa, "llama2-7b S=131072 sliced");
+        MstPhase at;
+        size_t peak = mst_timeline_peak(&pa, &at);
+        CHECK(peak <= pa.device_total, "llama2-7b sliced: peak %zu above the arena", peak);
+    }
+    MstSettings on = a;
+    on.attn_bwd_sliced = 1;
+    MemoryPlan pn;
+    CHECK(mst_plan_auto(&pn, &l2, &on, &lf, budget, 0, msg, sizeof(msg)) && pn.settings.attn_bwd_sliced == 1 && pn.settings.attn_head_groups >= 2,
+          "llama2-7b S=131072 sliced on: fits in %d groups", pn.settings.attn_head_groups);
+    a.S = 65536;
+    mst_kernel_figures_estimate(&l2, a.B, a.S, &lf);
+    CHECK(mst_plan_auto(&pa, &l2, &a, &lf, budget, 0, msg, sizeof(msg)) && pa.settings.attn_bwd_sliced == 0,
+          "llama2-7b S=65536 auto: sliced %d, expected 0 (the plain backward fits)", pa.settings.attn_bwd_sliced);
+
+    int l2_off = longest_sliced("llama2-7b", 78.16, 0), l2_auto = longest_sliced("llama2-7b", 78.16, MST_SLICED_AUTO);
+    int l3_off = longest_sliced("llama3-8b", 78.16, 0), l3_auto = longest_sliced("llama3-8b", 78.16, MST_SLICED_AUTO);
+    printf("longest S on 78.16 GiB (planner, MsT + recompute, bf16 moments, no offload): llama2-7b %d -> %d sliced, "
+           "llama3-8b %d -> %d sliced\n", l2_off, l2_auto, l3_off, l3_auto);
+    CHECK(l2_auto >= 131072 && l2_auto > l2_off && l3_auto > l3_off, "the sliced backward lengthens the longest S: llama2-7b %d -> %d, llama3-8b %d -> %d",
+          l2_off, l2_auto, l3_off, l3_auto);
+    printf("sliced attention backward plans checked\n");
+}
+
 int main(void) {
     test_host_budget();
     test_hand_figures();
@@ -898,6 +1028,7 @@ int main(void) {
     test_timeline_llama3();
     test_timeline_unknown_entry();
     test_several_gpus();
+    test_sliced_attention_backward();
     test_llama3_scaling();
     print_llama3_plan(96 * 1024);
     print_llama3_plan(128 * 1024);
