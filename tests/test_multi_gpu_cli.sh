@@ -10,31 +10,7 @@ cd "$(dirname "$0")/.." || exit 1
 BIN=./train_llama
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-fails=0
-
-pass() { echo "PASS  $1"; }
-fail() { echo "FAIL  $1"; fails=$((fails + 1)); }
-
-# expect_ok NAME PATTERN COMMAND...: exits 0 and the output mentions PATTERN
-expect_ok() {
-    local name=$1 pattern=$2
-    shift 2
-    local out
-    out=$("$@" 2>&1)
-    local rc=$?
-    if [ $rc -eq 0 ] && grep -q -- "$pattern" <<<"$out"; then pass "$name"; else fail "$name (exit $rc)"; echo "$out" | tail -5; fi
-}
-
-# expect_fail NAME PATTERN COMMAND...: exits non-zero and the output mentions PATTERN
-expect_fail() {
-    local name=$1 pattern=$2
-    shift 2
-    local out
-    out=$(timeout 60 "$@" 2>&1)
-    local rc=$?
-    if [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -q -- "$pattern" <<<"$out"; then pass "$name (exit $rc: $(grep -m1 -- "$pattern" <<<"$out"))"
-    else fail "$name (exit $rc)"; echo "$out" | tail -5; fi
-}
+. tests/cli_helpers.sh
 
 PLAN=(--plan-only --preset llama3-8b --gpu-mem 78)
 for n in 1 2 4 8; do
