@@ -139,6 +139,10 @@ static void require_grouped(const AttentionShape *s, const char *caller) {
     if (s != NULL && s->head_groups < 2)
         die("%s: head_groups is %d: the packed-group backward needs 2 or more groups", caller, s->head_groups);
     require_supported(s, caller);
+    // Its dO has other strides than O: cuDNN before 9.5.1 assumed them equal (PyTorch checked for it).
+    if (cudnnGetVersion() < 90501)
+        die("%s: the packed-group backward needs cuDNN 9.5.1 or newer (dO and O with different strides); this is %zu",
+            caller, cudnnGetVersion());
 }
 
 // ---- tensor views ----
