@@ -215,13 +215,18 @@ A8_HD static inline void adam8_step(float *p, float g, float *m, float *v, const
     *p = A8_SUB(w, A8_DIV(A8_MUL(c->step_size, *m), denom));
 }
 
-// 32 random bits from (seed, element index): a SplitMix64 finalizer over seed * golden + index.
-A8_HD static inline uint32_t sr_hash(uint32_t seed, uint64_t i) {
-    uint64_t z = i + (uint64_t)seed * 0x9E3779B97F4A7C15ull;
+// The rounding bits of elements 4 q .. 4 q + 3 (16 each, element 4 q + r in bits 16 r ..): a
+// SplitMix64 finalizer over seed * golden + q, so a kernel hashes once per four elements.
+A8_HD static inline uint64_t sr_hash4(uint32_t seed, uint64_t q) {
+    uint64_t z = q + (uint64_t)seed * 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (uint32_t)(z >> 32);
+    return z ^ (z >> 31);
+}
+
+// 16 random bits for element i: its part of sr_hash4(seed, i / 4).
+A8_HD static inline uint32_t sr_bits(uint32_t seed, uint64_t i) {
+    return (uint32_t)(sr_hash4(seed, i >> 2) >> (16 * (i & 3))) & 0xffffu;
 }
 
 // Stochastic rounding to bf16 bits: add 16 random bits below the bf16 mantissa, then truncate.
@@ -292,7 +297,7 @@ static inline Adam8State adam8_state_at(Adam8State s, size_t block) {
 // ----------------------------------------------------------------------------
 // The CPU twin of adamw8bit_update: one step of n elements. p is master (fp32) when non-NULL, else
 // param (bf16 bits); with master, param (when non-NULL) gets bf16 round-to-nearest copies, else it
-// is written with stochastic rounding (bits of sr_hash(seed, element index)). grad fp32.
+// is written with stochastic rounding (bits of sr_bits(seed, element index)). grad fp32.
 
 static inline void adam8_block_cpu(uint16_t *param, float *master, const float *grad, Adam8State s, size_t b,
                                    size_t n, const Adam8Consts *c, const Adam8Codebooks *cb) {
@@ -317,7 +322,7 @@ static inline void adam8_block_cpu(uint16_t *param, float *master, const float *
             master[i] = p[j];
             if (param) param[i] = float_to_bf16_bits(p[j]);
         } else {
-            param[i] = bf16_bits_stochastic(p[j], sr_hash(c->seed, (uint64_t)i));
+            param[i] = bf16_bits_stochastic(p[j], sr_bits(c->seed, (uint64_t)i));
         }
     }
     s.m_absmax[b] = new_am;

@@ -881,14 +881,15 @@ typedef struct {
     uint64_t index_base;
 } AdamWConsts;
 
-// Stochastic rounding to bf16 (adamw8bit.h: bf16_bits_stochastic, bits from sr_hash).
+// Stochastic rounding to bf16 (adamw8bit.h: bf16_bits_stochastic, bits from sr_bits).
 static __device__ __forceinline__ bf16 bf16_stochastic(float x, uint32_t rnd) {
     return __ushort_as_bfloat16(bf16_bits_stochastic(x, rnd));
 }
 
 // The new weights p[0..nv) of elements i.. : master (fp32) and param = round_to_nearest(p) when master
-// is non-NULL, else param with stochastic rounding (bits from sr_hash(seed, index_base + element index):
-// a part of a tensor updated on its own draws the bits the whole tensor would).
+// is non-NULL, else param with stochastic rounding (bits from sr_bits(seed, index_base + element index):
+// a part of a tensor updated on its own draws the bits the whole tensor would). The 8 elements span
+// at most three groups of four, so three sr_hash4 calls (two when aligned) serve them.
 static __device__ __forceinline__ void store8_weights(bf16 *param, float *master, size_t i, const float *p, int nv,
                                                       int vec, uint32_t seed, uint64_t index_base) {
     if (master != NULL) {
@@ -896,9 +897,15 @@ static __device__ __forceinline__ void store8_weights(bf16 *param, float *master
         store8_bf16(param + i, p, nv, vec);
         return;
     }
+    uint64_t first = index_base + i, q0 = first >> 2;
+    uint64_t r0 = sr_hash4(seed, q0), r1 = sr_hash4(seed, q0 + 1), r2 = (first & 3) ? sr_hash4(seed, q0 + 2) : 0;
     bf16 h[UNIT];
 #pragma unroll
-    for (int k = 0; k < UNIT; k++) h[k] = bf16_stochastic(p[k], sr_hash(seed, index_base + i + k));
+    for (int k = 0; k < UNIT; k++) {
+        uint64_t e = first + k, q = (e >> 2) - q0;
+        uint64_t word = q == 0 ? r0 : (q == 1 ? r1 : r2);
+        h[k] = bf16_stochastic(p[k], (uint32_t)(word >> (16 * (e & 3))));
+    }
     store8_bf16_raw(param + i, h, nv, vec);
 }
 
@@ -906,7 +913,7 @@ static __device__ __forceinline__ void store8_weights(bf16 *param, float *master
 //   g = grad * grad_scale; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2
 //   p -= decay * p; p -= step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps)      (PyTorch's AdamW)
 // p comes from master (n) fp32 when non-NULL (written back, param = round_to_nearest(p)), else from
-// param (n) bf16 (written with stochastic rounding, bits from sr_hash(seed, index_base + element index)).
+// param (n) bf16 (written with stochastic rounding, bits from sr_bits(seed, index_base + element index)).
 // grad (n) is grad_type, m and v (n) are moment_type (fp32 or bf16, rounded to nearest).
 // With sumsq_partials (launched with GRAD_NORM_PARTIALS blocks): sumsq_partials[block] += the block's
 // sum of grad^2 (the raw gradient, before grad_scale), as grad_norm_accumulate would add.
@@ -1045,7 +1052,7 @@ static __device__ __forceinline__ float warp_max(float v) {
 // reads the block's codes and scales (m_codes, v_codes (n) uint8, m_absmax, v_absmax (blocks) fp32),
 // param (n) bf16 or master (n) fp32, grad (n) grad_type; dequantizes, runs adam8_step per element,
 // takes the new absmax over the warp, re-encodes, and writes codes, scales and the weights (master
-// and round-to-nearest param, or param with stochastic rounding, bits from sr_hash(seed, index)).
+// and round-to-nearest param, or param with stochastic rounding, bits from sr_bits(seed, index)).
 // Padding codes past n are neither read nor written. Each CTA with work copies the code books (codes,
 // thresholds, bucket counts: 10.5 KB) from g_adam8_books into shared memory first.
 // With sumsq_partials (launched with GRAD_NORM_PARTIALS blocks): sumsq_partials[block] += the block's
