@@ -572,8 +572,9 @@ static void run_case(const char *name, int lora) {
         print_worst();
     }
     // The sliced attention backward in the same groups (full-parameter, cuDNN, q width >= d_model;
-    // mst.h refuses it with LoRA): with accumulation against the reference and one call, and with
-    // optimizer-in-backward over 3 chunks (the layer gradients' overwrite-first writes) against it.
+    // mst.h refuses it with LoRA): with accumulation against the reference and one call, at M 1 and at
+    // M 3 with vocabulary tiles; then optimizer-in-backward at M 3 (the layer gradients' overwrite-first
+    // writes) against the accumulation run of the same settings.
     if (groups > 0 && !lora && c->n_heads * c->head_dim >= c->d_model) {
         RunSpec rsl = {1, 1, V, 0, 0, 2, 1, DT_FP32, 0, groups, 1};
         printf("  recompute 1 M 1, sliced attention backward in %d head groups\n", groups);
@@ -583,8 +584,16 @@ static void run_case(const char *name, int lora) {
         check_grads(&cs, res.grads, cs.ref_grads, tol_grad, "grad", 0);
         check_grads(&cs, res.grads, base[1].grads, TOL_AGREE, "sliced-vs-one", 0);
         check_params(&cs, res.master, base[1].master, TOL_PARAM_UPDATE, "sliced-vs-one-w", 0);
-        RunSpec rso = {1, 3, 100, 0, 0, 1, 1, DT_FP32, 0, groups, 1};
-        printf("  recompute 1 M 3, sliced attention backward in %d head groups, optimizer-in-backward\n", groups);
+        RunSpec rsa = {1, 3, 100, 0, 0, 2, 1, DT_FP32, 0, groups, 1};
+        printf("  recompute 1 M 3 vocab chunk 100, sliced attention backward in %d head groups\n", groups);
+        run_one(&cs, &rsa, &res, 0);
+        compare_scalar("sliced M3 loss@3", res.loss[2], ref_losses[2], TOL_LOSS);
+        check_grads(&cs, res.grads, cs.ref_grads, tol_grad, "grad", 0);
+        check_grads(&cs, res.grads, base[1].grads, TOL_AGREE, "sliced-M3-vs-one", 0);
+        RunSpec rso = rsa;
+        rso.accum = 1;  // optimizer-in-backward, same settings
+        printf("  recompute 1 M 3 vocab chunk 100, sliced attention backward in %d head groups, optimizer-in-backward\n",
+               groups);
         run_one(&cs, &rso, &res_oib, 0);
         compare_scalar("sliced oib loss@3", res_oib.loss[2], ref_losses[2], TOL_LOSS);
         compare_scalar("sliced oib norm", res_oib.grad_norm, res.grad_norm, TOL_AGREE);

@@ -217,13 +217,17 @@ static void take_columns(uint16_t *out, const uint16_t *parent, int rows, int co
         for (int c = 0; c < cols; c++) out[(size_t)r * cols + c] = parent[(size_t)r * ld + off + c];
 }
 
+// Leading dimension of a matrix with `used` columns: rounded up to 8 elements, so that every row
+// starts 16-byte aligned (gemm_strided refuses anything else).
+static int aligned_ld(int used) { return (used + 7) / 8 * 8; }
+
 // One gemm_strided() call: A, B and D are column slices (at column offset `off`, leading dimension
-// stored columns + pad) of wider random matrices. The slice of D must match the reference on the
-// packed slices; D's columns outside the slice must keep their initial values.
+// stored columns + pad, rounded up to 8) of wider random matrices. The slice of D must match the
+// reference on the packed slices; D's columns outside the slice must keep their initial values.
 static void check_gemm_strided(TestReport *t, int M, int N, int K, int trans_a, int trans_b, DType d_type, float beta,
                                int off, int pad) {
     int ra = trans_a ? K : M, ca = trans_a ? M : K, rb = trans_b ? N : K, cb = trans_b ? K : N;
-    int lda = off + ca + pad, ldb = off + cb + pad, ldd = off + N + pad;
+    int lda = aligned_ld(off + ca + pad), ldb = aligned_ld(off + cb + pad), ldd = aligned_ld(off + N + pad);
     size_t na = (size_t)ra * lda, nb = (size_t)rb * ldb, nd = (size_t)M * ldd;
     uint16_t *hA = (uint16_t *)mallocCheck(na * sizeof(uint16_t)), *hB = (uint16_t *)mallocCheck(nb * sizeof(uint16_t));
     uint16_t *pa = (uint16_t *)mallocCheck((size_t)ra * ca * sizeof(uint16_t));
