@@ -1220,11 +1220,15 @@ static float lr_at(const Options *o, int step) {
 
 // Model FLOPs per token of a training step (forward + backward, no recomputation counted):
 // 6 * P, with P the matmul parameters (layers + LM head, config_matmul_params), plus attention:
-// per layer Q.K^T and P.V are 2 * 2 * S * Hq * hd in forward, x3 with backward -> 12 L S Hq hd
-// (the causal half is not subtracted, as in the PaLM MFU formula). With LoRA the frozen base needs
-// no weight gradients (4 P instead of 6 P) and the adapters add 6 per adapter value.
+// per layer Q.K^T and P.V are 2 * 2 * K * Hq * hd in forward, x3 with backward -> 12 K Hq hd, with K
+// the keys a query is counted against: S (the causal half is not subtracted, as in the PaLM MFU
+// formula), or the sliding window of a windowed layer where it is shorter than S. With LoRA the
+// frozen base needs no weight gradients (4 P instead of 6 P) and the adapters add 6 per adapter value.
 static double flops_per_token(const ModelConfig *c, const LoraConfig *lc, int S) {
-    double attention = 12.0 * c->n_layers * (double)S * c->n_heads * c->head_dim;
+    double keys = 0.0;
+    for (int l = 0; l < c->n_layers; l++)
+        keys += config_layer_is_sliding(c, l) && c->sliding_window < S ? c->sliding_window : S;
+    double attention = 12.0 * keys * c->n_heads * c->head_dim;
     if (lc->rank) return 4.0 * (double)config_matmul_params(c) + 6.0 * (double)trainable_count(c, lc) + attention;
     return 6.0 * (double)config_matmul_params(c) + attention;
 }

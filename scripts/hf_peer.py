@@ -24,18 +24,19 @@ import sys
 import time
 
 # The published configs of mst.h (mst_preset); tests/test_bench_scripts.py checks them against it.
-# keys: family, V vocab, d model, L layers, H heads, KV heads, hd head dim, F d_ff, max_pos, eps, theta
+# keys: family, V vocab, d model, L layers, H heads, KV heads, hd head dim, F d_ff, max_pos, eps, theta;
+# window: sliding-window length of the windowed layers (layers l with l % period == 0), 0 for none
 PRESETS = {
     "llama3-8b": dict(family="llama", V=128256, d=4096, L=32, H=32, KV=8, hd=128, F=14336, max_pos=131072,
-                      eps=1e-5, theta=500000.0),
+                      eps=1e-5, theta=500000.0, window=0, period=1),
     "llama2-7b": dict(family="llama", V=32000, d=4096, L=32, H=32, KV=32, hd=128, F=11008, max_pos=4096,
-                      eps=1e-5, theta=10000.0),
+                      eps=1e-5, theta=10000.0, window=0, period=1),
     "mistral-7b": dict(family="mistral", V=32000, d=4096, L=32, H=32, KV=8, hd=128, F=14336, max_pos=32768,
-                       eps=1e-5, theta=10000.0),
+                       eps=1e-5, theta=10000.0, window=4096, period=1),
     "qwen2-7b": dict(family="qwen2", V=152064, d=3584, L=28, H=28, KV=4, hd=128, F=18944, max_pos=131072,
-                     eps=1e-6, theta=1000000.0),
+                     eps=1e-6, theta=1000000.0, window=0, period=1),
     "gemma2-9b": dict(family="gemma2", V=256000, d=3584, L=42, H=16, KV=8, hd=256, F=14336, max_pos=8192,
-                      eps=1e-6, theta=10000.0),
+                      eps=1e-6, theta=10000.0, window=4096, period=2),
 }
 
 WARMUP = 2  # steps left out of the median, as train_llama --bench
@@ -53,9 +54,12 @@ def layer_params(p):
 
 
 def flops_per_token(p, S):
-    """train_llama.cu's flops_per_token: 6 * (layers + LM head matmul parameters) + 12 L S H hd."""
+    """train_llama.cu's flops_per_token: 6 * (layers + LM head matmul parameters) + 12 K H hd summed
+    over layers, K = S, or the sliding window of a windowed layer where that is shorter."""
     matmul = p["L"] * layer_params(p) + p["V"] * p["d"]
-    return 6.0 * matmul + 12.0 * p["L"] * S * p["H"] * p["hd"]
+    window, period = p.get("window", 0), p.get("period", 1)
+    keys = sum(window if window and l % period == 0 and window < S else S for l in range(p["L"]))
+    return 6.0 * matmul + 12.0 * keys * p["H"] * p["hd"]
 
 
 def peak_flops(major, minor):
@@ -83,13 +87,13 @@ def hf_config(name, p, layers=None):
     if p["family"] == "llama":
         return tf.LlamaConfig(**common)
     if p["family"] == "mistral":
-        return tf.MistralConfig(**common, sliding_window=4096)
+        return tf.MistralConfig(**common, sliding_window=p["window"])
     if p["family"] == "qwen2":
         return tf.Qwen2Config(**common, use_sliding_window=False)
     if p["family"] == "gemma2":
         common["tie_word_embeddings"] = True
         return tf.Gemma2Config(**common, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=p["hd"],
-                               sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+                               sliding_window=p["window"], attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
     raise ValueError(f"no transformers config for family {p['family']}")
 
 

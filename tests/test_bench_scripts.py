@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import bench_step  # noqa: E402
 import hf_peer  # noqa: E402
+import modelbin  # noqa: E402
 import max_seq  # noqa: E402
 
 OURS_LINE = ('BENCH {"model": "llama3-8b", "backend": "gpu", "device": "NVIDIA H100 80GB HBM3", "B": 1, "S": 4096, '
@@ -286,8 +287,12 @@ def test_presets_match_mst_h():
     for name, call in found.items():
         a = [x.strip() for x in call.split(",")]
         p = hf_peer.PRESETS[name]
+        body = src.split(f'strcmp(name, "{name}") == 0')[1].split("} else")[0]
+        window = re.search(r"sliding_window = (\d+);", body)
+        period = re.search(r"sliding_period = (\d+);", body)
         got = dict(family=fam[a[0]], V=int(a[1]), d=int(a[2]), L=int(a[3]), H=int(a[4]), KV=int(a[5]), hd=int(a[6]),
-                   F=int(a[7]), max_pos=int(a[8]), eps=float(a[9].rstrip("f")), theta=float(a[10].rstrip("f")))
+                   F=int(a[7]), max_pos=int(a[8]), eps=float(a[9].rstrip("f")), theta=float(a[10].rstrip("f")),
+                   window=int(window.group(1)) if window else 0, period=int(period.group(1)) if period else 1)
         assert got == p, name
 
 
@@ -299,6 +304,14 @@ def test_flops_formula_numbers():
     assert hf_peer.flops_per_token(p, 4096) == pytest.approx(6 * (total - p["V"] * p["d"] - p["d"])
                                                              + 12 * 32 * 4096 * 32 * 128)
     assert hf_peer.peak_flops(9, 0) == 989e12 and hf_peer.peak_flops(7, 5) == 0.0
+    # sliding windows: Mistral's every layer counts 4096 keys beyond S = 4096, Gemma-2's every other one
+    m = hf_peer.PRESETS["mistral-7b"]
+    m_matmul = 6.0 * (m["L"] * hf_peer.layer_params(m) + m["V"] * m["d"])
+    assert hf_peer.flops_per_token(m, 2048) == pytest.approx(m_matmul + 12 * 32 * 2048 * 32 * 128)
+    assert hf_peer.flops_per_token(m, 65536) == pytest.approx(m_matmul + 12 * 32 * 4096 * 32 * 128)
+    g = hf_peer.PRESETS["gemma2-9b"]
+    g_matmul = 6.0 * (g["L"] * hf_peer.layer_params(g) + g["V"] * g["d"])
+    assert hf_peer.flops_per_token(g, 65536) == pytest.approx(g_matmul + 12 * (21 * 4096 + 21 * 65536) * 16 * 256)
 
 
 @pytest.mark.skipif(not os.access(os.path.join(ROOT, "train_llama"), os.X_OK), reason="./train_llama not built")
@@ -311,6 +324,25 @@ def test_flops_formula_matches_train_llama():
     default = dict(family="llama", V=8192, d=256, L=4, H=8, KV=4, hd=32, F=688)  # train_llama's default model
     assert rec["flops_per_token"] == pytest.approx(hf_peer.flops_per_token(default, 16), rel=1e-6)
     assert rec["steps_timed"] == 1 and rec["warmup"] == 1
+
+
+@pytest.mark.skipif(not os.access(os.path.join(ROOT, "train_llama"), os.X_OK), reason="./train_llama not built")
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_flops_formula_sliding_window_matches_train_llama(name):
+    """The tiny references' windows (8) are shorter than S = 16: both formulas count the window there."""
+    path = os.path.join(ROOT, "tests", "ref", f"{name}.model.bin")
+    c = modelbin.read_model_config(path)
+    assert 0 < c.sliding_window < 16
+    out = subprocess.run([os.path.join(ROOT, "train_llama"), "--cpu", "--model", path, "--synthetic-data",
+                          "--seq-len", "16", "--batch", "1", "--steps", "2", "--bench"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="2"))
+    rec = bench_step.parse_bench(out.stdout)
+    assert out.returncode == 0 and rec is not None, out.stdout[-500:]
+    p = dict(family=name, V=c.vocab_size, d=c.d_model, L=c.n_layers, H=c.n_heads, KV=c.n_kv_heads, hd=c.head_dim,
+             F=c.d_ff, window=c.sliding_window, period=c.sliding_period)
+    assert rec["flops_per_token"] == pytest.approx(hf_peer.flops_per_token(p, 16), rel=1e-6)
+    assert rec["flops_per_token"] < hf_peer.flops_per_token(dict(p, window=0), 16)
 
 
 # ---- --help
