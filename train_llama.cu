@@ -202,8 +202,8 @@ static void usage(FILE *f) {
             "                        evaluation or checkpoints unless --eval-every/--eval-batches or\n"
             "                        --ckpt-every/--stop-after ask for them\n"
             "  --bench               after the run print one line 'BENCH {json}': settings, median step ms over\n"
-            "                        the steps after the first %d (of --steps >= 2: at least the last step), tok/s,\n"
-            "                        TFLOP/s, MFU, peak and planned memory\n"
+            "                        the steps after the first %d (at least the last step; with --steps 1 that one\n"
+            "                        step, its warm-up included), tok/s, TFLOP/s, MFU, peak and planned memory\n"
             "  --profile             GPU path: after the run, a table of GPU time per step by region (attention,\n"
             "                        MLP, LM head, optimizer, ...), the mean over the steps after the first\n"
             "  --mem-trace FILE      GPU path: at each region boundary of every step, wait for the GPU and write\n"
@@ -367,7 +367,6 @@ static Options options_parse(int argc, char **argv) {
     }
     if (strcmp(o.optimizer, "adamw8bit") == 0 && o.moments_given)
         die("--moments sets the moment type of --optimizer adamw; adamw8bit keeps 8-bit moments (drop --moments)");
-    if (o.bench && o.steps < 2) die("--bench needs --steps >= 2 (the first step is always warm-up)");
     if (o.host_layers > 0 && o.offload == 0) die("--host-layers N needs --offload 1");
     if (o.recompute == 0 && o.offload == 1) die("--offload 1 needs --recompute 1 (only recomputed layers can keep their inputs on the host)");
     if (o.dump_grads && o.grad_accum < 2) die("--dump-grads needs --grad-accum >= 2 (optimizer-in-backward never holds the whole gradient)");
@@ -1292,12 +1291,13 @@ static int cmp_double(const void *a, const void *b) {
     return x < y ? -1 : (x > y ? 1 : 0);
 }
 
-// --bench: one line "BENCH {json}" from the step times ms[0..n) of this run, n >= 2 (the first
-// BENCH_WARMUP left out, or all but the last when n <= BENCH_WARMUP): the median step, tok/s,
+// --bench: one line "BENCH {json}" from the step times ms[0..n) of this run (the first
+// BENCH_WARMUP left out, or all but the last when n <= BENCH_WARMUP; a lone step is timed with its
+// warm-up, for runs where one step is all there is time for): the median step, tok/s,
 // TFLOP/s and MFU from it, the resolved memory settings, the peak device memory seen
 // (cudaMemGetInfo: includes the CUDA context) and the planned arena.
 static void print_bench(Trainer *t, const Options *o, double *ms, int n) {
-    if (n < 2) die("--bench: only %d step ran in this run, need 2 or more (the first is warm-up)", n);
+    if (n < 1) die("--bench: no step ran in this run");
     int warm = n > BENCH_WARMUP ? BENCH_WARMUP : n - 1, k = n - warm;
     double *x = ms + warm;
     qsort(x, k, sizeof(double), cmp_double);

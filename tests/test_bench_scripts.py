@@ -457,3 +457,64 @@ def test_lora_search_runs_the_method_and_backs_off(tmp_path):
     with open(os.path.join(str(tmp_path), "max_seq_llama3-8b.csv")) as f:
         row = next(csv.DictReader(f))
     assert row["method"] == "lora-nf4-mst" and row["max_S"] == "230000"
+
+
+# ---- long trials: one step, timeouts, the time estimate
+
+def test_a_timed_out_trial_is_unfinished_not_a_failure(tmp_path, monkeypatch, capsys):
+    """A trial cut by --timeout ends its method's search (no bisection below it) and is not cached;
+    the next method still runs."""
+    runs = []
+
+    def fake_run(cmd, timeout, log_path=None):
+        S = int(cmd[cmd.index("--seq-len") + 1])
+        runs.append((cmd[cmd.index("--mst") + 1] if "--mst" in cmd else "hf", S))
+        if "--offload" in cmd and cmd[cmd.index("--offload") + 1] == "1":
+            return 124, "step 1/1 still running", True, timeout
+        return 0, 'BENCH {"oom": false, "tok_s": 1000, "peak_gib": 70.0}', False, 1.0
+
+    monkeypatch.setattr(max_seq, "run_command", fake_run)
+    monkeypatch.setattr(max_seq, "plan_bound", lambda args, preset, m, cache: 400000 if m == "ours-offload" else 100000)
+    rc = max_seq.main(["--methods", "ours-offload,ours-mst", "--gpu-mem", "78", "--s-max", "524288", "--steps", "1",
+                       "--time-budget", "1e9", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and runs == [("auto", 399360), ("auto", 98304)]
+    assert "ran past --timeout" in out and "UNFINISHED: llama3-8b|ours-offload|399360" in out
+    cache = max_seq.Cache(os.path.join(str(tmp_path), "max_seq_llama3-8b.json"))
+    assert set(cache.data["trials"]) == {"llama3-8b|ours-mst|98304"}
+    with open(os.path.join(str(tmp_path), "max_seq_llama3-8b.csv")) as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert rows["ours-offload"]["done"] == "False" and rows["ours-mst"]["max_S"] == "98304"
+
+
+def test_one_step_trials_for_train_llama_only(tmp_path, monkeypatch):
+    args = max_seq.parse_args(["--methods", "ours-offload", "--steps", "1", "--gpu-mem", "78", "--out", str(tmp_path)])
+    cmds = []
+
+    def fake_run(cmd, timeout, log_path=None):
+        cmds.append(cmd)
+        return 0, 'BENCH {"oom": false, "tok_s": 1000, "peak_gib": 70.0}', False, 1.0
+
+    monkeypatch.setattr(max_seq, "run_command", fake_run)
+    trial = max_seq.make_trial(args, "llama3-8b", "ours-offload", max_seq.Cache(args.cache), 1e18, str(tmp_path))
+    assert trial(8192) and cmds[0][cmds[0].index("--steps") + 1] == "1" and "--bench" in cmds[0]
+    for methods in ("hf", "ours-mst,hf-gc"):
+        with pytest.raises(SystemExit):
+            max_seq.parse_args(["--methods", methods, "--steps", "1", "--gpu-mem", "78"])
+    with pytest.raises(SystemExit):
+        max_seq.parse_args(["--methods", "ours-mst", "--steps", "0", "--gpu-mem", "78"])
+
+
+def test_trial_time_estimate():
+    # above the H100's measured trials (Llama-3-8B offload S=393,216 one step: 455 s; Mistral offload
+    # S=479,232: 131 s; Mistral HF + gc S=49,152 two steps: 72 s), within 2x of them
+    l3 = max_seq.trial_seconds("llama3-8b", 393216, 1, "ours-offload")
+    mi = max_seq.trial_seconds("mistral-7b", 479232, 1, "ours-offload")
+    hf = max_seq.trial_seconds("mistral-7b", 49152, 2, "hf-gc")
+    assert 455 < l3 < 2 * 455 and 131 < mi < 2 * 131 and 72 < hf < 2 * 72
+    # offload pays the pinned allocation; HF's sliding window is a mask (the whole square is counted)
+    assert max_seq.trial_seconds("llama3-8b", 0, 1, "ours-offload") == 90.0
+    assert max_seq.trial_seconds("llama3-8b", 0, 1, "lora-nf4-offload") == 90.0
+    assert max_seq.trial_seconds("llama3-8b", 0, 1, "ours-mst") == 30.0
+    assert max_seq.trial_seconds("mistral-7b", 65536, 1, "hf") > max_seq.trial_seconds("llama3-8b", 0, 1, "hf") + \
+        65536 * hf_peer.flops_per_token(hf_peer.PRESETS["mistral-7b"], 65536) / 300e12

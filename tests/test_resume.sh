@@ -182,7 +182,21 @@ expect_fail "model too large for the CPU path" "too large for the CPU reference 
 expect_fail "unknown flag" "unknown option '--frobnicate'" "$BIN" --frobnicate 3
 expect_fail "--preset on the CPU path" "the CPU reference path does not train it" "$BIN" --cpu --preset llama3-8b --synthetic-data --steps 3
 expect_fail "unknown --preset" "unknown --preset 'llama9'" "$BIN" --cpu --preset llama9 --synthetic-data
-expect_fail "--bench with too few steps" "--bench needs --steps >= 2" "$BIN" --cpu --synthetic-data --steps 1 --bench
+# --bench with one step (the long max-seq trials): that step is timed, warm-up included
+"$BIN" --cpu --synthetic-data --seq-len 16 --batch 1 --steps 1 --bench > "$TMP/one.txt" 2>&1
+rc=$?
+one_ms=$(grep -E '^step 1/1 ' "$TMP/one.txt" | grep -oE '\| [0-9]+ ms \|' | grep -oE '[0-9]+')
+one_ok=$(grep '^BENCH ' "$TMP/one.txt" | sed 's/^BENCH //' | python3 -c '
+import json, sys
+b = json.loads(sys.stdin.read())
+print(1 if b.get("steps_timed") == 1 and b.get("warmup") == 0 and round(b["median_ms"]) == int(sys.argv[1]) else 0)' \
+    "${one_ms:-0}" 2>/dev/null)
+if [ $rc -eq 0 ] && [ "$one_ok" = 1 ]; then
+    ok "--bench --steps 1: the one step timed (${one_ms} ms), warmup 0"
+else
+    bad "--bench --steps 1 (exit $rc, step ms '$one_ms', BENCH ok '$one_ok')"
+    tail -3 "$TMP/one.txt"
+fi
 expect_fail "--synthetic-data cannot sample" "cannot sample" "$BIN" --cpu --synthetic-data --sample-tokens 8
 
 # --synthetic-data on the CPU path: no tokenizer, no checkpoint, no eval/sample; --bench prints one
