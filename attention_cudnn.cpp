@@ -55,10 +55,14 @@ enum : int64_t {
 // packed dO and dq|dk|dv (attention_backward_group).
 enum GraphKind { GRAPH_FORWARD = 0, GRAPH_BACKWARD = 1, GRAPH_BACKWARD_PACKED_GROUP = 2 };
 
+static const char *graph_kind_name(int kind) {
+    return kind == GRAPH_BACKWARD_PACKED_GROUP ? "packed-group backward" : kind == GRAPH_BACKWARD ? "backward" : "forward";
+}
+
 // A built graph for one shape and kind, with the workspace its execution plan needs.
 struct AttentionGraph {
     AttentionShape shape;
-    int backward;  // GraphKind
+    int kind;  // GraphKind
     std::shared_ptr<fe::graph::Graph> graph;
     int64_t workspace_bytes;
 };
@@ -252,7 +256,8 @@ static std::shared_ptr<fe::graph::Graph> define_backward(const AttentionShape *s
 static void build_graph(AttentionGraph *entry) {
     const AttentionShape *s = &entry->shape;
     try {
-        auto graph = entry->backward ? define_backward(s, entry->backward == GRAPH_BACKWARD_PACKED_GROUP) : define_forward(s);
+        auto graph = entry->kind == GRAPH_FORWARD ? define_forward(s)
+                                                  : define_backward(s, entry->kind == GRAPH_BACKWARD_PACKED_GROUP);
         feCheck(graph->validate(), "validate", s);
         feCheck(graph->build_operation_graph(attention_state.handle), "build_operation_graph", s);
         feCheck(graph->create_execution_plans({fe::HeurMode_t::A}), "create_execution_plans", s);
@@ -261,14 +266,12 @@ static void build_graph(AttentionGraph *entry) {
         int64_t workspace = 0;
         feCheck(graph->get_workspace_size(workspace), "get_workspace_size", s);
         entry->graph = graph;
-        entry->workspace_bytes = (workspace + 255) / 256 * 256 + (entry->backward ? grouped_stats_bytes(s) : 0);
+        entry->workspace_bytes = (workspace + 255) / 256 * 256 + (entry->kind != GRAPH_FORWARD ? grouped_stats_bytes(s) : 0);
     } catch (const std::exception &e) {
         char shape[160];
         describe_shape(shape, sizeof(shape), s);
         die("cudnn-frontend threw while building the attention %s graph for %s: %s",
-            entry->backward == GRAPH_BACKWARD_PACKED_GROUP ? "packed-group backward"
-            : entry->backward                              ? "backward"
-                                                           : "forward",
+            graph_kind_name(entry->kind),
             shape, e.what());
     }
 }
@@ -280,12 +283,12 @@ static int same_shape(const AttentionShape *a, const AttentionShape *b) {
 }
 
 // The cached graph for this shape and kind (GraphKind), built on first use.
-static AttentionGraph *get_graph(const AttentionShape *s, int backward) {
+static AttentionGraph *get_graph(const AttentionShape *s, int kind) {
     AttentionShape key = *s;
-    if (backward == GRAPH_FORWARD) key.head_groups = 1;
+    if (kind == GRAPH_FORWARD) key.head_groups = 1;  // the forward runs in one call whatever the backward does
     for (int i = 0; i < attention_state.n_graphs; i++) {
         AttentionGraph *g = &attention_state.graphs[i];
-        if (g->backward == backward && same_shape(&g->shape, &key)) return g;
+        if (g->kind == kind && same_shape(&g->shape, &key)) return g;
     }
     AttentionGraph *g;
     if (attention_state.n_graphs < ATTENTION_GRAPH_CACHE_SIZE) {
@@ -296,16 +299,15 @@ static AttentionGraph *get_graph(const AttentionShape *s, int backward) {
         cudaCheck(cudaDeviceSynchronize());  // no kernel of the victim's plan may still be running
         g->graph.reset();
     }
-    g->shape = *s;
-    if (!backward) g->shape.head_groups = 1;  // the forward runs in one call whatever the backward does
-    g->backward = backward;
+    g->shape = key;
+    g->kind = kind;
     build_graph(g);
     return g;
 }
 
 extern "C" size_t attention_workspace_bytes(const AttentionShape *s) {
     require_supported(s, "attention_workspace_bytes");
-    int64_t fwd = get_graph(s, 0)->workspace_bytes;
+    int64_t fwd = get_graph(s, GRAPH_FORWARD)->workspace_bytes;
     int64_t bwd = get_graph(s, GRAPH_BACKWARD)->workspace_bytes;
     return (size_t)(fwd > bwd ? fwd : bwd);
 }
@@ -321,7 +323,7 @@ static void execute_graph(AttentionGraph *g, std::unordered_map<int64_t, void *>
                           cudaStream_t stream) {
     if (g->workspace_bytes > 0 && workspace == NULL) {
         die("attention: the %s pass needs %lld bytes of workspace and got NULL (see attention_workspace_bytes)",
-            g->backward ? "backward" : "forward", (long long)g->workspace_bytes);
+            graph_kind_name(g->kind), (long long)g->workspace_bytes);
     }
     cudnnCheck(cudnnSetStream(attention_state.handle, stream));
     try {
@@ -334,7 +336,7 @@ static void execute_graph(AttentionGraph *g, std::unordered_map<int64_t, void *>
 extern "C" void attention_forward(bf16 *out, float *stats, const bf16 *qkv, const AttentionShape *s, void *workspace,
                                   cudaStream_t stream) {
     require_supported(s, "attention_forward");
-    AttentionGraph *g = get_graph(s, 0);
+    AttentionGraph *g = get_graph(s, GRAPH_FORWARD);
     bf16 *q = const_cast<bf16 *>(qkv);
     std::unordered_map<int64_t, void *> pack = {
         {UID_Q, q},
