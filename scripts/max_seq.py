@@ -69,6 +69,12 @@ def is_train_llama(method):
     return method_flags(method, 1) is not None
 
 
+def is_offload(method):
+    """train_llama methods that keep layer inputs in pinned host memory (--offload 1)."""
+    flags = method_flags(method, 1)
+    return flags is not None and flags[flags.index("--offload") + 1] == "1"
+
+
 def memory_flags(args):
     """--host-mem when given: the pinned host budget of the offload methods (plan and trials alike)."""
     return ["--host-mem", str(args.host_mem)] if args.host_mem is not None else []
@@ -172,7 +178,7 @@ def trial_seconds(preset, S, steps, method):
         step = S * flops_per_token(p, S) / rate
     else:
         step = S * flops_per_token(dict(p, window=0), S) / 300e12 * (1.35 if method == "hf-gc" else 1.0)
-    return (90.0 if method.endswith("offload") or "-offload-" in method else 30.0) + steps * step
+    return (90.0 if is_offload(method) else 30.0) + steps * step
 
 
 def trial_key(preset, method, S, lora_rank, gpus=1):

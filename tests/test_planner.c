@@ -142,12 +142,27 @@ static void check_layout(const MemoryPlan *p, const char *what) {
     }
 }
 
-static void test_layouts(void) {
-    ModelConfig cfgs[3];
-    cfgs[0] = tiny_config(2);
+// Three configs for the invariant sweeps: a tiny Llama of `layers` layers, a tiny 3-layer one with
+// post-norms, q/k/v biases and tied embeddings, and Llama-3-8B (the sweeps give it S = 4096).
+static void varied_configs(ModelConfig cfgs[3], int layers) {
+    cfgs[0] = tiny_config(layers);
     cfgs[1] = tiny_config(3);
     cfgs[1].post_norms = 1; cfgs[1].qkv_bias = 1; cfgs[1].tied_embeddings = 1;
     mst_preset("llama3-8b", &cfgs[2]);
+}
+
+// The plan of c under s with the kernel figures estimated for its shape (mst_kernel_figures_estimate).
+static MemoryPlan plan_estimated(const ModelConfig *c, MstSettings s) {
+    MstKernelFigures f;
+    mst_kernel_figures_estimate(c, s.B, s.S, &f);
+    MemoryPlan p;
+    mst_plan_build(&p, c, &s, &f);
+    return p;
+}
+
+static void test_layouts(void) {
+    ModelConfig cfgs[3];
+    varied_configs(cfgs, 2);
     for (int ci = 0; ci < 3; ci++) {
         for (int rc = 0; rc < 2; rc++) {
             for (int m = 1; m <= 4; m += 3) {
@@ -156,10 +171,7 @@ static void test_layouts(void) {
                     if (ci == 2) s.S = 4096;
                     s.recompute = rc; s.mst_chunks = m; s.offload = off; s.host_layers = off ? 1 : 0;
                     s.grad_accum_steps = 1 + off; s.master_weights = rc; s.moment_bytes = m == 4 ? 1 : 4;
-                    MstKernelFigures f;
-                    mst_kernel_figures_estimate(&cfgs[ci], s.B, s.S, &f);
-                    MemoryPlan p;
-                    mst_plan_build(&p, &cfgs[ci], &s, &f);
+                    MemoryPlan p = plan_estimated(&cfgs[ci], s);
                     char what[96];
                     snprintf(what, sizeof(what), "config %d recompute %d M %d offload %d", ci, rc, m, off);
                     check_layout(&p, what);
@@ -450,10 +462,7 @@ static int check_timeline(const MemoryPlan *p, const char *what) {
 
 static void test_timeline_invariants(void) {
     ModelConfig cfgs[3];
-    cfgs[0] = tiny_config(4);
-    cfgs[1] = tiny_config(3);
-    cfgs[1].post_norms = 1; cfgs[1].qkv_bias = 1; cfgs[1].tied_embeddings = 1;
-    mst_preset("llama3-8b", &cfgs[2]);
+    varied_configs(cfgs, 4);
     int plans = 0;
     for (int ci = 0; ci < 3; ci++) {
         for (int rc = 0; rc < 2; rc++) {
@@ -471,10 +480,7 @@ static void test_timeline_invariants(void) {
                                 s.lora.base_quant = BASE_QUANT_NF4;
                             }
                             if (v == 2) s.moment_bytes = 1;
-                            MstKernelFigures f;
-                            mst_kernel_figures_estimate(&cfgs[ci], s.B, s.S, &f);
-                            MemoryPlan p;
-                            mst_plan_build(&p, &cfgs[ci], &s, &f);
+                            MemoryPlan p = plan_estimated(&cfgs[ci], s);
                             char what[128];
                             snprintf(what, sizeof(what), "config %d recompute %d M %d host layers %d accum %d variant %d",
                                      ci, rc, m, host, accum, v);
@@ -494,10 +500,7 @@ static void test_timeline_invariants(void) {
         MstSettings s = tiny_settings();
         s.recompute = 0; s.mst_chunks = 1; s.vocab_chunk = cfgs[ci].vocab_size;
         if (ci == 2) s.S = 4096;
-        MstKernelFigures f;
-        mst_kernel_figures_estimate(&cfgs[ci], s.B, s.S, &f);
-        MemoryPlan p;
-        mst_plan_build(&p, &cfgs[ci], &s, &f);
+        MemoryPlan p = plan_estimated(&cfgs[ci], s);
         MstPhase ph[256];
         int n = mst_timeline(&p, ph);
         for (int i = 1; i < n && ph[i].kind != PHASE_LM_HEAD; i++)
@@ -729,30 +732,32 @@ static void test_several_gpus(void) {
     printf("several-GPU plans checked\n");
 }
 
-// The longest S (a multiple of 1024) of Llama-3-8B, B=1, recompute, no offload, bf16 moments, on
-// `ranks` GPUs of 78 GiB (sequence parallel when ranks > 1), from the planner.
-static int llama3_longest(int ranks) {
+// The longest S (a multiple of 1024, below 4M) of a preset, B=1, recompute, no offload, bf16
+// moments, on `ranks` GPUs of `gib` GiB (sequence parallel when ranks > 1: S / ranks tokens each),
+// with the sliced attention backward `sliced` (0, 1, MST_SLICED_AUTO), from the planner.
+static int planned_longest(const char *preset, double gib, int ranks, int sliced) {
     ModelConfig c;
-    mst_preset("llama3-8b", &c);
+    mst_preset(preset, &c);
     int lo = 0, hi = 4096;  // in units of 1024 tokens
     while (hi - lo > 1) {
         int mid = (lo + hi) / 2;
         MstSettings s;
         memset(&s, 0, sizeof(s));
         s.B = 1; s.S = mid * 1024 / ranks; s.recompute = 1; s.grad_accum_steps = 1; s.moment_bytes = 2;
-        s.ranks = ranks; s.seq_parallel = ranks > 1;
+        s.ranks = ranks; s.seq_parallel = ranks > 1; s.attn_bwd_sliced = sliced;
         MstKernelFigures f;
         mst_kernel_figures_estimate(&c, s.B, s.S, &f);
         MemoryPlan p;
         char msg[4096];
-        if (mst_plan_auto(&p, &c, &s, &f, (size_t)78 << 30, 0, msg, sizeof(msg))) lo = mid;
+        if (mst_plan_auto(&p, &c, &s, &f, (size_t)(gib * 1073741824.0), 0, msg, sizeof(msg))) lo = mid;
         else hi = mid;
     }
     return lo * 1024;
 }
 
 static void test_llama3_scaling(void) {
-    int s1 = llama3_longest(1), s2 = llama3_longest(2), s8 = llama3_longest(8);
+    int s1 = planned_longest("llama3-8b", 78, 1, 0), s2 = planned_longest("llama3-8b", 78, 2, 0),
+        s8 = planned_longest("llama3-8b", 78, 8, 0);
     printf("Llama-3-8B longest S (planner, 78 GiB per GPU, recompute, no offload): 1 GPU %d, 2 GPUs %d (%.2fx), 8 GPUs %d (%.2fx)\n",
            s1, s2, (double)s2 / s1, s8, (double)s8 / s1);
     CHECK(s2 >= 1.8 * s1, "2 GPUs must plan at least 1.8x the longest sequence of one (%d vs %d)", s2, s1);
@@ -883,27 +888,6 @@ static void test_lora_longest(void) {
     }
 }
 
-// The longest S (a multiple of 1024) of a preset, B=1, recompute, no offload, bf16 moments, on one
-// GPU of `gib` GiB, with the sliced attention backward `sliced` (0, 1, MST_SLICED_AUTO).
-static int longest_sliced(const char *preset, double gib, int sliced) {
-    ModelConfig c;
-    mst_preset(preset, &c);
-    int lo = 0, hi = 1024;  // in units of 1024 tokens
-    while (hi - lo > 1) {
-        int mid = (lo + hi) / 2;
-        MstSettings s;
-        memset(&s, 0, sizeof(s));
-        s.B = 1; s.S = mid * 1024; s.recompute = 1; s.grad_accum_steps = 1; s.moment_bytes = 2; s.attn_bwd_sliced = sliced;
-        MstKernelFigures f;
-        mst_kernel_figures_estimate(&c, s.B, s.S, &f);
-        MemoryPlan p;
-        char msg[4096];
-        if (mst_plan_auto(&p, &c, &s, &f, (size_t)(gib * 1073741824.0), 0, msg, sizeof(msg))) lo = mid;
-        else hi = mid;
-    }
-    return lo * 1024;
-}
-
 // The sliced attention backward: the tiny plan's entries by hand (no dqkv; one group's datt_g and
 // dqkv_g; the sliced graph's workspace), layout and timeline; the settings it refuses; auto takes it
 // only when nothing else fits (Llama-2-7B at S = 131072 on 78.16 GiB), and what it saves.
@@ -1004,8 +988,8 @@ static void test_sliced_attention_backward(void) {
     CHECK(mst_plan_auto(&pa, &l2, &a, &lf, budget, 0, msg, sizeof(msg)) && pa.settings.attn_bwd_sliced == 0,
           "llama2-7b S=65536 auto: sliced %d, expected 0 (the plain backward fits)", pa.settings.attn_bwd_sliced);
 
-    int l2_off = longest_sliced("llama2-7b", 78.16, 0), l2_auto = longest_sliced("llama2-7b", 78.16, MST_SLICED_AUTO);
-    int l3_off = longest_sliced("llama3-8b", 78.16, 0), l3_auto = longest_sliced("llama3-8b", 78.16, MST_SLICED_AUTO);
+    int l2_off = planned_longest("llama2-7b", 78.16, 1, 0), l2_auto = planned_longest("llama2-7b", 78.16, 1, MST_SLICED_AUTO);
+    int l3_off = planned_longest("llama3-8b", 78.16, 1, 0), l3_auto = planned_longest("llama3-8b", 78.16, 1, MST_SLICED_AUTO);
     printf("longest S on 78.16 GiB (planner, MsT + recompute, bf16 moments, no offload): llama2-7b %d -> %d sliced, "
            "llama3-8b %d -> %d sliced\n", l2_off, l2_auto, l3_off, l3_auto);
     CHECK(l2_auto >= 131072 && l2_auto > l2_off && l3_auto > l3_off, "the sliced backward lengthens the longest S: llama2-7b %d -> %d, llama3-8b %d -> %d",
