@@ -142,6 +142,26 @@ PLAN_NOFIT = ("does not fit: B=1 S=131072 needs 692.34 GiB\n"
               "  with these settings the longest sequence that fits is about S=6369 (B=1)\n")
 
 
+def test_plan_bound_is_cached_per_s_max(tmp_path, monkeypatch):
+    """A plan that fits at --s-max 131072 is bound 131072; a later call at --s-max 262144 asks the planner
+    again instead of reusing it, and a repeated call is answered from the cache."""
+    asked = []
+
+    def fake_planner(cmd, **kw):
+        s_max = int(cmd[cmd.index("--seq-len") + 1])
+        asked.append(s_max)
+        out = PLAN_FITS.replace("S=65536", f"S={s_max}") if s_max <= 174700 else PLAN_NOFIT.replace("6369", "174700")
+        return subprocess.CompletedProcess(cmd, 0, stdout=out)
+    monkeypatch.setattr(max_seq.subprocess, "run", fake_planner)
+    cache_path = str(tmp_path / "c.json")
+    bounds = []
+    for s_max in (131072, 262144, 262144):
+        args = max_seq.parse_args(["--methods", "ours-mst-adam8", "--gpu-mem", "78", "--s-max", str(s_max),
+                                   "--cache", cache_path, "--out", str(tmp_path)])
+        bounds.append(max_seq.plan_bound(args, "mistral-7b", "ours-mst-adam8", max_seq.Cache(cache_path)))
+    assert bounds == [131072, 174700, 174700] and asked == [131072, 262144]
+
+
 def test_parse_plan_bound():
     assert max_seq.parse_plan_bound(PLAN_FITS) == 65536
     assert max_seq.parse_plan_bound(PLAN_NOFIT) == 6369
@@ -512,6 +532,12 @@ def test_trial_time_estimate():
     mi = max_seq.trial_seconds("mistral-7b", 479232, 1, "ours-offload")
     hf = max_seq.trial_seconds("mistral-7b", 49152, 2, "hf-gc")
     assert 455 < l3 < 2 * 455 and 131 < mi < 2 * 131 and 72 < hf < 2 * 72
+    # LoRA (frozen base: no weight gradients) below its full-parameter twin, above the measured LoRA-NF4
+    # S=241,664 (149 s) and LoRA-bf16 S=210,944 (115 s), within 2x
+    nf4 = max_seq.trial_seconds("llama3-8b", 241664, 1, "lora-nf4-mst")
+    bf16 = max_seq.trial_seconds("llama3-8b", 210944, 1, "lora-bf16-mst")
+    assert 149 < nf4 < 2 * 149 and 115 < bf16 < 2 * 115
+    assert nf4 < max_seq.trial_seconds("llama3-8b", 241664, 1, "ours-mst")
     # offload pays the pinned allocation; HF's sliding window is a mask (the whole square is counted)
     assert max_seq.trial_seconds("llama3-8b", 0, 1, "ours-offload") == 90.0
     assert max_seq.trial_seconds("llama3-8b", 0, 1, "lora-nf4-offload") == 90.0
