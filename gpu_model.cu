@@ -13,7 +13,8 @@
 //            tile (one pass when one tile holds V): dlogits = (softmax - onehot) / (n_valid * accum),
 //            dxf += dlogits W_tile, dW_tile += dlogits^T xf; final-norm backward -> dresid chunk
 //   layers in reverse: fetch x_l (prefetch x_{l-1} from the host on the side stream), recompute the
-//            attention part, MLP backward per chunk (recomputing the chunk), attention backward,
+//            attention part (not for the last attn_kept_layers layers: their forward kept it in
+//            kept_* buffers), MLP backward per chunk (recomputing the chunk), attention backward,
 //            RoPE inverse, QKV backward, norm backward; residual gradient accumulated in dresid
 //   embedding backward (positions grouped by token on the host: deterministic)
 // Optimizer-in-backward (grad_accum_steps == 1): each layer's AdamW runs right after its backward
@@ -210,6 +211,17 @@ static void *plan_req(const GpuModel *m, const char *name, int slice) {
     void *p = plan_ptr(m, name, slice);
     if (p == NULL) die("gpu model: the memory plan has no buffer '%s'", name);
     return p;
+}
+// Layer l's attention buffer `name`: its slice of kept_<name> when it keeps its attention activations
+// under recompute (the last attn_kept_layers layers), else slice l of <name> (the one shared slice
+// with recompute). required: die when the plan has none (else NULL: a buffer of some families only).
+static void *attn_buffer(const GpuModel *m, const char *name, int l, int required) {
+    int first_kept = m->config.n_layers - mst_kept_layers(&m->plan.settings);
+    char kept[32];
+    snprintf(kept, sizeof(kept), "kept_%s", name);
+    const char *which = l >= first_kept ? kept : name;
+    int slice = l >= first_kept ? l - first_kept : l;
+    return required ? plan_req(m, which, slice) : plan_ptr(m, which, slice);
 }
 
 // ---- layer forward ----
@@ -730,7 +742,7 @@ static void backward_layers(GpuModel *m, const OptimizerStep *opt, float clip_sc
         }
         const LayerActs *a = &m->acts[l];
         const bf16 *in = layer_input(m, l);
-        if (m->settings.recompute) recompute_attention_block(m, l, a, in);
+        if (mst_attn_recomputed(&m->plan.settings, L, l)) recompute_attention_block(m, l, a, in);
         mlp_backward(m, l, a, opt_in_backward);
         attention_block_backward(m, l, a, in, opt_in_backward);
         if (is_host_layer(m, l)) cudaCheck(cudaEventRecord(m->ev_free[l % 2], st));
@@ -1017,22 +1029,22 @@ static void bind_buffers(GpuModel *m) {
     m->acts = (LayerActs *)callocCheck((size_t)c->n_layers, sizeof(LayerActs));
     for (int l = 0; l < c->n_layers; l++) {
         LayerActs *a = &m->acts[l];
-        a->ln1_rstd = (float *)plan_req(m, "ln1_rstd", l);
-        a->qkv = (bf16 *)plan_req(m, "qkv", l);
-        a->att = (bf16 *)plan_req(m, "att", l);
-        a->att_stats = (float *)plan_req(m, "att_stats", l);
-        a->h1 = (bf16 *)plan_req(m, "h1", l);
+        a->ln1_rstd = (float *)attn_buffer(m, "ln1_rstd", l, 1);
+        a->qkv = (bf16 *)attn_buffer(m, "qkv", l, 1);
+        a->att = (bf16 *)attn_buffer(m, "att", l, 1);
+        a->att_stats = (float *)attn_buffer(m, "att_stats", l, 1);
+        a->h1 = (bf16 *)attn_buffer(m, "h1", l, 1);
         a->ln1 = m->settings.recompute ? a->h1 : (bf16 *)plan_req(m, "ln1", l);  // mst.h: plan_attention_acts
-        a->ao = (bf16 *)plan_ptr(m, "ao", l);
-        a->ao_rstd = (float *)plan_ptr(m, "ao_rstd", l);
+        a->ao = (bf16 *)attn_buffer(m, "ao", l, 0);
+        a->ao_rstd = (float *)attn_buffer(m, "ao_rstd", l, 0);
         a->ln2 = (bf16 *)plan_req(m, "ln2", l);
         a->ln2_rstd = (float *)plan_req(m, "ln2_rstd", l);
         a->gate_up = (bf16 *)plan_req(m, "gate_up", l);
         a->glu = (bf16 *)plan_req(m, "glu", l);
         a->dn = (bf16 *)plan_ptr(m, "dn", l);
         a->dn_rstd = (float *)plan_ptr(m, "dn_rstd", l);
-        a->qkv_heads = (bf16 *)plan_ptr(m, "qkv_heads", l);
-        a->att_heads = (bf16 *)plan_ptr(m, "att_heads", l);
+        a->qkv_heads = (bf16 *)attn_buffer(m, "qkv_heads", l, 0);
+        a->att_heads = (bf16 *)attn_buffer(m, "att_heads", l, 0);
     }
 }
 
@@ -1158,6 +1170,7 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     ms.mst_chunks = s->mst_chunks;
     ms.vocab_chunk = s->vocab_chunk;
     ms.recompute = s->recompute;
+    ms.attn_kept_layers = s->attn_kept_layers;
     ms.offload = s->offload;
     ms.host_layers = s->host_layers;
     ms.grad_accum_steps = s->grad_accum_steps;
@@ -1189,6 +1202,7 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
     s->host_layers = m->plan.host_layers;
     s->attn_head_groups = m->plan.settings.attn_head_groups > 1 ? m->plan.settings.attn_head_groups : 1;
     s->attn_bwd_sliced = m->plan.settings.attn_bwd_sliced;
+    s->attn_kept_layers = mst_kept_layers(&m->plan.settings);
     m->settings = *s;
 
     size_t free_before, free_after;

@@ -31,6 +31,8 @@ typedef struct {
     int mst_chunks;         // M token chunks of the MLP and LM head; 1 = standard transformer, 0 = auto
     int vocab_chunk;        // LM-head columns per tile; V = one tile (one pass), 0 = auto
     int recompute;          // 1: keep only layer inputs, recompute each layer in backward
+    int attn_kept_layers;   // with recompute: the last K layers keep their attention activations (no recompute
+                            // of their attention part); 0: none; MST_KEPT_AUTO: as many as fit
     int offload;            // 1: layer inputs may live in pinned host memory (needs recompute)
     int host_layers;        // with offload: layers whose inputs go to the host (the first ones); 0 = auto
     int grad_accum_steps;   // 1 enables optimizer-in-backward
@@ -74,8 +76,8 @@ typedef struct {
     size_t peak_used;     // the largest device_used seen by gpu_model_memory_report
 } MemoryReport;
 
-// Pointers of one layer's activations: per-layer slices when they are kept (no recompute), else
-// the shared working buffers. MLP buffers are one chunk's (c rows) unless kept per layer (M = 1,
+// Pointers of one layer's activations: per-layer slices when they are kept (no recompute; with
+// recompute the attention part of the last attn_kept_layers layers), else the shared working buffers. MLP buffers are one chunk's (c rows) unless kept per layer (M = 1,
 // no recompute). Post-norm buffers are NULL unless the family has post-norms.
 typedef struct {
     bf16 *ln1; float *ln1_rstd; bf16 *qkv; bf16 *att; float *att_stats; bf16 *h1;

@@ -56,6 +56,7 @@
 #define MST_MATMUL_WORKSPACE ((size_t)32 << 20)  // cuBLASLt workspace: 32 MiB (Hopper's recommendation)
 #define MST_MIN_TILE_ROWS 1024                   // auto keeps token chunks at least this tall when it can
 #define MST_SLICED_AUTO (-1)                     // MstSettings.attn_bwd_sliced: the planner decides
+#define MST_KEPT_AUTO (-1)                       // MstSettings.attn_kept_layers: as many as fit
 
 typedef enum {
     MEM_WEIGHTS, MEM_OPTIMIZER, MEM_GRADIENTS, MEM_ACTIVATIONS, MEM_INTERMEDIATES, MEM_WORKSPACE, MEM_HOST,
@@ -71,6 +72,9 @@ typedef struct {
     int mst_chunks;        // M: token chunks of the MLP and LM-head passes (1 = standard); 0 = auto
     int vocab_chunk;       // LM-head columns per tile (V = one tile, one pass); 0 = auto
     int recompute;         // 1: keep only layer inputs; backward recomputes each layer
+    int attn_kept_layers;  // with recompute: the last K layers keep their attention part's activations, so
+                           // the backward recomputes only their MLP chunks (which it always does with
+                           // recompute); 0: none; MST_KEPT_AUTO: as many as fit once everything else does
     int offload;           // 1: the first host_layers layers keep their inputs in pinned host memory
     int host_layers;       // with offload: how many layers; 0 = auto (as few as fit)
     int grad_accum_steps;  // 1: optimizer-in-backward (no full-model gradient buffer)
@@ -95,6 +99,10 @@ static inline int mst_ranks(const MstSettings *s) { return s->ranks > 1 ? s->ran
 // Layer-gradient buffers of optimizer-in-backward: two when a side stream reads one (several GPUs,
 // or overlap_optimizer) while backward fills the other, else one.
 static inline int mst_layer_grad_buffers(const MstSettings *s) { return mst_ranks(s) > 1 || s->overlap_optimizer ? 2 : 1; }
+// Layers that keep their attention activations (the last ones): 0 without recompute (all keep them).
+static inline int mst_kept_layers(const MstSettings *s) { return s->recompute && s->attn_kept_layers > 0 ? s->attn_kept_layers : 0; }
+// 1 when the backward recomputes layer l's attention part (recompute on and l not among the kept).
+static inline int mst_attn_recomputed(const MstSettings *s, int n_layers, int l) { return s->recompute && l < n_layers - mst_kept_layers(s); }
 // Tokens of a whole row: S, or ranks * S under sequence parallelism.
 static inline int mst_full_seq(const MstSettings *s) { return s->seq_parallel ? mst_ranks(s) * s->S : s->S; }
 
@@ -229,6 +237,13 @@ static inline const char *mst_settings_check(const ModelConfig *c, const MstSett
     if (s->mst_chunks < 0 || s->mst_chunks > N) { snprintf(buf, len, "mini-sequence chunks M = %d must be in [1, B*S = %ld] (0 = auto)", s->mst_chunks, N); return buf; }
     if (s->vocab_chunk < 0 || s->vocab_chunk > c->vocab_size) { snprintf(buf, len, "vocab chunk %d must be in [1, V = %d] (0 = auto)", s->vocab_chunk, c->vocab_size); return buf; }
     if (s->offload && !s->recompute) { snprintf(buf, len, "offload keeps only layer inputs on the host: it needs recompute on"); return buf; }
+    if (s->attn_kept_layers != MST_KEPT_AUTO && (s->attn_kept_layers < 0 || s->attn_kept_layers > c->n_layers)) {
+        snprintf(buf, len, "kept attention layers %d must be in [0, %d] (or auto)", s->attn_kept_layers, c->n_layers); return buf;
+    }
+    if (s->attn_kept_layers > 0 && !s->recompute) {
+        snprintf(buf, len, "keeping the attention activations of some layers is a choice of recompute: without recompute every layer keeps them");
+        return buf;
+    }
     if (s->host_layers < 0 || s->host_layers > c->n_layers || (!s->offload && s->host_layers != 0)) {
         snprintf(buf, len, "host layers %d must be in [0, %d] and needs offload", s->host_layers, c->n_layers); return buf;
     }
@@ -323,32 +338,40 @@ static inline void plan_local_heads(const ModelConfig *c, const MstSettings *s, 
     *hqkv = (size_t)ulysses_local_heads(&u, 1);
 }
 
+// plan_add of entry prefix + name (the kept layers' copies of the layer working buffers: "kept_qkv").
+static inline void plan_add_prefixed(PlanBuilder *b, const char *prefix, const char *name, size_t raw_slice, int count,
+                                     int category) {
+    char full[32];
+    snprintf(full, sizeof(full), "%s%s", prefix, name);
+    plan_add(b, full, raw_slice, count, category);
+}
+
 // The attention part of one layer over n rows: norm, fused QKV, attention output and its
 // log-sum-exp statistics, the residual after attention (h1), and with post-norms the o-proj output.
 // Without keep_ln1 (recompute) the normed input has no buffer of its own: the forward writes it to
 // h1's (read only by the QKV projection, before h1 is written) and the backward recomputes it into
 // qkv's (dead once the attention backward is done). Sequence parallel: the statistics are of this
 // GPU's heads over the whole sequence, and the head-layout q|k|v and attention output (B, ranks * S
-// rows) are kept too.
+// rows) are kept too. Entry names start with prefix.
 static inline void plan_attention_acts(PlanBuilder *b, const ModelConfig *c, const MstSettings *s, size_t n, int count,
-                                       int category, int keep_ln1) {
+                                       int category, int keep_ln1, const char *prefix) {
     size_t d = (size_t)c->d_model, q = (size_t)c->n_heads * c->head_dim, hd = (size_t)c->head_dim;
     size_t qkv = q + 2 * (size_t)c->n_kv_heads * c->head_dim, hq, hqkv;
     size_t rows_full = (size_t)s->B * mst_full_seq(s);
     plan_local_heads(c, s, &hq, &hqkv);
-    if (keep_ln1) plan_add(b, "ln1", n * d * 2, count, category);
-    plan_add(b, "ln1_rstd", n * 4, count, category);
-    plan_add(b, "qkv", n * qkv * 2, count, category);
-    plan_add(b, "att", n * q * 2, count, category);
-    plan_add(b, "att_stats", rows_full * hq * 4, count, category);
+    if (keep_ln1) plan_add_prefixed(b, prefix, "ln1", n * d * 2, count, category);
+    plan_add_prefixed(b, prefix, "ln1_rstd", n * 4, count, category);
+    plan_add_prefixed(b, prefix, "qkv", n * qkv * 2, count, category);
+    plan_add_prefixed(b, prefix, "att", n * q * 2, count, category);
+    plan_add_prefixed(b, prefix, "att_stats", rows_full * hq * 4, count, category);
     if (s->seq_parallel) {
-        plan_add(b, "qkv_heads", rows_full * hqkv * hd * 2, count, category);
-        plan_add(b, "att_heads", rows_full * hq * hd * 2, count, category);
+        plan_add_prefixed(b, prefix, "qkv_heads", rows_full * hqkv * hd * 2, count, category);
+        plan_add_prefixed(b, prefix, "att_heads", rows_full * hq * hd * 2, count, category);
     }
-    plan_add(b, "h1", n * d * 2, count, category);
+    plan_add_prefixed(b, prefix, "h1", n * d * 2, count, category);
     if (c->post_norms) {
-        plan_add(b, "ao", n * d * 2, count, category);
-        plan_add(b, "ao_rstd", n * 4, count, category);
+        plan_add_prefixed(b, prefix, "ao", n * d * 2, count, category);
+        plan_add_prefixed(b, prefix, "ao_rstd", n * 4, count, category);
     }
 }
 
@@ -404,6 +427,7 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     if (err) die("memory plan: %s", err);
     if (s->mst_chunks < 1 || s->vocab_chunk < 1) die("memory plan: chunk counts must be resolved before building");
     if (s->attn_bwd_sliced == MST_SLICED_AUTO) die("memory plan: the sliced attention backward must be resolved (0 or 1) before building");
+    if (s->attn_kept_layers == MST_KEPT_AUTO) die("memory plan: the kept attention layers must be resolved before building");
     memset(p, 0, sizeof(*p));
     p->settings = *s;
     p->figures = *fig;
@@ -468,8 +492,9 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     plan_add(&b, "grad_norm_partials", fig->grad_norm_partials * 4, 1, MEM_GRADIENTS);
     if (p->device_layers > 0) plan_add(&b, "layer_inputs", N * d * 2, p->device_layers, MEM_ACTIVATIONS);
     if (p->host_layers > 0) plan_add(&b, "layer_inputs_host", N * d * 2, p->host_layers, MEM_HOST);
+    if (mst_kept_layers(s)) plan_attention_acts(&b, c, s, N, mst_kept_layers(s), MEM_ACTIVATIONS, 0, "kept_");
     if (!s->recompute) {
-        plan_attention_acts(&b, c, s, N, L, MEM_ACTIVATIONS, 1);
+        plan_attention_acts(&b, c, s, N, L, MEM_ACTIVATIONS, 1, "");
         if (p->mlp_saved) plan_mlp_acts(&b, c, N, L, MEM_ACTIVATIONS);
     }
     plan_add(&b, "tokens", N * 4, 1, MEM_INTERMEDIATES);
@@ -483,7 +508,7 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     if (p->host_layers > 0) plan_add(&b, "x_offload", N * d * 2, p->host_layers > 1 ? 2 : 1, MEM_INTERMEDIATES);
 
     plan_share_begin(&b, SHARE_LAYER);
-    if (s->recompute) plan_attention_acts(&b, c, s, N, 1, MEM_INTERMEDIATES, 0);
+    if (s->recompute) plan_attention_acts(&b, c, s, N, 1, MEM_INTERMEDIATES, 0, "");
     if (s->seq_parallel) plan_sequence_parallel(&b, c, s);
     if (s->attn_bwd_sliced == 1) {  // one head group's dO and packed dq|dk|dv; the full dqkv goes to qkv's buffer
         plan_add(&b, "datt_g", N * (q / (size_t)s->attn_head_groups) * 2, 1, MEM_INTERMEDIATES);
@@ -588,6 +613,7 @@ static inline int plan_vc_candidates(const ModelConfig *c, const MstSettings *s,
 static inline MstSettings plan_frugal(const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig) {
     int ms[64], vcs[64];
     MstSettings f = *s;
+    if (f.attn_kept_layers == MST_KEPT_AUTO) f.attn_kept_layers = 0;
     f.mst_chunks = ms[plan_m_candidates(s, ms, 64) - 1];
     f.vocab_chunk = vcs[plan_vc_candidates(c, s, vcs, 64) - 1];
     if (s->offload && s->host_layers == 0) f.host_layers = c->n_layers;
@@ -611,7 +637,8 @@ static inline MstSettings plan_frugal(const ModelConfig *c, const MstSettings *s
 
 // Searches the settings in order of preference (fewest offloaded layers; then one vocabulary tile
 // with chunks of at least MST_MIN_TILE_ROWS rows; then fewest chunks M; then the largest vocabulary
-// chunk) and keeps the first plan that fits. Returns 1 on success.
+// chunk) and keeps the first plan that fits. Auto kept attention layers count as none here (they
+// only take what is left: mst_plan_auto). Returns 1 on success.
 static inline int plan_search(MemoryPlan *p, const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig,
                               size_t device_budget, size_t host_budget) {
     int ms[64], vcs[64];
@@ -624,6 +651,7 @@ static inline int plan_search(MemoryPlan *p, const ModelConfig *c, const MstSett
         h_hi = s->host_layers > 0 ? s->host_layers : c->n_layers;
     }
     MstSettings t = *s;
+    if (t.attn_kept_layers == MST_KEPT_AUTO) t.attn_kept_layers = 0;
     for (int h = h_lo; h <= h_hi; h++) {
         t.host_layers = h;
         for (int pass = 0; pass < 2; pass++) {
@@ -675,8 +703,28 @@ static inline const char *mst_human_unit(size_t b) {
 }
 #define MST_HUMAN(x) mst_human_value(x), mst_human_unit(x)
 
-// Resolves the auto settings (mst_chunks, vocab_chunk, host_layers = 0) to the highest-throughput
-// choice that fits device_budget (arena + cuBLASLt workspace) and host_budget (pinned memory).
+// With the plan p that fits, the most layers (up to all) that can keep their attention activations
+// within the budgets, the other settings as p's: p is rebuilt with them. Each kept layer saves the
+// recompute of its attention part (norm, q|k|v, attention forward, o-projection) in the backward.
+static inline void plan_keep_most_attention(MemoryPlan *p, const ModelConfig *c, const MstKernelFigures *fig,
+                                            size_t device_budget, size_t host_budget) {
+    MstSettings t = p->settings;
+    int lo = 0, hi = c->n_layers;  // lo fits (p itself); find the largest that does
+    MemoryPlan tmp;
+    while (lo < hi) {
+        int mid = lo + (hi - lo + 1) / 2;
+        t.attn_kept_layers = mid;
+        mst_plan_build(&tmp, c, &t, fig);
+        if (mst_plan_fits(&tmp, device_budget, host_budget)) lo = mid; else hi = mid - 1;
+    }
+    t.attn_kept_layers = lo;
+    mst_plan_build(p, c, &t, fig);
+}
+
+// Resolves the auto settings (mst_chunks, vocab_chunk, host_layers = 0, kept attention layers) to the
+// highest-throughput choice that fits device_budget (arena + cuBLASLt workspace) and host_budget
+// (pinned memory): the chunking, head groups and offload first, as if no layer kept its attention
+// activations, then as many kept layers as the memory left allows.
 // Returns 1 with the plan, or 0 with a message in msg: the breakdown of the most frugal plan, the
 // longest sequence that fits with these settings, and the settings changes that would make it fit.
 static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig,
@@ -684,7 +732,10 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     msg[0] = '\0';
     const char *err = mst_settings_check(c, s, msg, msg_len);
     if (err) return 0;
-    if (plan_search_groups(p, c, s, fig, device_budget, host_budget)) return 1;
+    if (plan_search_groups(p, c, s, fig, device_budget, host_budget)) {
+        if (s->attn_kept_layers == MST_KEPT_AUTO && s->recompute) plan_keep_most_attention(p, c, fig, device_budget, host_budget);
+        return 1;
+    }
 
     MstSettings f = plan_frugal(c, s, fig);
     mst_plan_build(p, c, &f, fig);
@@ -713,8 +764,9 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     else appendf(msg, msg_len, "  with these settings nothing fits, not even S=1 (the weights and optimizer state alone are too large)\n");
 
     // Single settings changes that would make it fit.
-    struct { const char *what; MstSettings t; } alt[6];
+    struct { const char *what; MstSettings t; } alt[8];
     int n_alt = 0;
+    if (mst_kept_layers(s)) { alt[n_alt].what = "no layer keeping its attention activations (--keep-attn auto)"; alt[n_alt].t = *s; alt[n_alt].t.attn_kept_layers = MST_KEPT_AUTO; n_alt++; }
     if (!s->recompute) { alt[n_alt].what = "recompute on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; n_alt++; }
     if (!s->offload) { alt[n_alt].what = "recompute + offload on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; alt[n_alt].t.offload = 1; alt[n_alt].t.host_layers = 0; n_alt++; }
     if (s->moment_bytes == 4) { alt[n_alt].what = "bf16 optimizer moments"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 2; n_alt++; }
@@ -729,7 +781,7 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
             any = 1;
         }
     }
-    if (!any) appendf(msg, msg_len, "  no single change of recompute/offload/moments/master/accumulation makes it fit at this S\n");
+    if (!any) appendf(msg, msg_len, "  no single change of recompute/offload/moments/master/accumulation/kept attention makes it fit at this S\n");
     return 0;
 }
 
@@ -740,7 +792,8 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
 // step (the last one with gradient accumulation) phase by phase, in the order gpu_model.cu runs it:
 //   embedding fwd; per layer: attention fwd, MLP fwd (all M chunks: one chunk's buffers live);
 //   LM head + loss (fwd and bwd over every token chunk and vocabulary tile); the untied head's
-//   AdamW (optimizer-in-backward); per layer in reverse: recompute (with recompute), MLP bwd,
+//   AdamW (optimizer-in-backward); per layer in reverse: recompute (with recompute, unless the layer
+//   keeps its attention activations), MLP bwd,
 //   attention bwd (+ the layer's AdamW with optimizer-in-backward); embedding bwd; optimizer (the
 //   embedding and final norm with optimizer-in-backward, else the full AdamW step).
 // A buffer is live from the phase that writes it to the last phase that reads it:
@@ -748,8 +801,9 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
 //                  the batch (tokens, targets, embedding-backward index)
 //   layer input l  from its write (embedding, or layer l-1's MLP) to layer l's attention bwd; the
 //                  same for its pinned host slot when offloaded
-//   saved acts     (no recompute) layer l's attention part from its attention fwd to its attention
-//                  bwd; its MLP buffers (M = 1) from its MLP fwd to its MLP bwd
+//   saved acts     (no recompute, or a layer that keeps its attention activations: kept_*) layer l's
+//                  attention part from its attention fwd to its attention bwd; its MLP buffers
+//                  (M = 1, no recompute) from its MLP fwd to its MLP bwd
 //   x_final/dresid from the last layer's MLP fwd to the embedding bwd
 //   staging X[s]   an offloaded layer's input: in the forward while that layer runs, in the backward
 //                  while it or the layer after it runs (prefetch), and over the LM head for layer L-1
@@ -789,10 +843,12 @@ static inline int mst_plan_untied_opt_in_backward(const MemoryPlan *p) {
     return e != NULL && e->share == SHARE_LMHEAD;
 }
 
-// Phases of one micro step: 4 + (4 or 5) L, plus the untied head's update.
+// Phases of one micro step: 4 + 4 L, one recompute phase per layer whose attention part is
+// recomputed, plus the untied head's update.
 static inline int mst_timeline_length(const MemoryPlan *p) {
-    int L = mst_plan_layers(p);
-    return 4 + mst_plan_untied_opt_in_backward(p) + (4 + p->settings.recompute) * L;
+    int L = mst_plan_layers(p), recomputed = 0;
+    for (int l = 0; l < L; l++) recomputed += mst_attn_recomputed(&p->settings, L, l);
+    return 4 + mst_plan_untied_opt_in_backward(p) + 4 * L + recomputed;
 }
 
 static inline int phase_is_backward(int kind) { return kind >= PHASE_RECOMPUTE && kind <= PHASE_EMBED_BWD; }
@@ -858,6 +914,11 @@ static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int ki
     const char *n = e->name;
     int saved = e->share == SHARE_NONE, live = 0;
     if (name_in(n, always)) return e->count;
+    if (strncmp(n, "kept_", 5) == 0 && name_in(n + 5, attn_acts)) {  // slice j: layer L - count + j
+        int first = mst_plan_layers(p) - e->count;
+        for (int j = 0; j < e->count; j++) live += saved_act_live(first + j, PHASE_ATTN_FWD, kind, layer);
+        return live;
+    }
     if (strcmp(n, "layer_inputs") == 0 || strcmp(n, "layer_inputs_host") == 0) {
         int first = strcmp(n, "layer_inputs") == 0 ? p->host_layers : 0;  // layer of slice 0
         for (int j = 0; j < e->count; j++) live += layer_input_live(first + j, kind, layer);
@@ -870,6 +931,7 @@ static inline int mst_entry_live(const MemoryPlan *p, const PlanEntry *e, int ki
             return live;
         }
         if (written == PHASE_MLP_FWD) return kind == PHASE_MLP_FWD || kind == PHASE_MLP_BWD;
+        if (layer >= mst_plan_layers(p) - mst_kept_layers(&p->settings)) return 0;  // a kept layer has its own (kept_*)
         if (strcmp(n, "h1") == 0 && kind == PHASE_MLP_FWD) return 1;
         return phase_in(kind, PHASES_ATTENTION | PHASE_BIT(PHASE_MLP_BWD));
     }
@@ -925,7 +987,7 @@ static inline int mst_timeline(const MemoryPlan *p, MstPhase *out) {
     timeline_add(p, out, &n, PHASE_LM_HEAD, -1);
     if (mst_plan_untied_opt_in_backward(p)) timeline_add(p, out, &n, PHASE_HEAD_UPDATE, -1);
     for (int l = L - 1; l >= 0; l--) {
-        if (p->settings.recompute) timeline_add(p, out, &n, PHASE_RECOMPUTE, l);
+        if (mst_attn_recomputed(&p->settings, L, l)) timeline_add(p, out, &n, PHASE_RECOMPUTE, l);
         timeline_add(p, out, &n, PHASE_MLP_BWD, l);
         timeline_add(p, out, &n, PHASE_ATTN_BWD, l);
     }
@@ -959,6 +1021,10 @@ static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
             s->attn_head_groups == 2 ? " | attention backward in 2 head groups"
             : s->attn_head_groups == 4 ? " | attention backward in 4 head groups"
             : s->attn_head_groups == 8 ? " | attention backward in 8 head groups" : "");
+    if (mst_kept_layers(s))
+        fprintf(f, "  kept attention: the last %d of %d layers keep their attention activations (kept_*); the backward "
+                   "recomputes the attention part of the other %d only\n", mst_kept_layers(s), p->host_layers + p->device_layers,
+                p->host_layers + p->device_layers - mst_kept_layers(s));
     if (s->attn_bwd_sliced == 1)
         fprintf(f, "  sliced attention backward: one head group's dO and dq|dk|dv at a time (datt_g, dqkv_g); dq|dk|dv "
                    "go back into q|k|v's buffer, the normed input is recomputed into att's\n");
@@ -1017,10 +1083,10 @@ static inline void mst_plan_write_json(const MemoryPlan *p, const ModelConfig *c
             family_name(c->family), c->vocab_size, c->d_model, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
             c->d_ff, c->tied_embeddings);
     fprintf(f, " \"settings\": {\"B\": %d, \"S\": %d, \"M\": %d, \"chunk_rows\": %d, \"vocab_chunk\": %d, \"vocab_tiles\": %d, "
-               "\"recompute\": %d, \"offload\": %d, \"host_layers\": %d, \"grad_accum\": %d, \"moment_bytes\": %d, "
-               "\"master_weights\": %d},\n",
-            s->B, s->S, s->mst_chunks, p->chunk_rows, s->vocab_chunk, p->vocab_tiles, s->recompute, s->offload,
-            p->host_layers, s->grad_accum_steps, s->moment_bytes, s->master_weights);
+               "\"recompute\": %d, \"attn_kept_layers\": %d, \"offload\": %d, \"host_layers\": %d, \"grad_accum\": %d, "
+               "\"moment_bytes\": %d, \"master_weights\": %d},\n",
+            s->B, s->S, s->mst_chunks, p->chunk_rows, s->vocab_chunk, p->vocab_tiles, s->recompute, mst_kept_layers(s),
+            s->offload, p->host_layers, s->grad_accum_steps, s->moment_bytes, s->master_weights);
     fprintf(f, " \"fits\": %s, \"device_budget\": %zu, \"host_budget\": %zu, \"device_total\": %zu, \"device_external\": %zu, "
                "\"host_total\": %zu, \"shared_bytes\": %zu,\n \"categories\": {",
             fits ? "true" : "false", device_budget, host_budget, p->device_total, p->device_external, p->host_total,

@@ -9,7 +9,8 @@
 // and weights (determinism); the losses before steps 2 and 3 and
 // the fp32 master weights after 2 AdamW steps; optimizer-in-backward agrees with accumulation;
 // 8-bit moments (adamw8bit): losses, repeatability, optimizer-state round trip;
-// MsT on (M > 1, vocabulary chunked) agrees with MsT off (M = 1, one tile); next-token logits;
+// MsT on (M > 1, vocabulary chunked) agrees with MsT off (M = 1, one tile); layers that keep their
+// attention activations under recompute (--keep-attn) give the fully recomputed run's bits; next-token logits;
 // planned arena == allocated arena == cudaMemGetInfo drop (within 2 MiB).
 // LoRA (PEFT references tests/ref/<case>.lora.bin + .lora_ref.bin, scripts/make_lora_reference.py):
 // the same matrix of settings and checks on the adapters (gradients, AdamW), with a frozen base
@@ -246,6 +247,7 @@ typedef struct {
     int moments_8bit;  // --optimizer adamw8bit
     int head_groups;   // attention backward in this many head-group calls (0: auto)
     int sliced;        // 1: the sliced attention backward (one head group's gradients at a time, attn_sliced.h)
+    int kept;          // with recompute: the last `kept` layers keep their attention activations (--keep-attn)
 } RunSpec;
 
 typedef struct {
@@ -328,9 +330,14 @@ static void run_one(const Case *cs, const RunSpec *rs, RunResult *res, int print
     s.master_weights = rs->master;
     s.attn_head_groups = rs->head_groups;
     s.attn_bwd_sliced = rs->sliced;
+    s.attn_kept_layers = rs->kept;
     GpuModel m;
     case_model_init(&m, cs, &s);
     check_arena(&m);
+    char kept_detail[96];
+    snprintf(kept_detail, sizeof(kept_detail), "%d layers, %d asked for", mst_kept_layers(&m.plan.settings), rs->kept);
+    expect(mst_kept_layers(&m.plan.settings) == rs->kept && (mst_plan_find(&m.plan, "kept_qkv") != NULL) == (rs->kept > 0),
+           "the plan keeps the attention activations of %s", kept_detail);
     size_t n = cs->n_train;
     OptimizerStep opt = cs->opt;
     StepResult sr;
@@ -600,6 +607,27 @@ static void run_case(const char *name, int lora) {
         check_params(&cs, res_oib.master, res.master, TOL_AGREE, "sliced-oib-vs-acc", 0);
         print_worst();
     }
+    // Kept attention activations (--keep-attn): the backward skips the recompute of the kept layers'
+    // attention part and reads what their forward wrote. The recompute is deterministic, so gradients
+    // and weights must equal those of the same run with every layer recomputed, bit for bit: every
+    // layer kept at M 1 (against the recompute base run), and the last layer kept at M 3 with
+    // vocabulary tiles and the first layer's input on the host.
+    RunSpec rk = {1, 1, V, 0, 0, 2, 1, DT_FP32, 0, 0, 0, L};
+    printf("  recompute 1 M 1, all %d layers keep their attention activations\n", L);
+    run_one(&cs, &rk, &res, 0);
+    compare_scalar("kept loss@3", res.loss[2], ref_losses[2], TOL_LOSS);
+    check_grads(&cs, res.grads, cs.ref_grads, tol_grad, "grad", 0);
+    expect(memcmp(res.grads, base[1].grads, n * sizeof(float)) == 0 && memcmp(res.master, base[1].master, n * sizeof(float)) == 0,
+           "%s", "keeping every layer's attention activations must give the recompute run's gradients and weights bit for bit");
+    RunSpec rk0 = {1, 3, 100, 1, 1, 2, 1, DT_FP32, 0, 0, 0, 0}, rk1 = rk0;
+    rk1.kept = 1;
+    printf("  recompute 1 M 3 vocab chunk 100, layer 0's input on the host, the last layer keeps its attention activations\n");
+    run_one(&cs, &rk0, &res, 0);
+    run_one(&cs, &rk1, &base[0], 0);
+    compare_scalar("kept M3 loss@3", base[0].loss[2], ref_losses[2], TOL_LOSS);
+    expect(memcmp(res.grads, base[0].grads, n * sizeof(float)) == 0 && memcmp(res.master, base[0].master, n * sizeof(float)) == 0,
+           "%s", "keeping the last layer's attention activations (offload, M 3) must give the same bits as recomputing it");
+    print_worst();
     // bf16 moments without master weights (stochastic rounding): the losses still follow the reference.
     RunSpec rb = {1, 3, 100, 0, 0, 1, 0, DT_BF16};
     printf("  bf16 moments, no master weights, optimizer-in-backward\n");

@@ -49,6 +49,7 @@ typedef struct {
     int host_layers;          // with offload: layers whose inputs live on the host; 0 = as few as fit
     int attn_head_groups;     // attention backward in 1, 2, 4 or 8 head-group calls; 0 = auto
     int attn_bwd_sliced;      // sliced attention backward: 0, 1 or MST_SLICED_AUTO
+    int attn_kept_layers;     // with recompute: layers keeping their attention activations, or MST_KEPT_AUTO
     float gpu_mem_gib;        // 0: free device memory minus a margin
     float host_mem_gib;       // pinned host budget (plan and GPU runs); 0: mst_default_host_budget of this machine's memory
     int eval_every, eval_batches, sample_every, sample_tokens;
@@ -101,6 +102,7 @@ static Options options_default(void) {
     o.moments = "bf16";
     o.recompute = 1;
     o.attn_bwd_sliced = MST_SLICED_AUTO;
+    o.attn_kept_layers = MST_KEPT_AUTO;
     o.eval_every = 25;
     o.eval_batches = 4;
     o.sample_every = 50;
@@ -151,6 +153,9 @@ static void usage(FILE *f) {
             "  --mst auto|M          token chunks of the MLP and LM head (default auto)\n"
             "  --vocab-chunk auto|N  LM-head columns per tile (default auto)\n"
             "  --recompute 0|1       recompute layers in backward (default %d)\n"
+            "  --keep-attn auto|K    with --recompute 1: the last K layers keep their attention activations, so\n"
+            "                        the backward skips recomputing their attention part (faster, more memory);\n"
+            "                        default auto: as many layers as the memory left after everything else allows\n"
             "  --offload 0|1         layer inputs may live in pinned host memory (default %d)\n"
             "  --host-layers N       with --offload 1: the first N layers keep their inputs on the host\n"
             "                        (default: as few as fit)\n"
@@ -269,7 +274,7 @@ static const char *const VALUE_FLAGS[] = {
     "--mst", "--vocab-chunk", "--recompute", "--offload", "--gpu-mem", "--host-mem", "--host-layers", "--eval-every",
     "--eval-batches", "--sample-every", "--sample-tokens", "--prompt", "--temperature", "--top-p", "--ckpt-dir",
     "--ckpt-every", "--keep-last", "--resume", "--stop-after", "--seed", "--log", "--plan-json", "--mem-trace",
-    "--lora-rank", "--lora-alpha", "--lora-targets", "--base-quant", "--attn-head-groups", "--attn-bwd-sliced", "--gpus", "--dist-dir", "--dist-id",
+    "--lora-rank", "--lora-alpha", "--lora-targets", "--base-quant", "--attn-head-groups", "--attn-bwd-sliced", "--keep-attn", "--gpus", "--dist-dir", "--dist-id",
     "--dist-timeout", "--dump-grads"};
 
 static int is_value_flag(const char *a) {
@@ -324,6 +329,8 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--attn-head-groups") == 0) o.attn_head_groups = parse_auto_int(a, v);
         else if (strcmp(a, "--attn-bwd-sliced") == 0)
             o.attn_bwd_sliced = strcmp(v, "auto") == 0 ? MST_SLICED_AUTO : (int)parse_int(a, v, 0, 1);
+        else if (strcmp(a, "--keep-attn") == 0)
+            o.attn_kept_layers = strcmp(v, "auto") == 0 ? MST_KEPT_AUTO : (int)parse_int(a, v, 0, 1 << 20);
         else if (strcmp(a, "--gpu-mem") == 0) o.gpu_mem_gib = parse_float(a, v, 0.0f, 1e6f);
         else if (strcmp(a, "--host-mem") == 0) o.host_mem_gib = parse_float(a, v, 1.0f, 1e6f);
         else if (strcmp(a, "--eval-every") == 0) { o.eval_every = (int)parse_int(a, v, 0, INT32_MAX); o.eval_given = 1; }
@@ -369,6 +376,8 @@ static Options options_parse(int argc, char **argv) {
         die("--moments sets the moment type of --optimizer adamw; adamw8bit keeps 8-bit moments (drop --moments)");
     if (o.host_layers > 0 && o.offload == 0) die("--host-layers N needs --offload 1");
     if (o.recompute == 0 && o.offload == 1) die("--offload 1 needs --recompute 1 (only recomputed layers can keep their inputs on the host)");
+    if (o.recompute == 0 && o.attn_kept_layers > 0)
+        die("--keep-attn %d needs --recompute 1 (without recompute every layer keeps its activations)", o.attn_kept_layers);
     if (o.dump_grads && o.grad_accum < 2) die("--dump-grads needs --grad-accum >= 2 (optimizer-in-backward never holds the whole gradient)");
     if (o.dump_grads && o.lora.rank > 0) die("--dump-grads writes the full model's gradient: it does not go with --lora-rank");
     if (o.overlap_optimizer && o.grad_accum > 1) die("--overlap-optimizer overlaps optimizer-in-backward: it needs --grad-accum 1");
@@ -678,6 +687,7 @@ static void trainer_init(Trainer *t, int backend, const ModelConfig *c, const ui
     s->host_layers = o->host_layers;
     s->attn_head_groups = o->attn_head_groups;
     s->attn_bwd_sliced = o->attn_bwd_sliced;
+    s->attn_kept_layers = o->attn_kept_layers;
     s->grad_accum_steps = o->grad_accum;
     s->moment_type = strcmp(o->moments, "fp32") == 0 ? DT_FP32 : DT_BF16;
     s->moments_8bit = t->adam8;
@@ -1311,11 +1321,11 @@ static void print_bench(Trainer *t, const Options *o, double *ms, int n) {
     json_string(stdout, t->device);
     printf(", \"gpus\": %d, \"seq_parallel\": %d", t->comm ? t->comm->world : (gpu ? 1 : 0), t->seq_parallel);
     printf(", \"B\": %d, \"S\": %d, \"grad_accum\": %d, \"M\": %d, \"vocab_chunk\": %d, \"recompute\": %d, "
-           "\"offload\": %d, \"host_layers\": %d, \"optimizer\": \"%s\", \"moments\": \"%s\", \"master_weights\": %d, "
+           "\"attn_kept_layers\": %d, \"offload\": %d, \"host_layers\": %d, \"optimizer\": \"%s\", \"moments\": \"%s\", \"master_weights\": %d, "
            "\"synthetic\": %d, \"lora_rank\": %d, \"base_quant\": \"%s\", "
            "\"steps_timed\": %d, \"warmup\": %d, \"median_ms\": %.3f, \"tok_s\": %.1f, \"tflops\": %.4f, \"mfu\": ",
            t->B, t->S, t->grad_accum, gpu ? t->gs.mst_chunks : 1, gpu ? t->gs.vocab_chunk : t->c.vocab_size,
-           gpu ? t->gs.recompute : 0, gpu ? t->gs.offload : 0, gpu ? t->gs.host_layers : 0, o->optimizer,
+           gpu ? t->gs.recompute : 0, gpu ? t->gs.attn_kept_layers : 0, gpu ? t->gs.offload : 0, gpu ? t->gs.host_layers : 0, o->optimizer,
            t->adam8 ? "8bit" : o->moments, o->master_weights, o->synthetic, o->lora.rank,
            base_quant_name(o->lora.base_quant), k, warm, med, tok_s, fpt * tok_s / 1e12);
     if (gpu && t->peak_flops > 0) printf("%.6f", fpt * tok_s / t->peak_flops);
@@ -1358,6 +1368,7 @@ static int plan_only(const Options *o) {
     s.host_layers = o->host_layers;
     s.attn_head_groups = o->attn_head_groups;
     s.attn_bwd_sliced = o->attn_bwd_sliced;
+    s.attn_kept_layers = o->attn_kept_layers;
     s.grad_accum_steps = o->grad_accum;
     s.moment_bytes = strcmp(o->optimizer, "adamw8bit") == 0 ? 1 : strcmp(o->moments, "fp32") == 0 ? 4 : 2;
     s.master_weights = o->master_weights;

@@ -4,7 +4,9 @@
 For each model shape (--models) and (B, S) cell (S in --seqs at batch 1, and S=4096 at the batches
 of --batches) it runs, each as a subprocess with a timeout:
   ours      ./train_llama --preset P --synthetic-data --bench --mst auto --recompute 0
-  ours-rc   the same with --recompute 1 (only at S in --rc-seqs: the long sequences)
+  ours-rc   the same with --recompute 1 (only at S in --rc-seqs: the long sequences); the layers keep
+            their attention activations as far as memory allows (--keep-attn auto, the default)
+  ours-rc-nokeep  --recompute 1 --keep-attn 0: every layer's attention recomputed (not in the default list)
   hf        scripts/hf_peer.py (transformers, sdpa, fused AdamW)
   hf-gc     scripts/hf_peer.py --gc (gradient checkpointing)
 and prints ONE table (device, date, the exact command; model, method, B, S, tok/s, TFLOP/s, MFU,
@@ -32,7 +34,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from hf_peer import PRESETS  # noqa: E402
 
-ALL_METHODS = ["ours", "ours-rc", "hf", "hf-gc"]
+ALL_METHODS = ["ours", "ours-rc", "ours-rc-nokeep", "hf", "hf-gc"]
+DEFAULT_METHODS = ["ours", "ours-rc", "hf", "hf-gc"]
+RC_METHODS = ("ours-rc", "ours-rc-nokeep")  # run only at S in --rc-seqs
 COLUMNS = ["model", "method", "B", "S", "tok/s", "TFLOP/s", "MFU", "peak GiB", "vs HF"]
 
 
@@ -96,7 +100,8 @@ def hf_command(python, preset, B, S, steps, gc):
             "--steps", str(steps)] + (["--gc"] if gc else [])
 
 
-METHOD_FLAGS = {"ours": ["--mst", "auto", "--recompute", "0"], "ours-rc": ["--mst", "auto", "--recompute", "1"]}
+METHOD_FLAGS = {"ours": ["--mst", "auto", "--recompute", "0"], "ours-rc": ["--mst", "auto", "--recompute", "1"],
+                "ours-rc-nokeep": ["--mst", "auto", "--recompute", "1", "--keep-attn", "0"]}
 
 
 def method_command(method, args, preset, B, S):
@@ -112,7 +117,7 @@ def cells(models, seqs, batches, methods, rc_seqs):
     for m in models:
         for B, S in shapes:
             for meth in methods:
-                if meth == "ours-rc" and S not in rc_seqs:
+                if meth in RC_METHODS and S not in rc_seqs:
                     continue
                 out.append((m, meth, B, S))
     return out
@@ -132,8 +137,8 @@ def row_of(model, method, B, S, status, rec):
     """A result row: the fields of the table and CSV."""
     r = {"model": model, "method": method, "B": B, "S": S, "status": status}
     rec = rec or {}
-    for k in ("tok_s", "tflops", "mfu", "peak_gib", "median_ms", "M", "vocab_chunk", "recompute", "offload",
-              "device"):
+    for k in ("tok_s", "tflops", "mfu", "peak_gib", "median_ms", "M", "vocab_chunk", "recompute", "attn_kept_layers",
+              "offload", "device"):
         r[k] = rec.get(k)
     return r
 
@@ -251,10 +256,10 @@ def parse_args(argv):
                     help="sequence lengths at batch 1 (default 2048,4096,8192,16384)")
     ap.add_argument("--batches", type=int_list, default=[2, 4, 8],
                     help="batches at S=4096 (default 2,4,8; '' for none)")
-    ap.add_argument("--methods", type=str_list(ALL_METHODS), default=ALL_METHODS,
-                    help="comma list of ours, ours-rc, hf, hf-gc (default all)")
+    ap.add_argument("--methods", type=str_list(ALL_METHODS), default=DEFAULT_METHODS,
+                    help=f"comma list of {', '.join(ALL_METHODS)} (default {','.join(DEFAULT_METHODS)})")
     ap.add_argument("--rc-seqs", type=int_list, default=[16384],
-                    help="sequence lengths where ours-rc runs (default 16384)")
+                    help="sequence lengths where ours-rc and ours-rc-nokeep run (default 16384)")
     ap.add_argument("--steps", type=int, default=6, help="steps a run; the median leaves out the first 2 (default 6)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds a run may take (default 300)")
     ap.add_argument("--binary", default="./train_llama")
@@ -308,7 +313,8 @@ def main(argv=None):
         print(SKIPPED_NOTE)
     path = os.path.join(args.out, f"bench_step_{stamp}.csv")
     write_csv(path, rows, ["model", "method", "B", "S", "status", "tok_s", "tflops", "mfu", "peak_gib", "ratio",
-                           "ratio_ref", "median_ms", "M", "vocab_chunk", "recompute", "offload", "device"])
+                           "ratio_ref", "median_ms", "M", "vocab_chunk", "recompute", "attn_kept_layers", "offload",
+                           "device"])
     print(f"\nCSV: {path}\nraw records: {jsonl}\ntotal {time.time() - t_start:.0f} s")
     return 0
 

@@ -37,7 +37,7 @@ run zero ./build/test_zero
 run ulysses ./build/test_ulysses
 run gpu_counts ./build/test_gpu_counts
 run multi_gpu_cli bash tests/test_multi_gpu_cli.sh
-run attn_sliced_cli bash tests/test_attn_sliced_cli.sh
+run attn_memory_cli bash tests/test_attn_memory_cli.sh
 run export_py python3 -m pytest -q tests/test_export.py
 run prepare_py python3 -m pytest -q tests/test_prepare.py
 run resume bash tests/test_resume.sh

@@ -69,9 +69,10 @@ def test_run_command_reports_timeout_and_output(tmp_path):
 # ---- the grid, ratios, table, CSV
 
 def test_cells_grid_and_recompute_only_at_rc_seqs():
-    c = bench_step.cells(["llama3-8b"], [2048, 16384], [2, 4], ["ours", "ours-rc", "hf"], [16384])
+    c = bench_step.cells(["llama3-8b"], [2048, 16384], [2, 4], ["ours", "ours-rc", "ours-rc-nokeep", "hf"], [16384])
     assert c == [("llama3-8b", "ours", 1, 2048), ("llama3-8b", "hf", 1, 2048),
-                 ("llama3-8b", "ours", 1, 16384), ("llama3-8b", "ours-rc", 1, 16384), ("llama3-8b", "hf", 1, 16384),
+                 ("llama3-8b", "ours", 1, 16384), ("llama3-8b", "ours-rc", 1, 16384),
+                 ("llama3-8b", "ours-rc-nokeep", 1, 16384), ("llama3-8b", "hf", 1, 16384),
                  ("llama3-8b", "ours", 2, 4096), ("llama3-8b", "hf", 2, 4096),
                  ("llama3-8b", "ours", 4, 4096), ("llama3-8b", "hf", 4, 4096)]
 
@@ -81,6 +82,10 @@ def test_method_commands():
     ours = bench_step.method_command("ours-rc", args, "llama2-7b", 2, 4096)
     assert ours[:4] == ["./train_llama", "--preset", "llama2-7b", "--synthetic-data"]
     assert "--bench" in ours and ours[ours.index("--recompute") + 1] == "1" and ours[ours.index("--steps") + 1] == "5"
+    assert "--keep-attn" not in ours  # auto, the trainer's default
+    nokeep = bench_step.method_command("ours-rc-nokeep", args, "llama2-7b", 1, 16384)
+    assert nokeep[nokeep.index("--keep-attn") + 1] == "0" and nokeep[nokeep.index("--recompute") + 1] == "1"
+    assert args.methods == bench_step.DEFAULT_METHODS and "ours-rc-nokeep" not in args.methods
     hf = bench_step.method_command("hf-gc", args, "llama2-7b", 2, 4096)
     assert hf[1].endswith("hf_peer.py") and hf[-1] == "--gc" and hf[hf.index("--batch") + 1] == "2"
 

@@ -8,7 +8,8 @@
 // against the kv heads of one GPU, LoRA refused, the longest Llama-3-8B sequence on 2 and 8 GPUs
 // against one). LoRA: the entries of a tiny LoRA plan on an NF4 base by hand (no base gradients,
 // optimizer state of the adapters only, the quantized records), and what LoRA and a 4-bit base save
-// on Llama-3-8B.
+// on Llama-3-8B. Kept attention layers (--keep-attn): their buffers by hand, the timeline without
+// their recompute, the auto choice (only what is left; the longest sequence unchanged), refusals.
 // Build: gcc -O2 -Wall -Wextra -I. tests/test_planner.c -o build/test_planner -lm
 #include "mst.h"
 #include "tests/test_util.h"
@@ -469,7 +470,7 @@ static void test_timeline_invariants(void) {
             for (int m = 1; m <= 4; m += 3) {
                 for (int host = 0; host <= (rc ? 3 : 0); host++) {
                     for (int accum = 1; accum <= 2; accum++) {
-                        for (int v = 0; v < 3; v++) {  // 1: LoRA r4 on every target of an NF4 base; 2: 8-bit moments
+                        for (int v = 0; v < 4; v++) {  // 1: LoRA r4 on an NF4 base; 2: 8-bit moments; 3: kept attention
                             int lora = v == 1;
                             MstSettings s = tiny_settings();
                             if (ci == 2) { s.S = 4096; s.vocab_chunk = 16384; }
@@ -480,6 +481,7 @@ static void test_timeline_invariants(void) {
                                 s.lora.base_quant = BASE_QUANT_NF4;
                             }
                             if (v == 2) s.moment_bytes = 1;
+                            if (v == 3) s.attn_kept_layers = rc ? 2 : 0;  // the last two layers, with recompute
                             MemoryPlan p = plan_estimated(&cfgs[ci], s);
                             char what[128];
                             snprintf(what, sizeof(what), "config %d recompute %d M %d host layers %d accum %d variant %d",
@@ -487,7 +489,8 @@ static void test_timeline_invariants(void) {
                             int n = check_timeline(&p, what);
                             int L = cfgs[ci].n_layers;
                             int untied_oib = accum == 1 && !cfgs[ci].tied_embeddings && !lora;
-                            CHECK(n == 4 + untied_oib + (4 + rc) * L, "%s: %d phases", what, n);
+                            int recomputed = rc ? L - (v == 3 ? 2 : 0) : 0;
+                            CHECK(n == 4 + untied_oib + 4 * L + recomputed, "%s: %d phases", what, n);
                             plans++;
                         }
                     }
@@ -997,6 +1000,103 @@ static void test_sliced_attention_backward(void) {
     printf("sliced attention backward plans checked\n");
 }
 
+// Kept attention activations (--keep-attn): with recompute, the last K layers keep their attention
+// part (kept_*, K slices of the shared buffers' sizes), the backward recomputes only the others;
+// the timeline has no recompute phase for them; auto K takes only what is left once the chunking
+// is chosen, so it never shortens the longest sequence; refused without recompute or above L.
+static void test_kept_attention(void) {
+    ModelConfig c = tiny_config(2);
+    MstSettings s = tiny_settings();
+    s.attn_kept_layers = 1;
+    MemoryPlan p = plan_with(&c, s), none = plan_with(&c, tiny_settings());
+    // kept_ln1_rstd 256 + kept_qkv 2560 + kept_att 1280 + kept_att_stats 512 + kept_h1 1280 (TINY's layer sizes)
+    static const Expected kept[] = {{"kept_ln1_rstd", 256, MEM_ACTIVATIONS, SHARE_NONE}, {"kept_qkv", 2560, MEM_ACTIVATIONS, SHARE_NONE},
+                                    {"kept_att", 1280, MEM_ACTIVATIONS, SHARE_NONE}, {"kept_att_stats", 512, MEM_ACTIVATIONS, SHARE_NONE},
+                                    {"kept_h1", 1280, MEM_ACTIVATIONS, SHARE_NONE}};
+    for (size_t i = 0; i < sizeof(kept) / sizeof(kept[0]); i++) {
+        const PlanEntry *e = mst_plan_find(&p, kept[i].name);
+        CHECK(e && e->bytes == kept[i].bytes && e->count == 1 && e->category == kept[i].category && e->share == SHARE_NONE,
+              "kept 1: entry %s: %zu bytes x%d", kept[i].name, e ? e->bytes : 0, e ? e->count : 0);
+    }
+    CHECK(mst_plan_find(&p, "kept_ln1") == NULL, "a kept layer writes its normed input into h1's buffer, as with recompute");
+    CHECK(p.device_total == TINY_ARENA + 5888 && p.category_bytes[MEM_ACTIVATIONS] == none.category_bytes[MEM_ACTIVATIONS] + 5888,
+          "kept 1: arena %zu (expected %d), activations +%zu (expected 5888)", p.device_total, TINY_ARENA + 5888,
+          p.category_bytes[MEM_ACTIVATIONS] - none.category_bytes[MEM_ACTIVATIONS]);
+    // The timeline: a recompute phase for layer 0 only; layer 1's kept buffers live from its
+    // attention fwd to its attention bwd, and the shared attention buffers idle during its phases.
+    MstPhase ph[64];
+    int n = mst_timeline(&p, ph), recomputes = 0;
+    CHECK(n == mst_timeline_length(&p) && n == 4 + 1 + 4 * 2 + 1, "kept 1: %d phases", n);
+    for (int i = 0; i < n; i++) if (ph[i].kind == PHASE_RECOMPUTE) { recomputes++; CHECK(ph[i].layer == 0, "recompute of kept layer %d", ph[i].layer); }
+    CHECK(recomputes == 1, "kept 1: %d recompute phases (expected 1)", recomputes);
+    const PlanEntry *kq = mst_plan_find(&p, "kept_qkv"), *sq = mst_plan_find(&p, "qkv");
+    for (int i = 0; i < n; i++) {
+        int l1_fwd = (ph[i].kind == PHASE_ATTN_FWD || ph[i].kind == PHASE_MLP_FWD) && ph[i].layer == 1;
+        int expect_kept = (l1_fwd || ph[i].kind == PHASE_LM_HEAD || ph[i].kind == PHASE_HEAD_UPDATE ||
+                           (phase_is_backward(ph[i].kind) && ph[i].kind != PHASE_EMBED_BWD && ph[i].layer == 1));
+        CHECK(mst_entry_live(&p, kq, ph[i].kind, ph[i].layer) == expect_kept, "kept_qkv live at phase %d (%s %d)", i,
+              mst_phase_id(ph[i].kind), ph[i].layer);
+        if (ph[i].layer == 1 && ph[i].kind != PHASE_MLP_FWD && ph[i].kind != PHASE_MLP_BWD)
+            CHECK(mst_entry_live(&p, sq, ph[i].kind, 1) == 0, "the shared qkv idles in kept layer 1's %s", mst_phase_id(ph[i].kind));
+    }
+    check_timeline(&p, "kept 1");
+    // Refusals.
+    MstKernelFigures f = tiny_figures();
+    char msg[4096];
+    MemoryPlan tmp;
+    MstSettings bad = s;
+    bad.recompute = 0;
+    CHECK(!mst_plan_auto(&tmp, &c, &bad, &f, (size_t)1 << 30, 0, msg, sizeof(msg)) && strstr(msg, "without recompute every layer"),
+          "kept layers without recompute must be refused; got: %s", msg);
+    bad = s; bad.attn_kept_layers = 3;
+    CHECK(!mst_plan_auto(&tmp, &c, &bad, &f, (size_t)1 << 30, 0, msg, sizeof(msg)) && strstr(msg, "must be in [0, 2]"),
+          "3 kept layers of 2 must be refused; got: %s", msg);
+    // Auto: the chunking first (as with none kept), then as many kept layers as the rest allows.
+    MstSettings a = tiny_settings();
+    a.mst_chunks = 0; a.vocab_chunk = 0; a.attn_kept_layers = MST_KEPT_AUTO;
+    MstSettings a0 = a;
+    a0.attn_kept_layers = 0;
+    MemoryPlan base0, got;
+    CHECK(mst_plan_auto(&base0, &c, &a0, &f, (size_t)1 << 30, 0, msg, sizeof(msg)), "ample budget, none kept: %s", msg);
+    size_t need0 = base0.device_total + base0.device_external;
+    size_t budgets[4] = {need0, need0 + 5887, need0 + 5888, (size_t)1 << 30};
+    int expect_k[4] = {0, 0, 1, 2};
+    for (int i = 0; i < 4; i++) {
+        int ok = mst_plan_auto(&got, &c, &a, &f, budgets[i], 0, msg, sizeof(msg));
+        CHECK(ok && got.settings.attn_kept_layers == expect_k[i] && got.settings.mst_chunks == base0.settings.mst_chunks &&
+                  got.settings.vocab_chunk == base0.settings.vocab_chunk && got.device_total + got.device_external <= budgets[i],
+              "auto at %zu bytes: ok %d kept %d (expected %d), M %d vc %d", budgets[i], ok, got.settings.attn_kept_layers,
+              expect_k[i], got.settings.mst_chunks, got.settings.vocab_chunk);
+    }
+    MstSettings arc = a;
+    arc.recompute = 0;
+    CHECK(mst_plan_auto(&got, &c, &arc, &f, (size_t)1 << 30, 0, msg, sizeof(msg)) && got.settings.attn_kept_layers == 0 &&
+              mst_plan_find(&got, "kept_qkv") == NULL, "auto without recompute keeps no separate attention buffers");
+    // Llama-3-8B on 78 GiB: at 16K most layers keep their attention (about 450 MiB a layer); at the
+    // longest sequence none do, and that longest sequence is the one with none kept.
+    ModelConfig l3;
+    mst_preset("llama3-8b", &l3);
+    MstSettings ls;
+    memset(&ls, 0, sizeof(ls));
+    ls.B = 1; ls.S = 16384; ls.recompute = 1; ls.grad_accum_steps = 1; ls.moment_bytes = 2; ls.attn_kept_layers = MST_KEPT_AUTO;
+    MstKernelFigures lf;
+    mst_kernel_figures_estimate(&l3, ls.B, ls.S, &lf);
+    size_t budget = (size_t)78 << 30;
+    CHECK(mst_plan_auto(&got, &l3, &ls, &lf, budget, 0, msg, sizeof(msg)) && got.settings.attn_kept_layers >= 24,
+          "llama3-8b S=16384: %d layers keep their attention (expected >= 24)", got.settings.attn_kept_layers);
+    printf("llama3-8b S=16384 on 78 GiB: %d of 32 layers keep their attention activations (arena %.2f GiB)\n",
+           got.settings.attn_kept_layers, MST_GIB(got.device_total));
+    int longest = planned_longest("llama3-8b", 78, 1, 0);
+    ls.S = longest;
+    mst_kernel_figures_estimate(&l3, ls.B, ls.S, &lf);
+    CHECK(mst_plan_auto(&got, &l3, &ls, &lf, budget, 0, msg, sizeof(msg)) && got.settings.attn_kept_layers == 0,
+          "llama3-8b at its longest S=%d: auto keeps %d layers (expected 0)", longest, got.settings.attn_kept_layers);
+    ls.S = longest + 1024;
+    mst_kernel_figures_estimate(&l3, ls.B, ls.S, &lf);
+    CHECK(!mst_plan_auto(&got, &l3, &ls, &lf, budget, 0, msg, sizeof(msg)), "auto kept layers must not fit a longer S than none kept");
+    printf("kept attention checked\n");
+}
+
 int main(void) {
     test_host_budget();
     test_hand_figures();
@@ -1013,6 +1113,7 @@ int main(void) {
     test_timeline_unknown_entry();
     test_several_gpus();
     test_sliced_attention_backward();
+    test_kept_attention();
     test_llama3_scaling();
     print_llama3_plan(96 * 1024);
     print_llama3_plan(128 * 1024);
