@@ -1048,6 +1048,38 @@ static void bind_buffers(GpuModel *m) {
     }
 }
 
+// Several GPUs with auto recompute or auto kept attention layers: each rank planned for its own free
+// memory, but all must recompute the same layers (under sequence parallelism the recompute runs the
+// attention's all-to-alls). Recompute is on everywhere if any rank needs it, and every rank keeps
+// the attention of as few layers as the rank that could keep the fewest. Re-plans this rank's
+// settings where they differ (both changes need less memory than the plan that fit, or a plan that
+// mst_plan_auto finds).
+static void agree_recompute(GpuModel *m, const MstSettings *asked, const MstKernelFigures *fig) {
+    int world = m->comm->world, rank = m->comm->rank;
+    double *v = (double *)callocCheck(2 * (size_t)world, sizeof(double));
+    v[rank] = m->plan.settings.recompute;
+    v[world + rank] = mst_kept_layers(&m->plan.settings);
+    comm_sum_host(m->comm, v, 2 * world);
+    int recompute = 0, fewest = m->config.n_layers;
+    for (int r = 0; r < world; r++) {
+        if (v[r] > 0.5) recompute = 1;
+        if ((int)v[world + r] < fewest) fewest = (int)v[world + r];
+    }
+    free(v);
+    if (recompute && !m->plan.settings.recompute) {  // with recompute this rank needs less memory: it fits
+        MstSettings t = *asked;
+        t.recompute = 1;
+        char msg[4096];
+        if (!mst_plan_auto(&m->plan, &m->config, &t, fig, m->settings.gpu_mem_budget, m->settings.host_mem_budget, msg, sizeof(msg)))
+            die("rank %d: another rank needs recompute, and with it this one does not fit: %s", rank, msg);
+    }
+    if (asked->attn_kept_layers == MST_KEPT_AUTO && mst_kept_layers(&m->plan.settings) != fewest) {
+        MstSettings t = m->plan.settings;
+        t.attn_kept_layers = fewest;
+        mst_plan_build(&m->plan, &m->config, &t, fig);
+    }
+}
+
 // The optimizer state's device buffers in the order of the state blob (gpu_model.h): the moments (8-bit:
 // m codes, m scales, v codes, v scales), then the master weights when kept. Returns how many.
 #define OPT_STATE_PIECES 5
@@ -1197,6 +1229,11 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
         fits = mst_plan_auto(&m->plan, c, &ms, &fig, s->gpu_mem_budget, s->host_mem_budget, msg, sizeof(msg));
     }
     if (!fits) die("%s %dx%d: refusing to start: %s", family_name(c->family), s->B, s->S, msg);
+    if (m->comm && (s->recompute == MST_RECOMPUTE_AUTO || s->attn_kept_layers == MST_KEPT_AUTO)) {
+        m->settings = *s;  // the budgets, for a re-plan
+        agree_recompute(m, &ms, &fig);
+    }
+    s->recompute = m->plan.settings.recompute;
     s->mst_chunks = m->plan.settings.mst_chunks;
     s->vocab_chunk = m->plan.settings.vocab_chunk;
     s->host_layers = m->plan.host_layers;

@@ -57,6 +57,7 @@
 #define MST_MIN_TILE_ROWS 1024                   // auto keeps token chunks at least this tall when it can
 #define MST_SLICED_AUTO (-1)                     // MstSettings.attn_bwd_sliced: the planner decides
 #define MST_KEPT_AUTO (-1)                       // MstSettings.attn_kept_layers: as many as fit
+#define MST_RECOMPUTE_AUTO (-1)                  // MstSettings.recompute: off when the standard transformer fits
 
 typedef enum {
     MEM_WEIGHTS, MEM_OPTIMIZER, MEM_GRADIENTS, MEM_ACTIVATIONS, MEM_INTERMEDIATES, MEM_WORKSPACE, MEM_HOST,
@@ -71,7 +72,9 @@ typedef struct {
     int B, S;
     int mst_chunks;        // M: token chunks of the MLP and LM-head passes (1 = standard); 0 = auto
     int vocab_chunk;       // LM-head columns per tile (V = one tile, one pass); 0 = auto
-    int recompute;         // 1: keep only layer inputs; backward recomputes each layer
+    int recompute;         // 1: keep only layer inputs; backward recomputes each layer; MST_RECOMPUTE_AUTO:
+                           // off when the plan without it fits at M = 1 and one vocabulary tile (or the
+                           // chunking asked for), else on (mst_plan_auto resolves it)
     int attn_kept_layers;  // with recompute: the last K layers keep their attention part's activations, so
                            // the backward recomputes only their MLP chunks (which it always does with
                            // recompute); 0: none; MST_KEPT_AUTO: as many as fit once everything else does
@@ -239,6 +242,9 @@ static inline const char *mst_settings_check(const ModelConfig *c, const MstSett
     if (s->offload && !s->recompute) { snprintf(buf, len, "offload keeps only layer inputs on the host: it needs recompute on"); return buf; }
     if (s->attn_kept_layers != MST_KEPT_AUTO && (s->attn_kept_layers < 0 || s->attn_kept_layers > c->n_layers)) {
         snprintf(buf, len, "kept attention layers %d must be in [0, %d] (or auto)", s->attn_kept_layers, c->n_layers); return buf;
+    }
+    if (s->recompute != 0 && s->recompute != 1 && s->recompute != MST_RECOMPUTE_AUTO) {
+        snprintf(buf, len, "recompute %d must be 0, 1 or auto", s->recompute); return buf;
     }
     if (s->attn_kept_layers > 0 && !s->recompute) {
         snprintf(buf, len, "keeping the attention activations of some layers is a choice of recompute: without recompute every layer keeps them");
@@ -428,6 +434,7 @@ static inline void mst_plan_build(MemoryPlan *p, const ModelConfig *c, const Mst
     if (s->mst_chunks < 1 || s->vocab_chunk < 1) die("memory plan: chunk counts must be resolved before building");
     if (s->attn_bwd_sliced == MST_SLICED_AUTO) die("memory plan: the sliced attention backward must be resolved (0 or 1) before building");
     if (s->attn_kept_layers == MST_KEPT_AUTO) die("memory plan: the kept attention layers must be resolved before building");
+    if (s->recompute == MST_RECOMPUTE_AUTO) die("memory plan: recompute must be resolved (0 or 1) before building");
     memset(p, 0, sizeof(*p));
     p->settings = *s;
     p->figures = *fig;
@@ -703,6 +710,23 @@ static inline const char *mst_human_unit(size_t b) {
 }
 #define MST_HUMAN(x) mst_human_value(x), mst_human_unit(x)
 
+// Recompute auto: the plan without recompute at the chunking asked for, or else at M = 1 and one
+// vocabulary tile (the standard transformer, the fastest step), in any head grouping the figures
+// offer, when nothing asks for recompute (offload, the sliced backward, kept attention layers).
+// Returns 1 with that plan in p when it fits. With M > 1 and no recompute the step is no faster than
+// recompute with kept attention layers (H100, Llama-3-8B at 8K and 16K), which fits longer sequences.
+static inline int plan_standard_fits(MemoryPlan *p, const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig,
+                                     size_t device_budget, size_t host_budget) {
+    if (s->offload || s->attn_bwd_sliced == 1 || s->attn_kept_layers > 0) return 0;
+    MstSettings t = *s;
+    t.recompute = 0;
+    t.attn_kept_layers = 0;
+    t.attn_bwd_sliced = 0;
+    if (t.mst_chunks == 0) t.mst_chunks = 1;
+    if (t.vocab_chunk == 0) t.vocab_chunk = c->vocab_size;
+    return plan_search_groups(p, c, &t, fig, device_budget, host_budget);
+}
+
 // With the plan p that fits, the most layers (up to all) that can keep their attention activations
 // within the budgets, the other settings as p's: p is rebuilt with them. Each kept layer saves the
 // recompute of its attention part (norm, q|k|v, attention forward, o-projection) in the backward.
@@ -721,10 +745,11 @@ static inline void plan_keep_most_attention(MemoryPlan *p, const ModelConfig *c,
     mst_plan_build(p, c, &t, fig);
 }
 
-// Resolves the auto settings (mst_chunks, vocab_chunk, host_layers = 0, kept attention layers) to the
-// highest-throughput choice that fits device_budget (arena + cuBLASLt workspace) and host_budget
-// (pinned memory): the chunking, head groups and offload first, as if no layer kept its attention
-// activations, then as many kept layers as the memory left allows.
+// Resolves the auto settings (recompute, mst_chunks, vocab_chunk, host_layers = 0, kept attention
+// layers) to the highest-throughput choice that fits device_budget (arena + cuBLASLt workspace) and
+// host_budget (pinned memory): recompute off when the standard transformer fits; else the chunking,
+// head groups and offload first, as if no layer kept its attention activations, then as many kept
+// layers as the memory left allows.
 // Returns 1 with the plan, or 0 with a message in msg: the breakdown of the most frugal plan, the
 // longest sequence that fits with these settings, and the settings changes that would make it fit.
 static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig,
@@ -732,6 +757,12 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     msg[0] = '\0';
     const char *err = mst_settings_check(c, s, msg, msg_len);
     if (err) return 0;
+    if (s->recompute == MST_RECOMPUTE_AUTO) {
+        MstSettings t = *s;
+        if (plan_standard_fits(p, c, s, fig, device_budget, host_budget)) return 1;
+        t.recompute = 1;
+        return mst_plan_auto(p, c, &t, fig, device_budget, host_budget, msg, msg_len);
+    }
     if (plan_search_groups(p, c, s, fig, device_budget, host_budget)) {
         if (s->attn_kept_layers == MST_KEPT_AUTO && s->recompute) plan_keep_most_attention(p, c, fig, device_budget, host_budget);
         return 1;

@@ -255,6 +255,7 @@ typedef struct {
     float grad_norm;     // of step 1
     float *grads;        // loss gradient (accumulation runs), layout.total
     float *master;       // fp32 weights after 2 steps (master runs)
+    int recompute, M;    // the settings the planner resolved
 } RunResult;
 
 // Gradients, compared per tensor (a table when `print`).
@@ -336,8 +337,11 @@ static void run_one(const Case *cs, const RunSpec *rs, RunResult *res, int print
     check_arena(&m);
     char kept_detail[96];
     snprintf(kept_detail, sizeof(kept_detail), "%d layers, %d asked for", mst_kept_layers(&m.plan.settings), rs->kept);
-    expect(mst_kept_layers(&m.plan.settings) == rs->kept && (mst_plan_find(&m.plan, "kept_qkv") != NULL) == (rs->kept > 0),
-           "the plan keeps the attention activations of %s", kept_detail);
+    if (rs->kept != MST_KEPT_AUTO)
+        expect(mst_kept_layers(&m.plan.settings) == rs->kept && (mst_plan_find(&m.plan, "kept_qkv") != NULL) == (rs->kept > 0),
+               "the plan keeps the attention activations of %s", kept_detail);
+    res->recompute = m.settings.recompute;
+    res->M = m.settings.mst_chunks;
     size_t n = cs->n_train;
     OptimizerStep opt = cs->opt;
     StepResult sr;
@@ -607,6 +611,16 @@ static void run_case(const char *name, int lora) {
         check_params(&cs, res_oib.master, res.master, TOL_AGREE, "sliced-oib-vs-acc", 0);
         print_worst();
     }
+    // Recompute auto with auto chunking (the trainer's defaults): the tiny model fits as the standard
+    // transformer, so the run is the recompute-off, M 1, one-tile base run, bit for bit.
+    RunSpec ra = {MST_RECOMPUTE_AUTO, 0, 0, 0, 0, 2, 1, DT_FP32, 0, 0, MST_SLICED_AUTO, MST_KEPT_AUTO};
+    printf("  recompute auto, M auto, vocab chunk auto\n");
+    run_one(&cs, &ra, &res, 0);
+    char auto_detail[64];
+    snprintf(auto_detail, sizeof(auto_detail), "recompute %d, M %d", res.recompute, res.M);
+    expect(res.recompute == 0 && res.M == 1, "recompute auto on a model that fits: expected recompute 0, M 1, got %s", auto_detail);
+    expect(memcmp(res.grads, base[0].grads, n * sizeof(float)) == 0 && memcmp(res.master, base[0].master, n * sizeof(float)) == 0,
+           "%s", "recompute auto must give the standard transformer's gradients and weights bit for bit");
     // Kept attention activations (--keep-attn): the backward skips the recompute of the kept layers'
     // attention part and reads what their forward wrote. The recompute is deterministic, so gradients
     // and weights must equal those of the same run with every layer recomputed, bit for bit: every

@@ -100,7 +100,7 @@ static Options options_default(void) {
     o.clip = 1.0f;
     o.optimizer = "adamw";
     o.moments = "bf16";
-    o.recompute = 1;
+    o.recompute = MST_RECOMPUTE_AUTO;
     o.attn_bwd_sliced = MST_SLICED_AUTO;
     o.attn_kept_layers = MST_KEPT_AUTO;
     o.eval_every = 25;
@@ -152,8 +152,9 @@ static void usage(FILE *f) {
             "                        same numbers; several GPUs always do so)\n"
             "  --mst auto|M          token chunks of the MLP and LM head (default auto)\n"
             "  --vocab-chunk auto|N  LM-head columns per tile (default auto)\n"
-            "  --recompute 0|1       recompute layers in backward (default %d)\n"
-            "  --keep-attn auto|K    with --recompute 1: the last K layers keep their attention activations, so\n"
+            "  --recompute 0|1|auto  keep only layer inputs and recompute each layer in backward; default auto:\n"
+            "                        off when the standard transformer (M 1, one vocabulary tile) fits, else on\n"
+            "  --keep-attn auto|K    with recompute on: the last K layers keep their attention activations, so\n"
             "                        the backward skips recomputing their attention part (faster, more memory);\n"
             "                        default auto: as many layers as the memory left after everything else allows\n"
             "  --offload 0|1         layer inputs may live in pinned host memory (default %d)\n"
@@ -225,7 +226,7 @@ static void usage(FILE *f) {
             "  --dump-grads PATH     write step 1's gradient (fp32, summed over the GPUs) to PATH; needs --grad-accum >= 2\n"
             "  --help                this text\n",
             d.tokenizer, d.train, d.val, d.seq_len, d.batch, d.grad_accum, d.steps, d.optimizer, d.lr, d.min_lr_frac, d.warmup,
-            d.schedule, d.weight_decay, d.beta1, d.beta2, d.eps, d.clip, d.moments, d.recompute, d.offload,
+            d.schedule, d.weight_decay, d.beta1, d.beta2, d.eps, d.clip, d.moments, d.offload,
             d.eval_every, d.eval_batches, d.sample_every, d.sample_tokens, d.prompt, d.temperature, d.top_p,
             d.ckpt_dir, d.ckpt_every, d.keep_last, (unsigned long long)d.seed, SYNTHETIC_DEFAULT_VOCAB, BENCH_WARMUP,
             d.dist_timeout);
@@ -323,7 +324,7 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--optimizer") == 0) o.optimizer = parse_choice(a, v, "adamw", "adamw8bit", NULL);
         else if (strcmp(a, "--mst") == 0) o.mst_chunks = parse_auto_int(a, v);
         else if (strcmp(a, "--vocab-chunk") == 0) o.vocab_chunk = parse_auto_int(a, v);
-        else if (strcmp(a, "--recompute") == 0) o.recompute = (int)parse_int(a, v, 0, 1);
+        else if (strcmp(a, "--recompute") == 0) o.recompute = strcmp(v, "auto") == 0 ? MST_RECOMPUTE_AUTO : (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--offload") == 0) o.offload = (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--host-layers") == 0) o.host_layers = (int)parse_int(a, v, 1, INT32_MAX);
         else if (strcmp(a, "--attn-head-groups") == 0) o.attn_head_groups = parse_auto_int(a, v);

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The attention's memory choices on the command line without a GPU (--plan-only).
+# The memory choices of recompute and the attention on the command line without a GPU (--plan-only).
+# Recompute auto (the default): off for Llama-3-8B at S=4096 on 78 GiB (the standard transformer
+# fits), on at S=8192; on when offload asks for it; a value other than 0, 1, auto is refused.
 # The sliced attention backward: Llama-2-7B at S=131072 fits 78.16 GiB only with it (auto takes it,
 # 0 refuses the run), auto leaves it off where the plain backward fits, and the settings it cannot
 # run with are refused with the reason.
@@ -46,6 +48,10 @@ expect_fail "--keep-attn 33 of 32 layers" "must be in \[0, 32\]" \
 expect_fail "--keep-attn 4 without recompute" "needs --recompute 1" \
     "$BIN" "${PLAN3[@]}" --seq-len 4096 --keep-attn 4 --recompute 0
 expect_fail "--keep-attn x" "not an integer" "$BIN" "${PLAN3[@]}" --seq-len 4096 --keep-attn x
+expect_ok "S=4096, recompute auto: off" "| recompute off |" "$BIN" "${PLAN3[@]}" --seq-len 4096
+expect_ok "S=8192, recompute auto: on" "| recompute on |" "$BIN" "${PLAN3[@]}" --seq-len 8192
+expect_ok "S=4096, recompute auto with offload: on" "| recompute on |" "$BIN" "${PLAN3[@]}" --seq-len 4096 --offload 1
+expect_fail "--recompute 2" "out of range" "$BIN" "${PLAN3[@]}" --seq-len 4096 --recompute 2
 
 echo "test_attn_memory_cli: $fails failure(s)"
 [ "$fails" -eq 0 ]

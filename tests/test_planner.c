@@ -1097,6 +1097,56 @@ static void test_kept_attention(void) {
     printf("kept attention checked\n");
 }
 
+// Recompute auto: off when the standard transformer (M = 1, one tile, or the chunking asked for)
+// fits; else on, with the kept attention layers auto; on whenever offload, the sliced backward or
+// kept layers ask for it; the longest sequence is the one with recompute on.
+static void test_recompute_auto(void) {
+    ModelConfig c = tiny_config(2);
+    MstKernelFigures f = tiny_figures();
+    MstSettings a = tiny_settings();
+    a.recompute = MST_RECOMPUTE_AUTO; a.mst_chunks = 0; a.vocab_chunk = 0; a.attn_kept_layers = MST_KEPT_AUTO;
+    MemoryPlan p;
+    char msg[4096];
+    int ok = mst_plan_auto(&p, &c, &a, &f, (size_t)1 << 30, 0, msg, sizeof(msg));
+    CHECK(ok && p.settings.recompute == 0 && p.settings.mst_chunks == 1 && p.settings.vocab_chunk == c.vocab_size,
+          "ample budget: ok %d recompute %d M %d vc %d (expected the standard transformer)", ok, p.settings.recompute,
+          p.settings.mst_chunks, p.settings.vocab_chunk);
+    size_t standard = p.device_total + p.device_external;
+    ok = mst_plan_auto(&p, &c, &a, &f, standard - 1, 0, msg, sizeof(msg));
+    CHECK(ok && p.settings.recompute == 1 && p.device_total + p.device_external <= standard - 1,
+          "just below the standard plan: ok %d recompute %d (expected on)", ok, p.settings.recompute);
+    MstSettings m2 = a;
+    m2.mst_chunks = 2;
+    ok = mst_plan_auto(&p, &c, &m2, &f, (size_t)1 << 30, 0, msg, sizeof(msg));
+    CHECK(ok && p.settings.recompute == 0 && p.settings.mst_chunks == 2, "M 2 asked, ample: recompute %d M %d", p.settings.recompute,
+          p.settings.mst_chunks);
+    MstSettings asks[2] = {a, a};
+    asks[0].offload = 1;
+    asks[1].attn_kept_layers = 1;
+    for (int i = 0; i < 2; i++) {
+        ok = mst_plan_auto(&p, &c, &asks[i], &f, (size_t)1 << 30, (size_t)1 << 30, msg, sizeof(msg));
+        CHECK(ok && p.settings.recompute == 1, "%s asks for recompute: got %d", i ? "a kept layer" : "offload", p.settings.recompute);
+    }
+    ModelConfig l3;
+    mst_preset("llama3-8b", &l3);
+    MstSettings ls;
+    memset(&ls, 0, sizeof(ls));
+    ls.B = 1; ls.grad_accum_steps = 1; ls.moment_bytes = 2; ls.recompute = MST_RECOMPUTE_AUTO; ls.attn_kept_layers = MST_KEPT_AUTO;
+    size_t budget = (size_t)78 << 30;
+    int seqs[3] = {4096, 8192, planned_longest("llama3-8b", 78, 1, 0)};
+    for (int i = 0; i < 3; i++) {
+        ls.S = seqs[i];
+        MstKernelFigures lf;
+        mst_kernel_figures_estimate(&l3, ls.B, ls.S, &lf);
+        ok = mst_plan_auto(&p, &l3, &ls, &lf, budget, 0, msg, sizeof(msg));
+        printf("llama3-8b S=%d, recompute auto on 78 GiB: recompute %d, M %d, %d layers keep their attention\n", ls.S,
+               p.settings.recompute, p.settings.mst_chunks, mst_kept_layers(&p.settings));
+        CHECK(ok && p.settings.recompute == (i > 0), "llama3-8b S=%d: ok %d recompute %d", ls.S, ok, p.settings.recompute);
+    }
+    CHECK(mst_kept_layers(&p.settings) == 0, "at the longest S no layer keeps its attention");
+    printf("recompute auto checked\n");
+}
+
 int main(void) {
     test_host_budget();
     test_hand_figures();
@@ -1114,6 +1164,7 @@ int main(void) {
     test_several_gpus();
     test_sliced_attention_backward();
     test_kept_attention();
+    test_recompute_auto();
     test_llama3_scaling();
     print_llama3_plan(96 * 1024);
     print_llama3_plan(128 * 1024);
