@@ -1086,6 +1086,15 @@ static void test_kept_attention(void) {
           "llama3-8b S=16384: %d layers keep their attention (expected >= 24)", got.settings.attn_kept_layers);
     printf("llama3-8b S=16384 on 78 GiB: %d of 32 layers keep their attention activations (arena %.2f GiB)\n",
            got.settings.attn_kept_layers, MST_GIB(got.device_total));
+    // Sequence parallel over 2 GPUs: a kept layer keeps its head-layout q|k|v and attention output too.
+    MstSettings sp = ls;
+    sp.S = 8192; sp.ranks = 2; sp.seq_parallel = 1; sp.attn_kept_layers = 4;
+    sp.mst_chunks = 1; sp.vocab_chunk = l3.vocab_size;
+    MemoryPlan psp = plan_estimated(&l3, sp);
+    const PlanEntry *kh = mst_plan_find(&psp, "kept_qkv_heads"), *ka = mst_plan_find(&psp, "kept_att_heads");
+    CHECK(kh && ka && kh->count == 4 && ka->count == 4 && kh->bytes == mst_plan_find(&psp, "qkv_heads")->bytes * 4,
+          "sequence parallel, 4 kept layers: kept_qkv_heads x%d, kept_att_heads x%d", kh ? kh->count : 0, ka ? ka->count : 0);
+    check_timeline(&psp, "llama3-8b sequence parallel, 4 kept layers");
     int longest = planned_longest("llama3-8b", 78, 1, 0);
     ls.S = longest;
     mst_kernel_figures_estimate(&l3, ls.B, ls.S, &lf);
