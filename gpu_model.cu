@@ -1053,8 +1053,9 @@ static void bind_buffers(GpuModel *m) {
 // attention's all-to-alls). Recompute is on everywhere if any rank needs it, and every rank keeps
 // the attention of as few layers as the rank that could keep the fewest. Re-plans this rank's
 // settings where they differ (both changes need less memory than the plan that fit, or a plan that
-// mst_plan_auto finds).
-static void agree_recompute(GpuModel *m, const MstSettings *asked, const MstKernelFigures *fig) {
+// mst_plan_auto finds within the rank's budgets).
+static void agree_recompute(GpuModel *m, const MstSettings *asked, const MstKernelFigures *fig, size_t device_budget,
+                            size_t host_budget) {
     int world = m->comm->world, rank = m->comm->rank;
     double *v = (double *)callocCheck(2 * (size_t)world, sizeof(double));
     v[rank] = m->plan.settings.recompute;
@@ -1070,7 +1071,7 @@ static void agree_recompute(GpuModel *m, const MstSettings *asked, const MstKern
         MstSettings t = *asked;
         t.recompute = 1;
         char msg[4096];
-        if (!mst_plan_auto(&m->plan, &m->config, &t, fig, m->settings.gpu_mem_budget, m->settings.host_mem_budget, msg, sizeof(msg)))
+        if (!mst_plan_auto(&m->plan, &m->config, &t, fig, device_budget, host_budget, msg, sizeof(msg)))
             die("rank %d: another rank needs recompute, and with it this one does not fit: %s", rank, msg);
     }
     if (asked->attn_kept_layers == MST_KEPT_AUTO && mst_kept_layers(&m->plan.settings) != fewest) {
@@ -1229,10 +1230,8 @@ void gpu_model_init(GpuModel *m, const ModelConfig *c, const uint16_t *params_bf
         fits = mst_plan_auto(&m->plan, c, &ms, &fig, s->gpu_mem_budget, s->host_mem_budget, msg, sizeof(msg));
     }
     if (!fits) die("%s %dx%d: refusing to start: %s", family_name(c->family), s->B, s->S, msg);
-    if (m->comm && (s->recompute == MST_RECOMPUTE_AUTO || s->attn_kept_layers == MST_KEPT_AUTO)) {
-        m->settings = *s;  // the budgets, for a re-plan
-        agree_recompute(m, &ms, &fig);
-    }
+    if (m->comm && (s->recompute == MST_RECOMPUTE_AUTO || s->attn_kept_layers == MST_KEPT_AUTO))
+        agree_recompute(m, &ms, &fig, s->gpu_mem_budget, s->host_mem_budget);
     s->recompute = m->plan.settings.recompute;
     s->mst_chunks = m->plan.settings.mst_chunks;
     s->vocab_chunk = m->plan.settings.vocab_chunk;

@@ -30,7 +30,8 @@ typedef struct {
     int B, S;               // this rank's rows and tokens per row (its part of the batch on several GPUs)
     int mst_chunks;         // M token chunks of the MLP and LM head; 1 = standard transformer, 0 = auto
     int vocab_chunk;        // LM-head columns per tile; V = one tile (one pass), 0 = auto
-    int recompute;          // 1: keep only layer inputs, recompute each layer in backward
+    int recompute;          // 1: keep only layer inputs, recompute each layer in backward; MST_RECOMPUTE_AUTO:
+                            // off when the standard transformer fits (gpu_model_init resolves it to 0 or 1)
     int attn_kept_layers;   // with recompute: the last K layers keep their attention activations (no recompute
                             // of their attention part); 0: none; MST_KEPT_AUTO: as many as fit
     int offload;            // 1: layer inputs may live in pinned host memory (needs recompute)
@@ -77,8 +78,8 @@ typedef struct {
 } MemoryReport;
 
 // Pointers of one layer's activations: per-layer slices when they are kept (no recompute; with
-// recompute the attention part of the last attn_kept_layers layers), else the shared working buffers. MLP buffers are one chunk's (c rows) unless kept per layer (M = 1,
-// no recompute). Post-norm buffers are NULL unless the family has post-norms.
+// recompute the attention part of the last attn_kept_layers layers), else the shared working
+// buffers. MLP buffers are one chunk's (c rows) unless kept per layer (M = 1, no recompute). Post-norm buffers are NULL unless the family has post-norms.
 typedef struct {
     bf16 *ln1; float *ln1_rstd; bf16 *qkv; bf16 *att; float *att_stats; bf16 *h1;
     bf16 *ao; float *ao_rstd;

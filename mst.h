@@ -620,7 +620,6 @@ static inline int plan_vc_candidates(const ModelConfig *c, const MstSettings *s,
 static inline MstSettings plan_frugal(const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig) {
     int ms[64], vcs[64];
     MstSettings f = *s;
-    if (f.attn_kept_layers == MST_KEPT_AUTO) f.attn_kept_layers = 0;
     f.mst_chunks = ms[plan_m_candidates(s, ms, 64) - 1];
     f.vocab_chunk = vcs[plan_vc_candidates(c, s, vcs, 64) - 1];
     if (s->offload && s->host_layers == 0) f.host_layers = c->n_layers;
@@ -644,8 +643,7 @@ static inline MstSettings plan_frugal(const ModelConfig *c, const MstSettings *s
 
 // Searches the settings in order of preference (fewest offloaded layers; then one vocabulary tile
 // with chunks of at least MST_MIN_TILE_ROWS rows; then fewest chunks M; then the largest vocabulary
-// chunk) and keeps the first plan that fits. Auto kept attention layers count as none here (they
-// only take what is left: mst_plan_auto). Returns 1 on success.
+// chunk) and keeps the first plan that fits. Returns 1 on success.
 static inline int plan_search(MemoryPlan *p, const ModelConfig *c, const MstSettings *s, const MstKernelFigures *fig,
                               size_t device_budget, size_t host_budget) {
     int ms[64], vcs[64];
@@ -658,7 +656,6 @@ static inline int plan_search(MemoryPlan *p, const ModelConfig *c, const MstSett
         h_hi = s->host_layers > 0 ? s->host_layers : c->n_layers;
     }
     MstSettings t = *s;
-    if (t.attn_kept_layers == MST_KEPT_AUTO) t.attn_kept_layers = 0;
     for (int h = h_lo; h <= h_hi; h++) {
         t.host_layers = h;
         for (int pass = 0; pass < 2; pass++) {
@@ -758,13 +755,19 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     const char *err = mst_settings_check(c, s, msg, msg_len);
     if (err) return 0;
     if (s->recompute == MST_RECOMPUTE_AUTO) {
-        MstSettings t = *s;
         if (plan_standard_fits(p, c, s, fig, device_budget, host_budget)) return 1;
+        MstSettings t = *s;
         t.recompute = 1;
         return mst_plan_auto(p, c, &t, fig, device_budget, host_budget, msg, msg_len);
     }
+    // Auto kept attention layers take only what is left: everything below plans none, and a plan
+    // that fits then gets as many as its budgets allow.
+    int keep_auto = s->attn_kept_layers == MST_KEPT_AUTO;
+    MstSettings none_kept = *s;
+    if (keep_auto) none_kept.attn_kept_layers = 0;
+    s = &none_kept;
     if (plan_search_groups(p, c, s, fig, device_budget, host_budget)) {
-        if (s->attn_kept_layers == MST_KEPT_AUTO && s->recompute) plan_keep_most_attention(p, c, fig, device_budget, host_budget);
+        if (keep_auto && s->recompute) plan_keep_most_attention(p, c, fig, device_budget, host_budget);
         return 1;
     }
 
@@ -797,7 +800,7 @@ static inline int mst_plan_auto(MemoryPlan *p, const ModelConfig *c, const MstSe
     // Single settings changes that would make it fit.
     struct { const char *what; MstSettings t; } alt[8];
     int n_alt = 0;
-    if (mst_kept_layers(s)) { alt[n_alt].what = "no layer keeping its attention activations (--keep-attn auto)"; alt[n_alt].t = *s; alt[n_alt].t.attn_kept_layers = MST_KEPT_AUTO; n_alt++; }
+    if (mst_kept_layers(s)) { alt[n_alt].what = "no layer keeping its attention activations (--keep-attn auto)"; alt[n_alt].t = *s; alt[n_alt].t.attn_kept_layers = 0; n_alt++; }
     if (!s->recompute) { alt[n_alt].what = "recompute on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; n_alt++; }
     if (!s->offload) { alt[n_alt].what = "recompute + offload on"; alt[n_alt].t = *s; alt[n_alt].t.recompute = 1; alt[n_alt].t.offload = 1; alt[n_alt].t.host_layers = 0; n_alt++; }
     if (s->moment_bytes == 4) { alt[n_alt].what = "bf16 optimizer moments"; alt[n_alt].t = *s; alt[n_alt].t.moment_bytes = 2; n_alt++; }
@@ -1054,8 +1057,8 @@ static inline void mst_plan_print(const MemoryPlan *p, FILE *f) {
             : s->attn_head_groups == 8 ? " | attention backward in 8 head groups" : "");
     if (mst_kept_layers(s))
         fprintf(f, "  kept attention: the last %d of %d layers keep their attention activations (kept_*); the backward "
-                   "recomputes the attention part of the other %d only\n", mst_kept_layers(s), p->host_layers + p->device_layers,
-                p->host_layers + p->device_layers - mst_kept_layers(s));
+                   "recomputes the attention part of the other %d only\n", mst_kept_layers(s), mst_plan_layers(p),
+                mst_plan_layers(p) - mst_kept_layers(s));
     if (s->attn_bwd_sliced == 1)
         fprintf(f, "  sliced attention backward: one head group's dO and dq|dk|dv at a time (datt_g, dqkv_g); dq|dk|dv "
                    "go back into q|k|v's buffer, the normed input is recomputed into att's\n");

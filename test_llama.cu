@@ -335,11 +335,12 @@ static void run_one(const Case *cs, const RunSpec *rs, RunResult *res, int print
     GpuModel m;
     case_model_init(&m, cs, &s);
     check_arena(&m);
-    char kept_detail[96];
-    snprintf(kept_detail, sizeof(kept_detail), "%d layers, %d asked for", mst_kept_layers(&m.plan.settings), rs->kept);
-    if (rs->kept != MST_KEPT_AUTO)
+    if (rs->kept != MST_KEPT_AUTO) {
+        char kept_detail[96];
+        snprintf(kept_detail, sizeof(kept_detail), "%d layers, %d asked for", mst_kept_layers(&m.plan.settings), rs->kept);
         expect(mst_kept_layers(&m.plan.settings) == rs->kept && (mst_plan_find(&m.plan, "kept_qkv") != NULL) == (rs->kept > 0),
                "the plan keeps the attention activations of %s", kept_detail);
+    }
     res->recompute = m.settings.recompute;
     res->M = m.settings.mst_chunks;
     size_t n = cs->n_train;

@@ -251,8 +251,9 @@ static float parse_float(const char *flag, const char *s, float lo, float hi) {
 }
 
 // "auto" -> 0, else an integer >= 1.
-static int parse_auto_int(const char *flag, const char *s) {
-    return strcmp(s, "auto") == 0 ? 0 : (int)parse_int(flag, s, 1, INT32_MAX);
+// "auto" -> auto_value, else an integer in [lo, hi].
+static int parse_int_or_auto(const char *flag, const char *s, int auto_value, long long lo, long long hi) {
+    return strcmp(s, "auto") == 0 ? auto_value : (int)parse_int(flag, s, lo, hi);
 }
 
 static int parse_base_quant(const char *flag, const char *s) {
@@ -322,16 +323,16 @@ static Options options_parse(int argc, char **argv) {
         else if (strcmp(a, "--clip") == 0) o.clip = parse_float(a, v, 0.0f, FLT_MAX);
         else if (strcmp(a, "--moments") == 0) { o.moments = parse_choice(a, v, "bf16", "fp32", NULL); o.moments_given = 1; }
         else if (strcmp(a, "--optimizer") == 0) o.optimizer = parse_choice(a, v, "adamw", "adamw8bit", NULL);
-        else if (strcmp(a, "--mst") == 0) o.mst_chunks = parse_auto_int(a, v);
-        else if (strcmp(a, "--vocab-chunk") == 0) o.vocab_chunk = parse_auto_int(a, v);
-        else if (strcmp(a, "--recompute") == 0) o.recompute = strcmp(v, "auto") == 0 ? MST_RECOMPUTE_AUTO : (int)parse_int(a, v, 0, 1);
+        else if (strcmp(a, "--mst") == 0) o.mst_chunks = parse_int_or_auto(a, v, 0, 1, INT32_MAX);
+        else if (strcmp(a, "--vocab-chunk") == 0) o.vocab_chunk = parse_int_or_auto(a, v, 0, 1, INT32_MAX);
+        else if (strcmp(a, "--recompute") == 0) o.recompute = parse_int_or_auto(a, v, MST_RECOMPUTE_AUTO, 0, 1);
         else if (strcmp(a, "--offload") == 0) o.offload = (int)parse_int(a, v, 0, 1);
         else if (strcmp(a, "--host-layers") == 0) o.host_layers = (int)parse_int(a, v, 1, INT32_MAX);
-        else if (strcmp(a, "--attn-head-groups") == 0) o.attn_head_groups = parse_auto_int(a, v);
+        else if (strcmp(a, "--attn-head-groups") == 0) o.attn_head_groups = parse_int_or_auto(a, v, 0, 1, INT32_MAX);
         else if (strcmp(a, "--attn-bwd-sliced") == 0)
-            o.attn_bwd_sliced = strcmp(v, "auto") == 0 ? MST_SLICED_AUTO : (int)parse_int(a, v, 0, 1);
+            o.attn_bwd_sliced = parse_int_or_auto(a, v, MST_SLICED_AUTO, 0, 1);
         else if (strcmp(a, "--keep-attn") == 0)
-            o.attn_kept_layers = strcmp(v, "auto") == 0 ? MST_KEPT_AUTO : (int)parse_int(a, v, 0, 1 << 20);
+            o.attn_kept_layers = parse_int_or_auto(a, v, MST_KEPT_AUTO, 0, 1 << 20);
         else if (strcmp(a, "--gpu-mem") == 0) o.gpu_mem_gib = parse_float(a, v, 0.0f, 1e6f);
         else if (strcmp(a, "--host-mem") == 0) o.host_mem_gib = parse_float(a, v, 1.0f, 1e6f);
         else if (strcmp(a, "--eval-every") == 0) { o.eval_every = (int)parse_int(a, v, 0, INT32_MAX); o.eval_given = 1; }

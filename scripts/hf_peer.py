@@ -53,10 +53,15 @@ def layer_params(p):
     return n
 
 
+def matmul_params(p):
+    """The parameters flops_per_token counts as matmul weights: the layers' and the LM head's."""
+    return p["L"] * layer_params(p) + p["V"] * p["d"]
+
+
 def flops_per_token(p, S):
     """train_llama.cu's flops_per_token: 6 * (layers + LM head matmul parameters) + 12 K H hd summed
     over layers, K = S, or the sliding window of a windowed layer where that is shorter."""
-    matmul = p["L"] * layer_params(p) + p["V"] * p["d"]
+    matmul = matmul_params(p)
     window, period = p.get("window", 0), p.get("period", 1)
     keys = sum(window if window and l % period == 0 and window < S else S for l in range(p["L"]))
     return 6.0 * matmul + 12.0 * keys * p["H"] * p["hd"]

@@ -37,7 +37,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_step import ROOT, classify, format_table, header_lines, run_command, write_csv  # noqa: E402
-from hf_peer import PRESETS, flops_per_token, layer_params  # noqa: E402
+from hf_peer import PRESETS, flops_per_token, matmul_params  # noqa: E402
 
 DEFAULT_METHODS = ["ours-vanilla", "ours-rc", "ours-mst", "ours-offload", "hf", "hf-gc"]
 ADAM8_SUFFIX = "-adam8"  # a train_llama method with --optimizer adamw8bit
@@ -167,17 +167,18 @@ class Cache:
 
 def trial_seconds(preset, S, steps, method):
     """A rough, high trial time for the --time-budget check: start-up (30 s; 90 s with host offload,
-    whose pinned buffers take a minute to allocate) plus the steps' model FLOPs at a throughput below what the H100 showed: train_llama 450 TFLOP/s (measured 455-693
-    with recompute, Mistral 455), Gemma-2's soft-cap attention 200 (measured 286); HF 300 (measured
-    350-510), x1.35 with checkpointing, its attention counted over the whole causal square (a
-    sliding window is only a mask there: Mistral + gc at 49K ran at 1,871 tok/s). LoRA computes no
-    weight gradient of the frozen base: 4 FLOPs a matmul parameter and token instead of 6."""
+    whose pinned buffers take a minute to allocate) plus the steps' model FLOPs at a throughput below
+    what the H100 showed: train_llama 450 TFLOP/s (measured 455-693 with recompute, Mistral 455),
+    Gemma-2's soft-cap attention 200 (measured 286); HF 300 (measured 350-510), x1.35 with
+    checkpointing, its attention counted over the whole causal square (a sliding window is only a mask
+    there: Mistral + gc at 49K ran at 1,871 tok/s). LoRA computes no weight gradient of the frozen
+    base: 4 FLOPs a matmul parameter and token instead of 6."""
     p = PRESETS[preset]
     if is_train_llama(method):
         rate = 200e12 if p["family"] == "gemma2" else 450e12
         flops = flops_per_token(p, S)
         if method in LORA_METHODS:
-            flops -= 2.0 * (p["L"] * layer_params(p) + p["V"] * p["d"])
+            flops -= 2.0 * matmul_params(p)
         step = S * flops / rate
     else:
         step = S * flops_per_token(dict(p, window=0), S) / 300e12 * (1.35 if method == "hf-gc" else 1.0)
